@@ -1,0 +1,399 @@
+"""Typed run configuration and the command line that fills it (Megatron-LM's flag names).
+
+Every section is a dataclass validated in `__post_init__`; `RunConfig.validate_layout(world_size)`
+adds the checks that need the number of processes.  A config that cannot work fails before
+anything is built, with a message naming the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_dataeff.models.presets import PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the flags."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and regularisers of the GPT model (megatron-core GPTModel)."""
+
+    num_layers: int = 4  # transformer layers
+    hidden_size: int = 128  # model width
+    ffn_hidden_size: int = 384  # SwiGLU inner width
+    num_attention_heads: int = 4  # query heads
+    num_query_groups: Optional[int] = None  # key/value heads (GQA); None = num_attention_heads
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // num_attention_heads
+    qk_layernorm: bool = False  # RMSNorm on queries and keys (Qwen3)
+    seq_length: int = 128  # tokens per sample
+    max_position_embeddings: Optional[int] = None  # None = seq_length
+    rotary_base: int = 10000  # RoPE base
+    norm_epsilon: float = 1e-5  # RMSNorm epsilon
+    init_method_std: float = 0.02  # weight init std
+    untie_embeddings_and_output_weights: bool = False  # separate output layer
+    make_vocab_size_divisible_by: int = 128  # vocab padding (independent of TP, so checkpoints reshard)
+    hidden_dropout: float = 0.0  # dropout on the residual branches
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    mlp_dropout: float = 0.0  # dropout on the MLP's inner activation (input of linear_fc2)
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            _require(self.hidden_size % self.num_attention_heads == 0,
+                     f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                     f"{self.num_attention_heads}; give --kv-channels")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "kv_channels", "seq_length", "make_vocab_size_divisible_by"):
+            _require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        _require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                 f"--num-query-groups {self.num_query_groups}")
+        _require(self.max_position_embeddings >= self.seq_length,
+                 "--max-position-embeddings must be >= --seq-length")
+        for name in ("hidden_dropout", "attention_dropout", "mlp_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"--{name.replace('_', '-')} must be in [0, 1)")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the model learns: AR, AR with token dropout, or masked diffusion."""
+
+    objective: str = "ar"  # ar | mdm
+    token_dropout_rate: float = 0.0  # ar: replace input tokens by the mask token with this rate
+    token_dropout_schedule: str = "fixed"  # fixed: rate R; uniform: per-sequence r ~ U(0, R)
+    mdm_eps: float = 1e-3  # mdm: p = (1 - eps) t + eps
+    mdm_stratified: bool = False  # mdm: stratify t over the global batch (antithetic-style)
+
+    def __post_init__(self):
+        _require(self.objective in ("ar", "mdm"), f"--objective must be ar or mdm, got {self.objective!r}")
+        _require(self.token_dropout_schedule in ("fixed", "uniform"),
+                 "--token-dropout-schedule must be fixed or uniform")
+        _require(0.0 <= self.token_dropout_rate <= 1.0, "--token-dropout-rate must be in [0, 1]")
+        _require(0.0 <= self.mdm_eps < 1.0, "--mdm-eps must be in [0, 1)")
+        _require(not (self.objective == "mdm" and self.token_dropout_rate > 0),
+                 "--token-dropout-rate applies to --objective ar; mdm masks by its own schedule")
+
+    @property
+    def bidirectional(self) -> bool:
+        """Masked diffusion attends both ways; AR is causal."""
+        return self.objective == "mdm"
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how the data-constrained training set is drawn."""
+
+    data_path: list = field(default_factory=list)  # [weight] prefix ...; empty = embedded corpus
+    split: str = "98,2,0"  # train,valid,test weights over documents
+    tokenizer_type: str = "ByteTokenizer"  # see data/tokenizers.py
+    tokenizer_model: Optional[str] = None  # tokenizer file or directory
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer vocab.json
+    merge_file: Optional[str] = None  # GPT2BPETokenizer merges.txt
+    vocab_size: Optional[int] = None  # NullTokenizer vocabulary size
+    unique_tokens: Optional[int] = None  # train on a fixed subset of this many tokens
+    epochs: Optional[float] = None  # passes over the training set (sets --train-iters)
+    data_cache_dir: Optional[str] = None  # where the embedded corpus is cached
+
+    def __post_init__(self):
+        try:
+            weights = [float(x) for x in self.split.replace("/", ",").split(",")]
+        except ValueError as exc:
+            raise ConfigError(f"--split must be comma-separated numbers, got {self.split!r}") from exc
+        _require(len(weights) in (1, 2, 3) and all(w >= 0 for w in weights) and sum(weights) > 0,
+                 f"--split must be up to 3 non-negative weights, got {self.split!r}")
+        _require(self.unique_tokens is None or self.unique_tokens > 0, "--unique-tokens must be positive")
+        _require(self.epochs is None or self.epochs > 0, "--epochs must be positive")
+
+    @property
+    def split_weights(self) -> list[float]:
+        """Normalised (train, valid, test) fractions."""
+        w = [float(x) for x in self.split.replace("/", ",").split(",")]
+        w = (w + [0.0, 0.0])[:3]
+        return [x / sum(w) for x in w]
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and batch."""
+
+    micro_batch_size: int = 4  # samples per forward pass per data-parallel rank
+    global_batch_size: Optional[int] = None  # samples per optimizer step; None = micro x DP
+    train_iters: Optional[int] = None  # optimizer steps (or set --epochs)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 0.0  # final learning rate
+    lr_warmup_iters: int = 0  # linear warmup steps
+    lr_decay_style: str = "cosine"  # constant | linear | cosine | WSD
+    lr_decay_iters: Optional[int] = None  # None = train_iters
+    lr_wsd_decay_iters: Optional[int] = None  # WSD: steps of the final decay (default 10% of decay)
+    lr_wsd_decay_style: str = "linear"  # WSD decay shape
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    clip_grad: float = 1.0  # global grad-norm clip (0 = off)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    seed: int = 1234  # weights, data order and all noise
+    bf16: bool = False  # bf16 parameters with fp32 master weights
+    skip_nonfinite_steps: bool = False  # skip steps whose loss is NaN/inf instead of stopping
+
+    def __post_init__(self):
+        _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "need 0 <= --min-lr <= --lr and --lr > 0")
+        _require(self.lr_decay_style in ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+                 f"--lr-decay-style must be constant, linear, cosine or WSD, got {self.lr_decay_style!r}")
+        _require(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _require(self.clip_grad >= 0, "--clip-grad must be >= 0")
+        _require(0 <= self.seed < 2**63, "--seed must be in [0, 2**63)")
+        _require(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and batch are split over processes."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    device: str = "auto"  # auto | cuda | cpu
+
+    def __post_init__(self):
+        _require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
+        _require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
+        _require(self.device in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu")
+
+
+@dataclass
+class LoggingConfig:
+    """What is reported, where and how often."""
+
+    log_interval: int = 10  # steps between train log lines
+    eval_interval: int = 100  # steps between validation runs (0 = only at the end)
+    eval_iters: int = 10  # validation batches per evaluation
+    run_dir: str = "runs/default"  # everything a run writes, unless given elsewhere
+    log_dir: Optional[str] = None  # metrics.jsonl; None = run_dir
+    tensorboard_dir: Optional[str] = None  # None = run_dir/tensorboard; "" disables
+
+    def __post_init__(self):
+        _require(self.log_interval > 0, "--log-interval must be positive")
+        _require(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval/--eval-iters must be >= 0")
+        if self.log_dir is None:
+            self.log_dir = self.run_dir
+        if self.tensorboard_dir is None:
+            self.tensorboard_dir = f"{self.run_dir}/tensorboard"
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save: Optional[str] = None  # directory for checkpoints
+    load: Optional[str] = None  # directory to resume from
+    save_interval: Optional[int] = None  # steps between checkpoints
+    keep_last: Optional[int] = None  # keep only the newest K checkpoints
+
+    def __post_init__(self):
+        _require(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
+        _require(self.keep_last is None or self.keep_last > 0, "--keep-last must be positive")
+
+
+@dataclass
+class RunConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate_layout(self, world_size: int) -> int:
+        """Checks that need the process count; returns the data-parallel size."""
+        m, p, o = self.model, self.parallel, self.optim
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        _require(world_size % (tp * pp) == 0,
+                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                 f"--pipeline-model-parallel-size {pp}")
+        _require(m.num_attention_heads % tp == 0,
+                 f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
+                 f"{m.num_attention_heads}")
+        _require(m.num_query_groups % tp == 0,
+                 f"--tensor-model-parallel-size {tp} does not divide --num-query-groups {m.num_query_groups}")
+        _require(m.ffn_hidden_size % tp == 0,
+                 f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {m.ffn_hidden_size}")
+        _require(m.num_layers % pp == 0,
+                 f"--pipeline-model-parallel-size {pp} does not divide --num-layers {m.num_layers}")
+        _require(m.make_vocab_size_divisible_by % tp == 0,
+                 f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by "
+                 f"{m.make_vocab_size_divisible_by}")
+        dp = world_size // (tp * pp)
+        if o.global_batch_size is None:
+            o.global_batch_size = o.micro_batch_size * dp
+        _require(o.global_batch_size % (o.micro_batch_size * dp) == 0,
+                 f"--global-batch-size {o.global_batch_size} is not divisible by --micro-batch-size "
+                 f"{o.micro_batch_size} x data-parallel size {dp}")
+        return dp
+
+    def num_microbatches(self, dp: int) -> int:
+        """Micro-batches per data-parallel rank per step."""
+        return self.optim.global_batch_size // (self.optim.micro_batch_size * dp)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form, for run records and checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """Inverse of `to_dict`."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, typ in sections.items():
+            section_cls = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
+                           "optim": OptimConfig, "parallel": ParallelConfig, "logging": LoggingConfig,
+                           "checkpoint": CheckpointConfig}[name]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            kwargs[name] = section_cls(**{k: v for k, v in d.get(name, {}).items() if k in known})
+        return cls(**kwargs)
+
+
+def padded_vocab_size(num_ids: int, divisible_by: int) -> int:
+    """Vocabulary rows of the model: num_ids rounded up (independent of TP, so layouts agree)."""
+    return int(math.ceil(num_ids / divisible_by) * divisible_by)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The pretrain_diffusion.py command line (Megatron-LM's names where they exist)."""
+    p = argparse.ArgumentParser(
+        prog="pretrain_diffusion.py",
+        description="Train AR, token-dropout and masked-diffusion GPT models on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny",
+                   help="fills the shape flags; explicit flags override it")
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "seq_length", "max_position_embeddings", "rotary_base"):
+        g.add_argument(_flag(name), type=int, default=None)
+    g.add_argument("--qk-layernorm", action="store_true", default=None)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--norm-epsilon", type=float, default=None)
+    g.add_argument("--init-method-std", type=float, default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g = p.add_argument_group("regularisation")
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--mlp-dropout", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", choices=["ar", "mdm"], default="ar")
+    g.add_argument("--token-dropout-rate", type=float, default=0.0)
+    g.add_argument("--token-dropout-schedule", choices=["fixed", "uniform"], default="fixed")
+    g.add_argument("--mdm-eps", type=float, default=1e-3)
+    g.add_argument("--mdm-stratified", action="store_true", help="stratify t over each global batch")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=[], help="[weight] prefix ...; none = embedded corpus")
+    g.add_argument("--split", default="98,2,0")
+    g.add_argument("--tokenizer-type", default="ByteTokenizer")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--unique-tokens", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--data-cache-dir", default=None)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                   default="linear")
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--skip-nonfinite-steps", action="store_true",
+                   help="skip a step whose loss is NaN/inf instead of stopping the run")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--run-dir", default="runs/default")
+    g.add_argument("--log-dir", default=None)
+    g.add_argument("--tensorboard-dir", default=None)
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A validated RunConfig from parsed flags (preset values fill shape flags not given)."""
+    preset = dict(PRESETS[args.model_preset])
+    shape = {}
+    for f in dataclasses.fields(ModelConfig):
+        if hasattr(args, f.name) and getattr(args, f.name) is not None:
+            shape[f.name] = getattr(args, f.name)
+        elif f.name in preset:
+            shape[f.name] = preset[f.name]
+
+    def pick(cls):
+        return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+    return RunConfig(
+        model=ModelConfig(**shape),
+        objective=ObjectiveConfig(**pick(ObjectiveConfig)),
+        data=DataConfig(**pick(DataConfig)),
+        optim=OptimConfig(**pick(OptimConfig)),
+        parallel=ParallelConfig(**pick(ParallelConfig)),
+        logging=LoggingConfig(**pick(LoggingConfig)),
+        checkpoint=CheckpointConfig(**pick(CheckpointConfig)),
+    )
+
+
+def parse_config(argv=None) -> RunConfig:
+    """Parse a command line into a RunConfig; bad values exit with the flag named."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))

@@ -1,0 +1,1 @@
+"""megatron-core GPT models: layer specs (causal / bidirectional, MLP dropout), builder, presets."""

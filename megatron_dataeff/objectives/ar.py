@@ -1,0 +1,25 @@
+"""Autoregressive next-token prediction: causal attention, cross-entropy on every position."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
+
+
+class AutoregressiveObjective(Objective):
+    """Input tokens[:, :-1], labels tokens[:, 1:], all positions weighted 1."""
+
+    name = "ar"
+    bidirectional = False
+
+    def corrupt_inputs(self, inputs: torch.Tensor, sample_index: torch.Tensor, evaluation: bool):
+        """(inputs, mask) the model sees; plain AR leaves them clean."""
+        return inputs, None
+
+    def prepare(self, tokens, sample_index, *, evaluation=False):
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        inputs, mask = self.corrupt_inputs(inputs, sample_index, evaluation)
+        weight = torch.ones(labels.shape, dtype=torch.float32, device=tokens.device)
+        return ObjectiveBatch(input_ids=inputs.contiguous(), labels=labels.contiguous(), loss_weight=weight,
+                              num_tokens=labels.numel(), mask=mask)

@@ -1,0 +1,1 @@
+"""Training: distributed set-up, optimizer and schedule, the loop, metrics, checkpoints."""

@@ -1,0 +1,144 @@
+"""Checkpoints: megatron-core `dist_checkpointing` (torch_dist) of model + optimizer, plus our metadata.
+
+Layout of `--save DIR`:
+
+    DIR/iter_0000100/            one checkpoint: dist_checkpointing shards + megatron_dataeff.json
+    DIR/latest_checkpointed_iteration.txt   the newest complete checkpoint's iteration
+
+A checkpoint is written under a temporary name (`iter_0000100.tmp`), published by a rename once
+every rank has finished, and only then is the `latest` marker replaced (write + rename).  A
+process killed during a save leaves the previous checkpoint as `latest`.  `megatron_dataeff.json`
+holds the iteration, the sample position, the scheduler state, the run config and the tokenizer /
+mask-token metadata as plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch.distributed as dist
+
+LATEST = "latest_checkpointed_iteration.txt"
+METADATA = "megatron_dataeff.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the path and what is wrong."""
+
+
+def checkpoint_name(iteration: int) -> str:
+    """Directory name of the checkpoint of an iteration."""
+    return f"iter_{iteration:07d}"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sharded_state(trainer, is_loading: bool) -> dict:
+    model_sd = trainer.model[0].module.sharded_state_dict()
+    return {"model": model_sd,
+            "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def _metadata(trainer) -> dict:
+    return {
+        "iteration": trainer.iteration,
+        "consumed_samples": trainer.consumed_samples,
+        "epoch": trainer.data.epoch_of(trainer.consumed_samples),
+        "scheduler": trainer.scheduler.state_dict(),
+        "config": trainer.cfg.to_dict(),
+        "tokenizer": trainer.tokenizer.metadata(),
+        "mask_token_id": trainer.mask_token_id,
+        "vocab_ids": trainer.num_ids,
+        "unique_tokens": trainer.data.unique_tokens,
+        "world_size": trainer.runtime.world_size,
+    }
+
+
+def save(trainer, save_dir: str) -> str:
+    """Save the trainer's state as DIR/iter_N (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    final = os.path.join(save_dir, checkpoint_name(trainer.iteration))
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp)
+    dist.barrier()
+    if rank == 0:
+        _write_atomic(os.path.join(tmp, METADATA), json.dumps(_metadata(trainer), indent=2))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(os.path.join(save_dir, LATEST), str(trainer.iteration))
+        keep = trainer.cfg.checkpoint.keep_last
+        if keep:
+            _prune(save_dir, keep)
+        trainer.log.print(f" saved checkpoint {final}")
+    dist.barrier()
+    return final
+
+
+def _prune(save_dir: str, keep: int) -> None:
+    iters = sorted(int(d[5:]) for d in os.listdir(save_dir) if d.startswith("iter_") and d[5:].isdigit())
+    for it in iters[:-keep]:
+        shutil.rmtree(os.path.join(save_dir, checkpoint_name(it)), ignore_errors=True)
+
+
+def latest_iteration(load_dir: str) -> int:
+    """The iteration named by DIR's `latest` marker."""
+    marker = os.path.join(load_dir, LATEST)
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"--load {load_dir}: no such directory")
+    if not os.path.exists(marker):
+        raise CheckpointError(f"--load {load_dir}: no {LATEST} (no complete checkpoint was saved there)")
+    text = open(marker).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def read_metadata(ckpt_dir: str) -> dict:
+    """Our JSON metadata of one checkpoint directory."""
+    path = os.path.join(ckpt_dir, METADATA)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{ckpt_dir}: missing {METADATA}; not a complete megatron_dataeff checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(trainer, load_dir: str, iteration: int | None = None) -> dict:
+    """Restore model, optimizer and scheduler from DIR (its latest checkpoint by default)."""
+    from megatron.core import dist_checkpointing
+
+    if iteration is None:
+        iteration = latest_iteration(load_dir)
+    ckpt = os.path.join(load_dir, checkpoint_name(iteration))
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"--load {load_dir}: checkpoint {ckpt} named by {LATEST} does not exist")
+    meta = read_metadata(ckpt)
+    if meta.get("vocab_ids") != trainer.num_ids:
+        raise CheckpointError(f"{ckpt}: saved with {meta.get('vocab_ids')} vocabulary ids, this run has "
+                              f"{trainer.num_ids} (--tokenizer-type/--tokenizer-model differ)")
+    try:
+        state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True), ckpt)
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt}: cannot load model/optimizer state: {exc}") from exc
+    trainer.model[0].module.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(meta["scheduler"])
+    trainer.log.print(f" loaded checkpoint {ckpt} (iteration {meta['iteration']}, "
+                      f"epoch {meta['epoch']:.2f})")
+    return meta

@@ -1,0 +1,312 @@
+"""The training loop, on megatron-core's machinery.
+
+Each step: every data-parallel rank takes its contiguous slice of the global batch (global sample
+indices k*GB + r*GB/dp + ...), split into micro-batches; the objective corrupts each micro-batch
+with noise keyed by the global sample index; `get_forward_backward_func` runs the (pipelined)
+forward/backward with per-token loss sums; megatron's DDP reduces gradients, `finalize_model_grads`
+divides them by the global token count, and the megatron optimizer clips and steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_dataeff.config import ConfigError, RunConfig
+from megatron_dataeff.data.corpus import embedded_corpus
+from megatron_dataeff.data.samples import DataConstrainedData
+from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
+from megatron_dataeff.models.builder import build_model, count_parameters
+from megatron_dataeff.objectives import build_objective
+from megatron_dataeff.training import checkpointing
+from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
+from megatron_dataeff.training.metrics import MetricsLogger, format_duration
+from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+def resolve_data_prefix(cfg: RunConfig, tokenizer, runtime: Runtime) -> str:
+    """The indexed-dataset prefix to train on: --data-path, else the embedded corpus."""
+    paths = list(cfg.data.data_path)
+    if not paths:
+        if runtime.rank == 0:
+            prefix = embedded_corpus(tokenizer, cfg.data.data_cache_dir)
+        barrier()
+        return embedded_corpus(tokenizer, cfg.data.data_cache_dir)
+    if len(paths) == 2:
+        try:
+            float(paths[0])
+            paths = paths[1:]
+        except ValueError:
+            pass
+    if len(paths) != 1:
+        raise ConfigError("--data-path: blending several datasets is not supported yet; give one prefix")
+    prefix = paths[0]
+    for ext in (".bin", ".idx"):
+        if not os.path.exists(prefix + ext):
+            raise ConfigError(f"--data-path {prefix}: {prefix + ext} does not exist")
+    return prefix
+
+
+class Trainer:
+    """Builds everything a run needs from a RunConfig, then trains."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        # Layout errors surface before any process group or model exists.
+        self.dp_size = cfg.validate_layout(world_size_from_env())
+        self.runtime = initialize(cfg.parallel.tensor_model_parallel_size,
+                                  cfg.parallel.pipeline_model_parallel_size, cfg.optim.seed,
+                                  cfg.parallel.device)
+        rt = self.runtime
+        self.log = MetricsLogger(cfg.logging.log_dir, cfg.logging.tensorboard_dir or None,
+                                 enabled=rt.is_logging_rank)
+        d = cfg.data
+        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=d.vocab_size)
+        self.mask_token_id, self.num_ids = resolve_mask_token(self.tokenizer)
+        self.data = DataConstrainedData(resolve_data_prefix(cfg, self.tokenizer, rt), cfg.model.seq_length,
+                                        d.split_weights, cfg.optim.seed, unique_tokens=d.unique_tokens)
+        gbs = cfg.optim.global_batch_size
+        if cfg.optim.train_iters is not None:
+            self.train_iters = cfg.optim.train_iters
+        elif d.epochs is not None:
+            self.train_iters = max(1, math.ceil(d.epochs * len(self.data.train) / gbs))
+        else:
+            raise ConfigError("give --train-iters or --epochs")
+        self.objective = build_objective(cfg, self.mask_token_id)
+        self.num_microbatches = cfg.num_microbatches(self.dp_size)
+        self._build_model_and_optimizer()
+        self.iteration = 0
+        self.consumed_samples = 0
+        if cfg.checkpoint.load:
+            state = checkpointing.load(self, cfg.checkpoint.load)
+            self.iteration = state["iteration"]
+            self.consumed_samples = state["consumed_samples"]
+        self._write_run_record()
+
+    # ------------------------------------------------------------------------------------------
+    def _build_model_and_optimizer(self):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+
+        cfg, rt = self.cfg, self.runtime
+        model = build_model(cfg, self.num_ids, rt.device)
+        self.transformer_config = model.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,  # needs CUDA streams on CPU; a small cost on GPU
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        self.model = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)]
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters)
+        tc = self.transformer_config
+        tc.no_sync_func = self.model[0].no_sync
+        tc.finalize_model_grads_func = finalize_model_grads
+        tc.grad_scale_func = self.optimizer.scale_loss
+        n_params = count_parameters(model)
+        totals = torch.tensor([n_params], dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            from megatron.core import parallel_state
+
+            dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
+        self.num_parameters = int(totals.item())
+
+    def _write_run_record(self):
+        import json
+
+        if not self.runtime.is_logging_rank:
+            return
+        os.makedirs(self.cfg.logging.run_dir, exist_ok=True)
+        record = {
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.tokenizer.metadata(),
+            "mask_token_id": self.mask_token_id,
+            "vocab_ids": self.num_ids,
+            "data_prefix": self.data.prefix,
+            "unique_tokens": self.data.unique_tokens,
+            "train_samples_per_epoch": len(self.data.train),
+            "train_iters": self.train_iters,
+            "num_parameters": self.num_parameters,
+            "world_size": self.runtime.world_size,
+            "data_parallel_size": self.dp_size,
+        }
+        tmp = os.path.join(self.cfg.logging.run_dir, ".run.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, os.path.join(self.cfg.logging.run_dir, "run.json"))
+
+    # ------------------------------------------------------------------------------------------
+    def _microbatches(self, batch_fn, step: int):
+        """This rank's micro-batches of global batch `step`."""
+        gbs, mbs = self.cfg.optim.global_batch_size, self.cfg.optim.micro_batch_size
+        start = step * gbs + self.runtime.dp_rank * (gbs // self.dp_size)
+        for m in range(self.num_microbatches):
+            yield batch_fn(start + m * mbs, mbs)
+
+    def _forward_step(self, evaluation: bool, data_iterator, model):
+        batch = next(data_iterator)
+        ob = self.objective.prepare(batch["tokens"], batch["sample_index"], evaluation=evaluation)
+        device = "cuda" if self.runtime.device == "cuda" else "cpu"
+        input_ids = ob.input_ids.to(device, non_blocking=True)
+        labels = ob.labels.to(device, non_blocking=True)
+        b, s = input_ids.shape
+        position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+        output = model(input_ids, position_ids, None, labels=labels)
+        return output, partial(self._loss_func, ob)
+
+    def _loss_func(self, ob, per_token_loss):
+        loss_sum, num_tokens = self.objective.loss(per_token_loss, ob)
+        n = torch.tensor(num_tokens, dtype=torch.int, device=loss_sum.device)
+        # The schedule divides the reported value in place: report a detached copy.
+        report = torch.stack([loss_sum.detach().clone().float(), n.float()])
+        return loss_sum, n, {"loss": report}
+
+    def _run_batch(self, batch_fn, step: int, forward_only: bool):
+        """Forward(/backward) one global batch; returns the global (loss_sum, tokens)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fwd_bwd = get_forward_backward_func()
+        seq = self.cfg.model.seq_length
+        outputs = fwd_bwd(
+            forward_step_func=partial(self._forward_step, forward_only),
+            data_iterator=self._microbatches(batch_fn, step),
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=seq,
+            micro_batch_size=self.cfg.optim.micro_batch_size,
+            decoder_seq_length=seq,
+            forward_only=forward_only,
+        )
+        total = torch.zeros(2, dtype=torch.float64)
+        if self.runtime.is_last_stage:
+            for out in outputs:
+                total += out["loss"].double().cpu()
+        # Every last-stage rank holds its data-parallel shard (repeated on each TP rank): summing
+        # over all ranks repeats sum and count alike, so their ratio is the global loss everywhere.
+        if dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return total
+
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Validation loss over --eval-iters fixed batches (AR: clean NLL; mdm: ELBO, fixed noise)."""
+        for m in self.model:
+            m.eval()
+        t0 = time.time()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for k in range(self.cfg.logging.eval_iters):
+                total += self._run_batch(self.data.valid_batch, k, forward_only=True)
+        for m in self.model:
+            m.train()
+        elapsed = time.time() - t0
+        tokens = self.cfg.logging.eval_iters * self.cfg.optim.global_batch_size * self.cfg.model.seq_length
+        loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        return {"loss": loss, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+    def train_step(self, step: int) -> tuple[float, float, bool]:
+        """One optimizer step on global batch `step`; (loss, grad_norm, stepped)."""
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        total = self._run_batch(self.data.train_batch, step, forward_only=False)
+        loss = float(total[0] / total[1])
+        if not math.isfinite(loss):
+            if not self.cfg.optim.skip_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"loss is {loss} at iteration {step + 1}; stopping (pass --skip-nonfinite-steps to skip "
+                    f"such steps instead)")
+            return loss, float("nan"), False
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return loss, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
+
+    def _log_valid(self):
+        res = self.evaluate()
+        rec = {"iteration": self.iteration, "split": "valid", "loss": res["loss"],
+               "tokens_per_s": res["tokens_per_s"], "epoch": self.data.epoch_of(self.consumed_samples),
+               "consumed_tokens": self.consumed_samples * self.cfg.model.seq_length}
+        self.log.log(rec)
+        label = "val ELBO" if self.cfg.objective.objective == "mdm" else "val loss"
+        self.log.print(f" validation | iteration {self.iteration:7d} | {label} {res['loss']:.4f} | "
+                       f"ppl {math.exp(min(res['loss'], 50)):.2f}")
+        return res
+
+    def train(self) -> dict:
+        """Train to --train-iters; returns the final train and validation losses."""
+        cfg, rt = self.cfg, self.runtime
+        gbs, seq = cfg.optim.global_batch_size, cfg.model.seq_length
+        self.log.print(
+            f"[megatron_dataeff] {cfg.objective.objective}"
+            f"{' + token dropout ' + str(cfg.objective.token_dropout_rate) if cfg.objective.token_dropout_rate else ''}"
+            f" | {self.num_parameters / 1e6:.2f}M parameters | device {rt.device} | world {rt.world_size} "
+            f"(TP {cfg.parallel.tensor_model_parallel_size}, PP {cfg.parallel.pipeline_model_parallel_size}, "
+            f"DP {self.dp_size}) | {self.data.unique_tokens:,} unique tokens, "
+            f"{len(self.data.train):,} samples/epoch | {self.train_iters} iterations of {gbs} x {seq} "
+            f"= {self.train_iters * gbs / len(self.data.train):.2f} epochs")
+        last = {"train_loss": float("nan"), "valid_loss": float("nan")}
+        interval_start, interval_tokens, interval_steps = time.time(), 0, 0
+        loss_acc, loss_n = 0.0, 0
+        run_start = time.time()
+        start_iteration = self.iteration
+        while self.iteration < self.train_iters:
+            loss, grad_norm, stepped = self.train_step(self.iteration)
+            self.iteration += 1
+            self.consumed_samples += gbs
+            interval_tokens += gbs * seq
+            interval_steps += 1
+            if math.isfinite(loss):
+                loss_acc, loss_n = loss_acc + loss, loss_n + 1
+                last["train_loss"] = loss
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == self.train_iters:
+                elapsed = time.time() - interval_start
+                ms = 1000 * elapsed / interval_steps
+                done = self.iteration - start_iteration
+                eta = (time.time() - run_start) / max(done, 1) * (self.train_iters - self.iteration)
+                lr = self.optimizer.param_groups[0]["lr"]
+                epoch = self.data.epoch_of(self.consumed_samples)
+                avg = loss_acc / loss_n if loss_n else float("nan")
+                rec = {"iteration": self.iteration, "split": "train", "loss": avg, "lr": lr,
+                       "grad_norm": grad_norm, "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
+                       "ms_per_step": ms, "epoch": epoch, "consumed_tokens": self.consumed_samples * seq,
+                       "consumed_samples": self.consumed_samples}
+                if not stepped:
+                    rec["skipped"] = True
+                self.log.log(rec)
+                self.log.print(
+                    f" iteration {self.iteration:7d}/{self.train_iters} | epoch {epoch:7.2f} | "
+                    f"tokens {self.consumed_samples * seq:>12,} | loss {avg:.4f} | lr {lr:.3e} | "
+                    f"grad norm {grad_norm:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {ms:.0f} ms/step | "
+                    f"ETA {format_duration(eta)}")
+                interval_start, interval_tokens, interval_steps = time.time(), 0, 0
+                loss_acc, loss_n = 0.0, 0
+            if (cfg.logging.eval_interval and cfg.logging.eval_iters
+                    and self.iteration % cfg.logging.eval_interval == 0 and self.iteration < self.train_iters):
+                last["valid_loss"] = self._log_valid()["loss"]
+            ck = cfg.checkpoint
+            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0 \
+                    and self.iteration < self.train_iters:
+                checkpointing.save(self, ck.save)
+        if cfg.logging.eval_iters:
+            last["valid_loss"] = self._log_valid()["loss"]
+        if cfg.checkpoint.save:
+            checkpointing.save(self, cfg.checkpoint.save)
+        self.log.print(f"[megatron_dataeff] done: {self.iteration} iterations in "
+                       f"{format_duration(time.time() - run_start)}; final train loss {last['train_loss']:.4f}, "
+                       f"validation {last['valid_loss']:.4f}")
+        return last
+
+    def close(self):
+        """Flush logs."""
+        self.log.close()
