@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 parameters with fp32 master weights")
     g.add_argument("--skip-nonfinite-steps", action="store_true",
                    help="skip a step whose loss is NaN/inf instead of stopping the run")
     g = p.add_argument_group("parallelism")

@@ -44,8 +44,12 @@ def _write_atomic(path: str, text: str) -> None:
 
 def _sharded_state(trainer, is_loading: bool) -> dict:
     model_sd = trainer.model[0].module.sharded_state_dict()
+    # 'fully_reshardable': the distributed optimizer's state is stored per parameter, in model space,
+    # so a checkpoint loads at any TP/PP/DP layout.
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     return {"model": model_sd,
-            "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+            "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                              metadata=metadata)}
 
 
 def _metadata(trainer) -> dict:

@@ -1,0 +1,60 @@
+"""Shared fixtures: a session-wide corpus cache, a 1-process megatron set-up, a torchrun helper."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def corpus_cache(tmp_path_factory):
+    """Every test (and every process it launches) shares one embedded-corpus cache."""
+    path = os.environ.get("MEGATRON_DATAEFF_TEST_CACHE") or str(tmp_path_factory.mktemp("corpus_cache"))
+    os.environ["MEGATRON_DATAEFF_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def megatron_cpu():
+    """torch.distributed (1 gloo process) and megatron's parallel state at TP=PP=1, in this process."""
+    from megatron_dataeff.training.distributed import initialize
+
+    return initialize(1, 1, seed=1234, device_flag="cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pretrain(args: list[str], run_dir: Path, nproc: int = 1, timeout: int = 600) -> list[dict]:
+    """Run pretrain_diffusion.py (under torchrun when nproc > 1); return its metrics.jsonl records."""
+    # The in-process fixture sets torch.distributed's variables; a child must not inherit them.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    cmd += [str(ROOT / "pretrain_diffusion.py"), *args, "--run-dir", str(run_dir), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses(records: list[dict], split: str = "train") -> list[float]:
+    """The loss of each record of a split, in order."""
+    return [r["loss"] for r in records if r["split"] == split]

@@ -1,0 +1,82 @@
+"""Single-process training: metrics, NaN handling, resume from a checkpoint, quickstart-sized run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_dataeff.config import build_parser, config_from_args
+from tests.conftest import losses, run_pretrain
+
+SMALL = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--num-layers", "2"]
+
+
+def test_metrics_jsonl_and_tensorboard(tmp_path):
+    """Every logged value lands in metrics.jsonl (with the required keys) and in TensorBoard."""
+    recs = run_pretrain(SMALL + ["--objective", "mdm"], tmp_path)
+    train = [r for r in recs if r["split"] == "train"]
+    valid = [r for r in recs if r["split"] == "valid"]
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["iteration"] for r in valid] == [3, 6]
+    for r in train:
+        for key in ("iteration", "split", "loss", "tokens_per_s", "lr", "grad_norm", "epoch", "ms_per_step",
+                    "consumed_tokens"):
+            assert key in r
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert train[-1]["consumed_tokens"] == 6 * 4 * 32
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["mask_token_id"] == 257 and run["config"]["objective"]["objective"] == "mdm"
+
+
+def test_epochs_set_the_iterations(tmp_path):
+    """--epochs E over --unique-tokens N runs ceil(E * samples / global batch) iterations."""
+    recs = run_pretrain(["--unique-tokens", "3300", "--epochs", "2", "--seq-length", "32", "--micro-batch-size",
+                         "4", "--global-batch-size", "8", "--num-layers", "1", "--log-interval", "1",
+                         "--eval-iters", "0"], tmp_path)
+    train = [r for r in recs if r["split"] == "train"]
+    samples = (3300 - 1) // 32
+    assert len(train) == math.ceil(2 * samples / 8)
+    assert train[-1]["epoch"] == pytest.approx(len(train) * 8 / samples)
+
+
+def test_nonfinite_loss_stops_naming_the_step(megatron_cpu, tmp_path, monkeypatch):
+    """A NaN loss stops the run with the iteration in the message; --skip-nonfinite-steps skips it."""
+    from megatron_dataeff.training.loop import NonFiniteLossError, Trainer
+
+    def poisoned(self, per_token_loss, batch):
+        return (per_token_loss * float("nan")).sum(), batch.num_tokens
+
+    for skip in (False, True):
+        argv = SMALL + ["--run-dir", str(tmp_path / str(skip)), "--device", "cpu", "--tensorboard-dir", ""]
+        if skip:
+            argv.append("--skip-nonfinite-steps")
+        cfg = config_from_args(build_parser().parse_args(argv))
+        trainer = Trainer(cfg)
+        trainer.train_step(0)
+        monkeypatch.setattr(type(trainer.objective), "loss", poisoned)
+        before = [p.detach().clone() for p in trainer.model[0].parameters()]
+        if skip:
+            loss, _, stepped = trainer.train_step(1)
+            assert math.isnan(loss) and not stepped
+            after = list(trainer.model[0].parameters())
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+        else:
+            with pytest.raises(NonFiniteLossError, match="at iteration 2"):
+                trainer.train_step(1)
+        monkeypatch.undo()
+        trainer.close()
+
+
+def test_resume_continues_the_same_losses(tmp_path):
+    """A run of 6 steps equals 3 steps, saved, then resumed for 3 more (bit-identical on CPU)."""
+    full = losses(run_pretrain(SMALL + ["--objective", "mdm", "--eval-iters", "0"], tmp_path / "full"))
+    ckpt = tmp_path / "ckpt"
+    run_pretrain(SMALL + ["--objective", "mdm", "--eval-iters", "0", "--train-iters", "3", "--lr-decay-iters", "6",
+                          "--save", str(ckpt)], tmp_path / "first")
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
+    resumed = losses(run_pretrain(SMALL + ["--objective", "mdm", "--eval-iters", "0", "--load", str(ckpt)],
+                                  tmp_path / "second"))
+    assert resumed == full[3:]
