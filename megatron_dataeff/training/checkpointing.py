@@ -146,3 +146,50 @@ def load(trainer, load_dir: str, iteration: int | None = None) -> dict:
     trainer.log.print(f" loaded checkpoint {ckpt} (iteration {meta['iteration']}, "
                       f"epoch {meta['epoch']:.2f})")
     return meta
+
+
+def resolve_checkpoint(path: str, iteration: int | None = None) -> str:
+    """A checkpoint directory from a `--save` directory (latest or given iteration) or itself."""
+    if os.path.exists(os.path.join(path, METADATA)):
+        return path
+    if iteration is None:
+        iteration = latest_iteration(path)
+    ckpt = os.path.join(path, checkpoint_name(iteration))
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{path}: no checkpoint for iteration {iteration} ({ckpt} is missing)")
+    return ckpt
+
+
+def load_model_for_inference(path: str, iteration: int | None = None, device: str = "cpu",
+                             dtype=None):
+    """(model, RunConfig, metadata): the model of a checkpoint of any TP/PP layout, in this process.
+
+    Starts a 1-process group at TP=PP=1 when none exists (dist_checkpointing reshards the saved
+    layout into it). `path` is a `--save` directory or one `iter_N` directory.
+    """
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron_dataeff.config import RunConfig
+    from megatron_dataeff.models.builder import build_model
+    from megatron_dataeff.training.distributed import initialize
+
+    ckpt = resolve_checkpoint(path, iteration)
+    meta = read_metadata(ckpt)
+    cfg = RunConfig.from_dict(meta["config"])
+    cfg.parallel.tensor_model_parallel_size = 1
+    cfg.parallel.pipeline_model_parallel_size = 1
+    cfg.parallel.device = device
+    cfg.optim.global_batch_size = None
+    cfg.validate_layout(1)
+    runtime = initialize(1, 1, cfg.optim.seed, device)
+    model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True)
+    try:
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt}: cannot load the model weights: {exc}") from exc
+    model.load_state_dict(state["model"])
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    return model, cfg, meta
