@@ -204,6 +204,7 @@ class CheckpointConfig:
     load: Optional[str] = None  # directory to resume from
     save_interval: Optional[int] = None  # steps between checkpoints
     keep_last: Optional[int] = None  # keep only the newest K checkpoints
+    finetune: bool = False  # --load the weights only: iteration 0, fresh optimizer and schedule
 
     def __post_init__(self):
         _require(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
@@ -363,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the weights of --load and start at iteration 0 with a fresh optimizer")
     return p
 
 

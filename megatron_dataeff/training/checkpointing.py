@@ -42,14 +42,53 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sharded_state(trainer, is_loading: bool) -> dict:
+# Fields of the model config that a checkpoint's weights depend on.
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "qk_layernorm", "untie_embeddings_and_output_weights",
+                 "make_vocab_size_divisible_by")
+
+
+def _layout(trainer) -> list[int]:
+    p = trainer.cfg.parallel
+    return [p.pipeline_model_parallel_size, p.tensor_model_parallel_size, trainer.dp_size]
+
+
+def _rng_object(trainer):
+    """Every generator a rank draws from (dropout), as one sharded object per rank."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    rt = trainer.runtime
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if rt.device == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state, tuple(_layout(trainer)), (rt.pp_rank, rt.tp_rank, rt.dp_rank),
+                         replica_id=0)
+
+
+def _restore_rng(trainer, state) -> None:
+    import torch
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and trainer.runtime.device == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(trainer, is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
     model_sd = trainer.model[0].module.sharded_state_dict()
+    out = {"model": model_sd}
+    if with_rng:
+        out["rng_state"] = _rng_object(trainer)
+    if not with_optimizer:
+        return out
     # 'fully_reshardable': the distributed optimizer's state is stored per parameter, in model space,
     # so a checkpoint loads at any TP/PP/DP layout.
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
-    return {"model": model_sd,
-            "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                              metadata=metadata)}
+    out["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+    return out
 
 
 def _metadata(trainer) -> dict:
@@ -64,6 +103,8 @@ def _metadata(trainer) -> dict:
         "vocab_ids": trainer.num_ids,
         "unique_tokens": trainer.data.unique_tokens,
         "world_size": trainer.runtime.world_size,
+        "layout": {"pp": _layout(trainer)[0], "tp": _layout(trainer)[1], "dp": _layout(trainer)[2]},
+        "model_only": False,
     }
 
 
@@ -81,6 +122,13 @@ def save(trainer, save_dir: str) -> str:
     dist.barrier()
     dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp)
     dist.barrier()
+    # Fault-injection hook for the kill-during-save test ("ITERATION:SECONDS"): the shards of that
+    # iteration are written but not yet published when the process sleeps.
+    hook = os.environ.get("MEGATRON_DATAEFF_TEST_SAVE_PAUSE", "")
+    if hook and int(hook.split(":")[0]) == trainer.iteration:
+        import time
+
+        time.sleep(float(hook.split(":")[1]))
     if rank == 0:
         _write_atomic(os.path.join(tmp, METADATA), json.dumps(_metadata(trainer), indent=2))
         if os.path.exists(final):
@@ -123,28 +171,68 @@ def read_metadata(ckpt_dir: str) -> dict:
         return json.load(f)
 
 
-def load(trainer, load_dir: str, iteration: int | None = None) -> dict:
-    """Restore model, optimizer and scheduler from DIR (its latest checkpoint by default)."""
+def check_compatible(ckpt: str, meta: dict, trainer) -> None:
+    """Refuse a checkpoint whose model shape or vocabulary differs from this run's, naming the fields."""
+    saved = meta.get("config", {}).get("model", {})
+    now = trainer.cfg.to_dict()["model"]
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now[k]!r}"
+             for k in _SHAPE_FIELDS if k in saved and saved.get(k) != now[k]]
+    if meta.get("vocab_ids") != trainer.num_ids:
+        diffs.append(f"vocabulary ids: checkpoint {meta.get('vocab_ids')}, this run {trainer.num_ids} "
+                     f"(--tokenizer-type/--tokenizer-model)")
+    if diffs:
+        raise CheckpointError(f"{ckpt} does not fit this model:\n  " + "\n  ".join(diffs))
+
+
+def _check_files(ckpt: str) -> None:
+    """The files dist_checkpointing needs, present and non-empty (before any collective work)."""
+    missing = [f for f in ("metadata.json", "common.pt") if not os.path.exists(os.path.join(ckpt, f))]
+    try:
+        with open(os.path.join(ckpt, ".metadata"), "rb"):
+            pass
+    except OSError:
+        missing.append(".metadata")
+    shards = [f for f in os.listdir(ckpt) if f.endswith(".distcp")]
+    if not shards:
+        missing.append("*.distcp shards")
+    if missing:
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
+
+
+def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = False) -> dict:
+    """Restore model, optimizer, scheduler and RNG state from DIR (its latest checkpoint by default).
+
+    `finetune` (or a model-only checkpoint, e.g. imported from Hugging Face) loads the weights only
+    and starts at iteration 0 with a fresh optimizer.  RNG states are restored when the layout is
+    the one they were saved at (dropout masks then continue exactly); otherwise they are reseeded.
+    """
     from megatron.core import dist_checkpointing
 
-    if iteration is None:
-        iteration = latest_iteration(load_dir)
-    ckpt = os.path.join(load_dir, checkpoint_name(iteration))
-    if not os.path.isdir(ckpt):
-        raise CheckpointError(f"--load {load_dir}: checkpoint {ckpt} named by {LATEST} does not exist")
+    ckpt = resolve_checkpoint(load_dir, iteration)
     meta = read_metadata(ckpt)
-    if meta.get("vocab_ids") != trainer.num_ids:
-        raise CheckpointError(f"{ckpt}: saved with {meta.get('vocab_ids')} vocabulary ids, this run has "
-                              f"{trainer.num_ids} (--tokenizer-type/--tokenizer-model differ)")
+    check_compatible(ckpt, meta, trainer)
+    _check_files(ckpt)
+    model_only = finetune or meta.get("model_only", False)
+    same_layout = meta.get("layout") == dict(zip(("pp", "tp", "dp"), _layout(trainer)))
+    with_rng = same_layout and not model_only
+    request = _sharded_state(trainer, is_loading=True, with_optimizer=not model_only, with_rng=with_rng)
     try:
-        state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True), ckpt)
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt}: cannot load model/optimizer state: {exc}") from exc
+        state = dist_checkpointing.load(request, ckpt)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
+        raise CheckpointError(f"{ckpt}: cannot load {'model' if model_only else 'model/optimizer'} state: "
+                              f"{type(exc).__name__}: {exc}") from exc
     trainer.model[0].module.load_state_dict(state["model"])
+    if model_only:
+        trainer.log.print(f" loaded weights of {ckpt} (model only: iteration 0, fresh optimizer)")
+        return {**meta, "iteration": 0, "consumed_samples": 0}
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(meta["scheduler"])
-    trainer.log.print(f" loaded checkpoint {ckpt} (iteration {meta['iteration']}, "
-                      f"epoch {meta['epoch']:.2f})")
+    if with_rng:
+        _restore_rng(trainer, state["rng_state"])
+    trainer.log.print(f" loaded checkpoint {ckpt} (iteration {meta['iteration']}, epoch {meta['epoch']:.2f}"
+                      f"{'' if with_rng else ', saved at another layout: RNG reseeded'})")
     return meta
 
 
@@ -176,6 +264,7 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
 
     ckpt = resolve_checkpoint(path, iteration)
     meta = read_metadata(ckpt)
+    _check_files(ckpt)
     cfg = RunConfig.from_dict(meta["config"])
     cfg.parallel.tensor_model_parallel_size = 1
     cfg.parallel.pipeline_model_parallel_size = 1
@@ -186,7 +275,9 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
     model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True)
     try:
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
         raise CheckpointError(f"{ckpt}: cannot load the model weights: {exc}") from exc
     model.load_state_dict(state["model"])
     if dtype is not None:

@@ -86,10 +86,16 @@ class Trainer:
         self._build_model_and_optimizer()
         self.iteration = 0
         self.consumed_samples = 0
-        if cfg.checkpoint.load:
-            state = checkpointing.load(self, cfg.checkpoint.load)
-            self.iteration = state["iteration"]
-            self.consumed_samples = state["consumed_samples"]
+        ck = cfg.checkpoint
+        if ck.load:
+            fresh = (ck.save and os.path.abspath(ck.save) == os.path.abspath(ck.load)
+                     and not os.path.exists(os.path.join(ck.load, checkpointing.LATEST)))
+            if fresh:  # the auto-resume idiom (--save X --load X) on its first launch
+                self.log.print(f" --load {ck.load}: no checkpoint there yet; starting from scratch")
+            else:
+                state = checkpointing.load(self, ck.load, finetune=ck.finetune)
+                self.iteration = state["iteration"]
+                self.consumed_samples = state["consumed_samples"]
         self._write_run_record()
 
     # ------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Checkpoints: exact resume (dropout included), kill during save, refusal of bad checkpoints, TP=2 -> TP=1."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, losses, run_pretrain
+
+BASE = ["--train-iters", "6", "--log-interval", "1", "--eval-iters", "0", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--seq-length", "32", "--num-layers", "2", "--lr-decay-iters", "6"]
+DROPOUT = ["--mlp-dropout", "0.2", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+
+
+def _saved_run(tmp_path, extra=(), iters=3, nproc=1):
+    ckpt = tmp_path / "ckpt"
+    run_pretrain(BASE + list(extra) + ["--train-iters", str(iters), "--save", str(ckpt)], tmp_path / "first",
+                 nproc=nproc)
+    return ckpt
+
+
+@pytest.mark.parametrize("objective", ["ar", "mdm"])
+def test_exact_resume_with_dropout(tmp_path, objective):
+    """2N steps == N steps, saved, resumed for N more: bit-identical losses, dropout RNG included."""
+    flags = BASE + DROPOUT + ["--objective", objective]
+    full = losses(run_pretrain(flags, tmp_path / "full"))
+    ckpt = _saved_run(tmp_path, DROPOUT + ["--objective", objective])
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
+    resumed = losses(run_pretrain(flags + ["--load", str(ckpt)], tmp_path / "second"))
+    assert resumed == full[3:]
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    """SIGKILL while iteration 4's shards are written but unpublished: --load picks iteration 2."""
+    ckpt = tmp_path / "ckpt"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), MEGATRON_DATAEFF_TEST_SAVE_PAUSE="4:120", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_diffusion.py"), *BASE, "--save", str(ckpt),
+                             "--save-interval", "2", "--run-dir", str(tmp_path / "killed"), "--device", "cpu"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tmp_ckpt = ckpt / "iter_0000004.tmp"
+    deadline = time.time() + 240
+    while not (tmp_ckpt / ".metadata").exists():
+        assert proc.poll() is None, "training exited before the save of iteration 4"
+        assert time.time() < deadline, "timed out waiting for the save of iteration 4"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert not (ckpt / "iter_0000004").exists()
+    recs = run_pretrain(BASE + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "2"],
+                        tmp_path / "resumed")
+    assert [r["iteration"] for r in recs if r["split"] == "train"] == [3, 4, 5, 6]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "6"
+    assert not tmp_ckpt.exists()
+
+
+def _run_expect_error(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_diffusion.py"), *args, "--run-dir",
+                           str(tmp_path / "err"), "--device", "cpu"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("saved")
+    return _saved_run(tmp)
+
+
+def test_missing_shard_and_metadata_are_refused(saved, tmp_path):
+    """A checkpoint missing a shard or its metadata is refused, naming what is missing."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    it = broken / "iter_0000003"
+    for shard in it.glob("*.distcp"):
+        shard.unlink()
+    err = _run_expect_error(BASE + ["--load", str(broken)], tmp_path)
+    assert "incomplete checkpoint" in err and "distcp" in err
+    shutil.rmtree(broken)
+    shutil.copytree(saved, broken)
+    (broken / "iter_0000003" / "megatron_dataeff.json").unlink()
+    err = _run_expect_error(BASE + ["--load", str(broken)], tmp_path)
+    assert "missing megatron_dataeff.json" in err
+
+
+def test_truncated_shard_is_refused(saved, tmp_path):
+    """A truncated shard fails the load with the checkpoint named, never a silent fresh start."""
+    import shutil
+
+    broken = tmp_path / "trunc"
+    shutil.copytree(saved, broken)
+    shard = sorted((broken / "iter_0000003").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    err = _run_expect_error(BASE + ["--load", str(broken)], tmp_path)
+    assert "iter_0000003" in err and "cannot load" in err
+
+
+def test_other_shape_is_refused_naming_the_flag(saved, tmp_path):
+    """Loading into a model of another shape names the differing flag."""
+    err = _run_expect_error(BASE + ["--load", str(saved), "--ffn-hidden-size", "256"], tmp_path)
+    assert "--ffn-hidden-size: checkpoint 384, this run 256" in err
+
+
+def test_load_without_checkpoint_is_an_error(tmp_path):
+    """--load of a directory with no checkpoint stops (unless it is also --save: auto-resume)."""
+    (tmp_path / "empty").mkdir()
+    err = _run_expect_error(BASE + ["--load", str(tmp_path / "empty")], tmp_path)
+    assert "no latest_checkpointed_iteration.txt" in err
+    recs = run_pretrain(BASE + ["--train-iters", "2", "--load", str(tmp_path / "auto"), "--save",
+                                str(tmp_path / "auto")], tmp_path / "autorun")
+    assert len(losses(recs)) == 2
+
+
+@pytest.mark.distributed
+def test_tp2_checkpoint_resumes_at_tp1(tmp_path):
+    """Saved at TP=2 (distributed optimizer state in model space), resumed at TP=1: same losses."""
+    full = losses(run_pretrain(BASE, tmp_path / "full"))
+    ckpt = _saved_run(tmp_path, ["--tensor-model-parallel-size", "2"], nproc=2)
+    resumed = losses(run_pretrain(BASE + ["--load", str(ckpt)], tmp_path / "second"))
+    assert len(resumed) == 3
+    for a, b in zip(resumed, full[3:]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    """--keep-last K keeps the newest K checkpoints (the final one included)."""
+    ckpt = tmp_path / "ckpt"
+    run_pretrain(BASE + ["--save", str(ckpt), "--save-interval", "1", "--keep-last", "2"], tmp_path / "run")
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000005", "iter_0000006"]
