@@ -96,3 +96,49 @@ def test_embedded_corpus_is_real_text():
     assert len(ds) > 300
     text = ByteTokenizer().detokenize(np.concatenate([ds[i] for i in range(20)]))
     assert "the" in text and "Return" in text
+
+
+@pytest.fixture(scope="module")
+def second_prefix(tmp_path_factory):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    p = str(tmp_path_factory.mktemp("ds2") / "other_text_document")
+    b = IndexedDatasetBuilder(p + ".bin", dtype=np.uint16)
+    for d in range(100):  # tokens >= 50000 mark this dataset
+        b.add_document(torch.tensor(50000 + np.arange(40), dtype=torch.int64), [40])
+    b.finalize(p + ".idx")
+    return p
+
+
+def test_blend_follows_weights_and_splits_the_budget(prefix, second_prefix):
+    """--data-path 0.75 A 0.25 B: every prefix of the stream is within one sample of the weights."""
+    from megatron_dataeff.data.blending import build_data
+
+    data = build_data(["0.75", prefix, "0.25", second_prefix], 16, [0.9, 0.1, 0], seed=1, unique_tokens=2000)
+    assert data.unique_tokens == 2000
+    assert [p.unique_tokens for p in data.parts] == [1500, 500]
+    batch = data.train_batch(0, 5000)["tokens"]
+    from_b = (batch[:, 0] >= 50000).numpy()
+    counts = np.cumsum(from_b)
+    positions = np.arange(1, 5001)
+    assert np.all(np.abs(counts - 0.25 * positions) <= 1.0)
+    # each dataset's share is its own epoch-permuted stream, in order
+    d, i = data.locate(4999)
+    assert torch.equal(torch.from_numpy(data.parts[d].train_window(i)), batch[4999])
+    again = build_data(["0.75", prefix, "0.25", second_prefix], 16, [0.9, 0.1, 0], seed=1, unique_tokens=2000)
+    assert torch.equal(again.train_batch(4000, 100)["tokens"], batch[4000:4100])
+    valid = data.valid_batch(0, data.valid_samples)["tokens"]
+    assert (valid[:, 0] >= 50000).any() and (valid[:, 0] < 50000).any()
+
+
+def test_data_path_parsing_errors():
+    """Malformed --data-path lists are refused with the flag named."""
+    from megatron_dataeff.data.blending import parse_data_path
+
+    assert parse_data_path(["a"]) == (["a"], [1.0])
+    with pytest.raises(ValueError, match="--data-path"):
+        parse_data_path(["0.5", "a", "b"])
+    with pytest.raises(ValueError, match="not a weight"):
+        parse_data_path(["x", "a", "0.5", "b"])
+    with pytest.raises(ValueError, match="must be positive"):
+        parse_data_path(["0", "a", "1", "b"])

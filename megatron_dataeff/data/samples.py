@@ -129,6 +129,16 @@ class DataConstrainedData:
         """Tokens in the training set."""
         return self.train.num_tokens
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """Training windows in one pass over the unique tokens."""
+        return len(self.train)
+
+    @property
+    def valid_samples(self) -> int:
+        """Validation windows."""
+        return len(self.valid)
+
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             rng = np.random.default_rng([self.seed, epoch])

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.data.corpus import embedded_corpus
-from megatron_dataeff.data.samples import DataConstrainedData
+from megatron_dataeff.data.blending import build_data, parse_data_path
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
 from megatron_dataeff.models.builder import build_model, count_parameters
 from megatron_dataeff.objectives import build_objective
@@ -33,27 +33,22 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf."""
 
 
-def resolve_data_prefix(cfg: RunConfig, tokenizer, runtime: Runtime) -> str:
-    """The indexed-dataset prefix to train on: --data-path, else the embedded corpus."""
-    paths = list(cfg.data.data_path)
-    if not paths:
+def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
+    """`--data-path` items to train on (checked to exist), else the embedded corpus prefix."""
+    if not cfg.data.data_path:
         if runtime.rank == 0:
-            prefix = embedded_corpus(tokenizer, cfg.data.data_cache_dir)
+            embedded_corpus(tokenizer, cfg.data.data_cache_dir)
         barrier()
-        return embedded_corpus(tokenizer, cfg.data.data_cache_dir)
-    if len(paths) == 2:
-        try:
-            float(paths[0])
-            paths = paths[1:]
-        except ValueError:
-            pass
-    if len(paths) != 1:
-        raise ConfigError("--data-path: blending several datasets is not supported yet; give one prefix")
-    prefix = paths[0]
-    for ext in (".bin", ".idx"):
-        if not os.path.exists(prefix + ext):
-            raise ConfigError(f"--data-path {prefix}: {prefix + ext} does not exist")
-    return prefix
+        return [embedded_corpus(tokenizer, cfg.data.data_cache_dir)]
+    try:
+        prefixes, _ = parse_data_path(list(cfg.data.data_path))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise ConfigError(f"--data-path {prefix}: {prefix + ext} does not exist")
+    return list(cfg.data.data_path)
 
 
 class Trainer:
@@ -72,13 +67,13 @@ class Trainer:
         d = cfg.data
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=d.vocab_size)
         self.mask_token_id, self.num_ids = resolve_mask_token(self.tokenizer)
-        self.data = DataConstrainedData(resolve_data_prefix(cfg, self.tokenizer, rt), cfg.model.seq_length,
-                                        d.split_weights, cfg.optim.seed, unique_tokens=d.unique_tokens)
+        self.data = build_data(resolve_data_path(cfg, self.tokenizer, rt), cfg.model.seq_length,
+                               d.split_weights, cfg.optim.seed, unique_tokens=d.unique_tokens)
         gbs = cfg.optim.global_batch_size
         if cfg.optim.train_iters is not None:
             self.train_iters = cfg.optim.train_iters
         elif d.epochs is not None:
-            self.train_iters = max(1, math.ceil(d.epochs * len(self.data.train) / gbs))
+            self.train_iters = max(1, math.ceil(d.epochs * self.data.samples_per_epoch / gbs))
         else:
             raise ConfigError("give --train-iters or --epochs")
         self.objective = build_objective(cfg, self.mask_token_id)
@@ -140,7 +135,7 @@ class Trainer:
             "vocab_ids": self.num_ids,
             "data_prefix": self.data.prefix,
             "unique_tokens": self.data.unique_tokens,
-            "train_samples_per_epoch": len(self.data.train),
+            "train_samples_per_epoch": self.data.samples_per_epoch,
             "train_iters": self.train_iters,
             "num_parameters": self.num_parameters,
             "world_size": self.runtime.world_size,
@@ -259,8 +254,8 @@ class Trainer:
             f" | {self.num_parameters / 1e6:.2f}M parameters | device {rt.device} | world {rt.world_size} "
             f"(TP {cfg.parallel.tensor_model_parallel_size}, PP {cfg.parallel.pipeline_model_parallel_size}, "
             f"DP {self.dp_size}) | {self.data.unique_tokens:,} unique tokens, "
-            f"{len(self.data.train):,} samples/epoch | {self.train_iters} iterations of {gbs} x {seq} "
-            f"= {self.train_iters * gbs / len(self.data.train):.2f} epochs")
+            f"{self.data.samples_per_epoch:,} samples/epoch | {self.train_iters} iterations of {gbs} x {seq} "
+            f"= {self.train_iters * gbs / self.data.samples_per_epoch:.2f} epochs")
         last = {"train_loss": float("nan"), "valid_loss": float("nan")}
         interval_start, interval_tokens, interval_steps = time.time(), 0, 0
         loss_acc, loss_n = 0.0, 0
