@@ -33,6 +33,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf."""
 
 
+def _all_reduce_sum(t: torch.Tensor, device: str, group=None) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (NCCL needs it on the GPU); returns it on the CPU."""
+    if dist.get_world_size() == 1:
+        return t
+    work = t.to("cuda") if device == "cuda" else t
+    dist.all_reduce(work, group=group)
+    return work.cpu()
+
+
 def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
     """`--data-path` items to train on (checked to exist), else the embedded corpus prefix."""
     if not cfg.data.data_path:
@@ -115,11 +124,10 @@ class Trainer:
         tc.finalize_model_grads_func = finalize_model_grads
         tc.grad_scale_func = self.optimizer.scale_loss
         n_params = count_parameters(model)
-        totals = torch.tensor([n_params], dtype=torch.float64)
-        if dist.get_world_size() > 1:
-            from megatron.core import parallel_state
+        from megatron.core import parallel_state
 
-            dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
+        totals = _all_reduce_sum(torch.tensor([n_params], dtype=torch.float64), rt.device,
+                                 group=parallel_state.get_model_parallel_group())
         self.num_parameters = int(totals.item())
 
     def _write_run_record(self):
@@ -156,10 +164,11 @@ class Trainer:
 
     def _forward_step(self, evaluation: bool, data_iterator, model):
         batch = next(data_iterator)
-        ob = self.objective.prepare(batch["tokens"], batch["sample_index"], evaluation=evaluation)
-        device = "cuda" if self.runtime.device == "cuda" else "cpu"
-        input_ids = ob.input_ids.to(device, non_blocking=True)
-        labels = ob.labels.to(device, non_blocking=True)
+        device = self.runtime.device
+        # Corrupt on the device: the fused masking kernel runs there when it is built.
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        ob = self.objective.prepare(tokens, batch["sample_index"], evaluation=evaluation)
+        input_ids, labels = ob.input_ids, ob.labels
         b, s = input_ids.shape
         position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
         output = model(input_ids, position_ids, None, labels=labels)
@@ -194,9 +203,7 @@ class Trainer:
                 total += out["loss"].double().cpu()
         # Every last-stage rank holds its data-parallel shard (repeated on each TP rank): summing
         # over all ranks repeats sum and count alike, so their ratio is the global loss everywhere.
-        if dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return total
+        return _all_reduce_sum(total, self.runtime.device)
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
