@@ -5,13 +5,16 @@ module (tests and vendored packages excluded) becomes one document: its module, 
 function docstrings joined by blank lines, in source order; modules are taken in sorted path order.
 The documents are tokenized once and cached as a Megatron indexed dataset
 (`{cache}/{python}-{tokenizer}/stdlib_docstrings_text_document.bin/.idx`); the cache directory is
-published by an atomic rename, so a killed build never leaves a half-written corpus behind.
+published by an atomic rename, so a killed build never leaves a half-written corpus behind.  The
+build goes through the same path as any user corpus: JSONL, then `data/preprocess.py` (the engine
+of `tools/preprocess_data.py`) with `--append-eod`; `tools/build_corpus.py` runs it by hand.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,8 +23,6 @@ import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Iterator
-
-import numpy as np
 
 from megatron_dataeff.data.tokenizers import Tokenizer
 
@@ -65,25 +66,29 @@ def _corpus_key(tokenizer: Tokenizer) -> str:
     return f"{version}-{tokenizer.tokenizer_type}-{hashlib.sha256(meta.encode()).hexdigest()[:10]}"
 
 
+def write_jsonl(path: str | Path, stdlib_dir: str | None = None) -> int:
+    """Write the corpus as JSONL (`{"text": ..., "source": module path}` per line); returns documents."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for name, text in iter_documents(stdlib_dir):
+            f.write(json.dumps({"text": text, "source": name}, ensure_ascii=False) + "\n")
+            n += 1
+    if n == 0:
+        raise RuntimeError("found no stdlib docstrings for the embedded corpus")
+    return n
+
+
 def build_corpus(tokenizer: Tokenizer, out_dir: Path) -> str:
-    """Tokenize the corpus into `out_dir` (append EOD); returns the dataset prefix."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    """Tokenize the corpus into `out_dir` through the preprocess pipeline (JSONL -> `--append-eod`
+    -> indexed dataset), exactly as `tools/preprocess_data.py` would; returns the dataset prefix."""
+    from megatron_dataeff.data.preprocess import preprocess
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = str(out_dir / f"{CORPUS_NAME}_text_document")
-    dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    names = []
-    for name, text in iter_documents():
-        ids = tokenizer.tokenize(text) + [tokenizer.eod]
-        builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
-        names.append(name)
-    if not names:
-        raise RuntimeError("found no stdlib docstrings for the embedded corpus")
-    builder.finalize(prefix + ".idx")
-    with open(out_dir / "documents.json", "w") as f:
-        json.dump({"documents": names, "tokenizer": tokenizer.metadata()}, f)
-    return prefix
+    jsonl = out_dir / f"{CORPUS_NAME}.jsonl"
+    write_jsonl(jsonl)
+    summary = preprocess([str(jsonl)], str(out_dir / CORPUS_NAME), tokenizer, json_keys=("text",),
+                         append_eod=True, workers=1, log_stream=io.StringIO())
+    return summary.outputs["text"]
 
 
 def embedded_corpus(tokenizer: Tokenizer, cache_dir: str | Path | None = None) -> str:

@@ -74,7 +74,8 @@ class Trainer:
         self.log = MetricsLogger(cfg.logging.log_dir, cfg.logging.tensorboard_dir or None,
                                  enabled=rt.is_logging_rank)
         d = cfg.data
-        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=d.vocab_size)
+        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file,
+                                         merge_file=d.merge_file, vocab_size=d.vocab_size)
         self.mask_token_id, self.num_ids = resolve_mask_token(self.tokenizer)
         self.data = build_data(resolve_data_path(cfg, self.tokenizer, rt), cfg.model.seq_length,
                                d.split_weights, cfg.optim.seed, unique_tokens=d.unique_tokens)
