@@ -1,44 +1,18 @@
 #!/usr/bin/env bash
-# Pretrain a AR with token dropout (the paper's diffusion-style masked input at rate 1.0, uniform) model,
-# Qwen3-0.6B layout, in the paper's data-constrained setting (a fixed unique-token budget, many epochs).
+# Pretrain an AR model with token dropout (default: the paper's diffusion-style masked input,
+# r ~ U(0, 1) per sequence; TOKEN_DROPOUT_RATE / TOKEN_DROPOUT_SCHEDULE=fixed for the ratio sweep)
+# in the paper's data-constrained setting: Qwen3-0.6B layout, 3B unique tokens, 120 epochs, bf16.
 #
 #   DATA_PATH=/data/olmo_text_document bash examples/pretrain_token_dropout.sh                   # one node
 #   NNODES=16 NODE_RANK=$RANK MASTER_ADDR=node0 DATA_PATH=... bash examples/pretrain_token_dropout.sh
-#   bash examples/pretrain_token_dropout.sh --model-preset tiny --device cpu --train-iters 100  # flags override
+#   bash examples/pretrain_token_dropout.sh --model-preset tiny --device cpu --no-bf16 --train-iters 100
 #
-# Environment: GPUS_PER_NODE (default: all visible GPUs, 1 without GPUs), NNODES (1), NODE_RANK (0),
-# MASTER_ADDR (localhost), MASTER_PORT (6000), DATA_PATH (default: the embedded corpus),
-# TOKENIZER_ARGS, UNIQUE_TOKENS (3e9), EPOCHS (120), RUN_DIR, TP, PP.
+# Flags after the script override its defaults; environment variables: see examples/_pretrain_common.sh.
+# Checkpoints go to $RUN_DIR/checkpoints and a relaunch resumes from the latest one.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    DEFAULT_GPUS=$(nvidia-smi -L | wc -l)
-else
-    DEFAULT_GPUS=1
-fi
-GPUS_PER_NODE=${GPUS_PER_NODE:-$DEFAULT_GPUS}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-RUN_DIR=${RUN_DIR:-runs/token_dropout}
-
-DISTRIBUTED_ARGS=(--nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
-                  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-MODEL_ARGS=(--model-preset qwen3-0.6b --seq-length 4096 --bf16)
-OBJECTIVE_ARGS=(--objective ar --token-dropout-rate "${TOKEN_DROPOUT_RATE:-1.0}" --token-dropout-schedule "${TOKEN_DROPOUT_SCHEDULE:-uniform}")
-REGULARISATION_ARGS=(--weight-decay 0.1 --hidden-dropout 0.0 --attention-dropout 0.0 --mlp-dropout 0.0)
-DATA_ARGS=(--unique-tokens "${UNIQUE_TOKENS:-3000000000}" --epochs "${EPOCHS:-120}" --split 99,1,0)
-if [ -n "${DATA_PATH:-}" ]; then DATA_ARGS+=(--data-path $DATA_PATH); fi
-read -r -a TOKENIZER <<< "${TOKENIZER_ARGS:-}"
-TRAINING_ARGS=(--micro-batch-size 4 --global-batch-size 2048 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 1000
-               --lr-decay-style cosine --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --seed 1234)
-PARALLEL_ARGS=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
-               --use-distributed-optimizer)
-LOGGING_ARGS=(--log-interval 10 --eval-interval 500 --eval-iters 20 --run-dir "$RUN_DIR"
-              --save "$RUN_DIR/checkpoints" --save-interval 1000 --keep-last 3)
-
-exec torchrun "${DISTRIBUTED_ARGS[@]}" "$ROOT/pretrain_diffusion.py" \
-    "${MODEL_ARGS[@]}" "${OBJECTIVE_ARGS[@]}" "${REGULARISATION_ARGS[@]}" "${DATA_ARGS[@]}" \
-    ${TOKENIZER[@]+"${TOKENIZER[@]}"} "${TRAINING_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
+# shellcheck source=examples/_pretrain_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_pretrain_common.sh"
+RUN_NAME=token_dropout
+OBJECTIVE_ARGS=(--objective ar --token-dropout-rate "${TOKEN_DROPOUT_RATE:-1.0}"
+                --token-dropout-schedule "${TOKEN_DROPOUT_SCHEDULE:-uniform}")
+launch "$@"
