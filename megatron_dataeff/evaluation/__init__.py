@@ -1,0 +1,1 @@
+"""Evaluation: validation NLL / ELBO, multiple-choice likelihood, offline tasks, lm-eval adapter, grid reports."""

@@ -1,0 +1,128 @@
+"""The paper's experiment grid: methods, scales, and the pretrain_diffusion.py command of each run.
+
+Methods (Gao et al. 2025, see docs/evaluation.md):
+
+    ar                      AR baseline (weight decay 0.1, as the paper's baseline)
+    ar_td{0.1,0.3,0.5}      AR + token dropout, each input token masked with probability R
+    ar_td1.0                AR + the paper's "diffusion-style masked input": per sequence r ~ U(0, 1)
+    ar_attn{0.1,0.3,0.5}    AR + attention dropout
+    ar_mlp{0.1,0.3,0.5}     AR + MLP dropout (on the MLP's inner activation)
+    ar_wd{0.3,0.5}          AR + weight decay 0.3 / 0.5 (wd 0.1 is the baseline `ar`)
+    mdm                     masked diffusion
+    ar_fresh, mdm_fresh     references without repetition: the same number of steps on
+                            unique_tokens x epochs fresh tokens (1 epoch); they calibrate the
+                            effective-data fit (R*) and are not part of the paper's grid
+
+A token-dropout rate of 1.0 with a fixed rate would mask every input token, so the 1.0 point of
+the sweep is the per-sequence uniform schedule (the paper's masked-input condition); 0.1-0.5 are
+fixed rates.  That reading of the paper's sweep is ours (its code is not released).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METHODS: dict[str, list[str]] = {
+    "ar": [],
+    "ar_td0.1": ["--token-dropout-rate", "0.1"],
+    "ar_td0.3": ["--token-dropout-rate", "0.3"],
+    "ar_td0.5": ["--token-dropout-rate", "0.5"],
+    "ar_td1.0": ["--token-dropout-rate", "1.0", "--token-dropout-schedule", "uniform"],
+    "ar_attn0.1": ["--attention-dropout", "0.1"],
+    "ar_attn0.3": ["--attention-dropout", "0.3"],
+    "ar_attn0.5": ["--attention-dropout", "0.5"],
+    "ar_mlp0.1": ["--mlp-dropout", "0.1"],
+    "ar_mlp0.3": ["--mlp-dropout", "0.3"],
+    "ar_mlp0.5": ["--mlp-dropout", "0.5"],
+    "ar_wd0.3": ["--weight-decay", "0.3"],
+    "ar_wd0.5": ["--weight-decay", "0.5"],
+    "mdm": ["--objective", "mdm"],
+    "ar_fresh": [],
+    "mdm_fresh": ["--objective", "mdm"],
+}
+FRESH = {"ar_fresh": "ar", "mdm_fresh": "mdm"}  # reference run -> the family it calibrates
+PAPER_METHODS = [m for m in METHODS if m not in FRESH]
+
+
+def reference_of(method: str) -> str:
+    """The fresh-data reference whose loss-vs-tokens curve calibrates a method's effective data."""
+    return "mdm_fresh" if METHODS[method][:2] == ["--objective", "mdm"] else "ar_fresh"
+
+
+@dataclass
+class Scale:
+    """One scale of the study: model, budget, schedule, and how runs are launched."""
+
+    name: str
+    unique_tokens: int
+    epochs: float
+    seq_length: int
+    global_batch_size: int
+    flags: list[str] = field(default_factory=list)  # model / optimizer / logging flags
+    evals_per_epoch: float = 2.0  # validation points per epoch
+    downstream_evals: int = 3  # checkpoints evaluated on the offline tasks (evenly spaced)
+    num_examples: int = 100  # offline task examples
+    mc_samples: int = 8  # diffusion answer ELBO samples for the offline tasks
+    default_methods: list[str] = field(default_factory=list)
+    distributed: bool = False  # launch with torchrun (GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR/PORT)
+
+    def steps_per_epoch(self) -> float:
+        samples = (self.unique_tokens - 1) // self.seq_length
+        return samples / self.global_batch_size
+
+
+SCALES: dict[str, Scale] = {
+    # The embedded corpus on a 2-core CPU: 0.44M parameters, 50k unique tokens, 20 epochs
+    # (about 490 steps of 16 x 128 tokens per run).  AR's validation loss bottoms out around
+    # the middle of the run and rises after.
+    "tiny": Scale(
+        name="tiny", unique_tokens=50_000, epochs=20, seq_length=128, global_batch_size=16,
+        flags=["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "384",
+               "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "128",
+               "--micro-batch-size", "16", "--global-batch-size", "16", "--split", "90,10,0",
+               "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "30", "--lr-decay-style", "cosine",
+               "--weight-decay", "0.1", "--clip-grad", "1.0", "--eval-iters", "4", "--device", "cpu",
+               "--tensorboard-dir", ""],
+        evals_per_epoch=2.0, downstream_evals=3, num_examples=100, mc_samples=8,
+        default_methods=list(METHODS),
+    ),
+    # The paper: Qwen3-0.6B layout, 3B unique tokens, 120 epochs, global batch 2048 x 4096.
+    "paper": Scale(
+        name="paper", unique_tokens=3_000_000_000, epochs=120, seq_length=4096, global_batch_size=2048,
+        flags=["--model-preset", "qwen3-0.6b", "--seq-length", "4096", "--bf16", "--micro-batch-size", "4",
+               "--global-batch-size", "2048", "--split", "99,1,0", "--lr", "3e-4", "--min-lr", "3e-5",
+               "--lr-warmup-iters", "1000", "--lr-decay-style", "cosine", "--weight-decay", "0.1",
+               "--clip-grad", "1.0", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--eval-iters", "20",
+               "--use-distributed-optimizer"],
+        evals_per_epoch=1.0, downstream_evals=12, num_examples=500, mc_samples=32,
+        default_methods=list(PAPER_METHODS), distributed=True,
+    ),
+}
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}_s{seed}"
+
+
+def run_flags(scale: Scale, method: str, seed: int, run_dir: str, *, unique_tokens=None, epochs=None,
+              extra: list[str] = ()) -> tuple[list[str], dict]:
+    """(pretrain_diffusion.py flags, facts about the run) for one (method, seed) of the grid."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    u = int(unique_tokens or scale.unique_tokens)
+    e = float(epochs or scale.epochs)
+    fresh = method in FRESH
+    samples = (u - 1) // scale.seq_length
+    steps = max(1, round(e * samples / scale.global_batch_size))
+    # a fresh-data reference sees as many tokens in one epoch as the grid's runs in e epochs
+    data = (["--unique-tokens", str(int(u * e) + 1), "--epochs", "1"] if fresh
+            else ["--unique-tokens", str(u), "--epochs", str(e)])
+    eval_interval = max(1, round(steps / (e * scale.evals_per_epoch)))
+    save_interval = max(1, steps // max(1, scale.downstream_evals))
+    flags = [*scale.flags, *METHODS[method], *data, "--train-iters", str(steps), "--seed", str(seed),
+             "--eval-interval", str(eval_interval), "--log-interval", str(min(eval_interval, 10)),
+             "--run-dir", run_dir, "--save", f"{run_dir}/checkpoints", "--load", f"{run_dir}/checkpoints",
+             "--save-interval", str(save_interval), *extra]
+    facts = {"method": method, "seed": seed, "unique_tokens": u, "epochs": e, "train_iters": steps,
+             "fresh_reference": fresh, "save_interval": save_interval}
+    return flags, facts

@@ -1,0 +1,46 @@
+"""Plot and tabulate grid runs: validation loss vs epoch and vs tokens seen for every method,
+offline-task accuracy vs epoch, and a Markdown + CSV table (best / final validation loss, epoch of
+the best, rise after the best, task accuracy, Muennighoff's R*; mean ± std over seeds).
+
+    python tools/plot_runs.py runs/tiny_grid                       # writes into runs/tiny_grid/report/
+    python tools/plot_runs.py runs/g1 runs/g2 --output docs/results --prefix tiny_grid_
+
+R* is fitted per method against the fresh-data reference runs (ar_fresh, mdm_fresh) of the grid;
+see megatron_dataeff/evaluation/effective_data.py for exactly what is fitted.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", help="grid directories or run directories")
+    p.add_argument("--output", default=None, help="where to write (default: DIR/report of the first DIR)")
+    p.add_argument("--prefix", default="", help="file name prefix, e.g. tiny_grid_")
+    args = p.parse_args(argv)
+    from megatron_dataeff.evaluation.report import find_runs, markdown_table, plot_runs, summarise, write_csv
+
+    runs = find_runs(args.dirs)
+    if not runs:
+        print(f"error: no runs with validation records under {' '.join(args.dirs)}", file=sys.stderr)
+        return 2
+    out = args.output or os.path.join(args.dirs[0], "report")
+    os.makedirs(out, exist_ok=True)
+    rows = summarise(runs)
+    table = markdown_table(rows)
+    md = os.path.join(out, args.prefix + "summary.md")
+    with open(md, "w") as f:
+        f.write(table)
+    write_csv(rows, os.path.join(out, args.prefix + "summary.csv"))
+    pngs = plot_runs(runs, out, args.prefix)
+    print(table)
+    print("wrote " + ", ".join([md, os.path.join(out, args.prefix + "summary.csv"), *pngs]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
