@@ -1,5 +1,97 @@
-"""Package build. The C++/CUDA extension of csrc/ is added here (see csrc/README)."""
+"""Package build: the pure package, plus the compiled kernels of csrc/ (see csrc/README.md).
+
+    pip install --no-build-isolation -e .        # builds megatron_dataeff._C (and _C_cuda with CUDA)
+    python setup.py build_ext --inplace          # rebuild the extension in the source tree
+
+megatron_dataeff._C (CPU kernels) is built whenever torch is importable at build time.
+megatron_dataeff._C_cuda is built when torch is a CUDA build and nvcc is found; MEGATRON_DATAEFF_CUDA=0/1
+forces it off/on.  A failing extension build never fails the install: it prints a warning, and
+megatron_dataeff.ops falls back to the plain-torch reference (and says so at import).
+"""
+
+import os
+import sys
 
 from setuptools import setup
 
-setup()
+CSRC = "csrc"
+CPU_SOURCES = [f"{CSRC}/binding.cpp", f"{CSRC}/masking_cpu.cpp", f"{CSRC}/swiglu_dropout_cpu.cpp"]
+CUDA_SOURCES = [f"{CSRC}/binding_cuda.cpp", f"{CSRC}/masking_cuda.cu", f"{CSRC}/swiglu_dropout_cuda.cu"]
+# -ffp-contract=off: no a*b+c -> FMA, so the mask rates are bit-identical to the torch reference.
+# -fno-trapping-math: lets the SwiGLU loop's selects vectorise (it changes no result).
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+NVCC_FLAGS = ["-O3"]
+
+
+def _warn(msg: str) -> None:
+    print(f"\n*** megatron_dataeff: {msg}\n*** The plain-torch reference kernels will be used.\n",
+          file=sys.stderr, flush=True)
+
+
+def _want_cuda(torch, cuda_home) -> bool:
+    flag = os.environ.get("MEGATRON_DATAEFF_CUDA", "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    return torch.version.cuda is not None and cuda_home is not None
+
+
+def _extensions_and_cmdclass():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001 - any failure means: no torch, build the pure package
+        _warn(f"torch is not importable at build time ({exc}); building without the C++/CUDA extension")
+        return [], {}
+
+    include = [os.path.abspath(CSRC)]
+    exts = [cpp_extension.CppExtension(
+        "megatron_dataeff._C", CPU_SOURCES, include_dirs=include,
+        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"],
+    )]
+    if _want_cuda(torch, cpp_extension.CUDA_HOME):
+        exts.append(cpp_extension.CUDAExtension(
+            "megatron_dataeff._C_cuda", CUDA_SOURCES, include_dirs=include,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS},
+        ))
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, except that an extension that fails to build is skipped with a warning."""
+
+        def build_extensions(self):
+            self._failed = set()
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001 - e.g. torch's compiler / CUDA version checks
+                _warn(f"building the extensions failed ({type(exc).__name__}: {exc})")
+                self._failed = {ext.name for ext in self.extensions}
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - compile/link errors of one extension
+                _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
+                self._failed.add(ext.name)
+
+        def _built_only(self, method):
+            """Run a base-class method with the failed extensions left out (nothing to copy or install)."""
+            failed, saved = getattr(self, "_failed", set()), self.extensions
+            self.extensions = [ext for ext in saved if ext.name not in failed]
+            try:
+                return method()
+            finally:
+                self.extensions = saved
+
+        def get_outputs(self):
+            return self._built_only(super().get_outputs)
+
+        def get_output_mapping(self):
+            return self._built_only(super().get_output_mapping)
+
+        def copy_extensions_to_source(self):
+            return self._built_only(super().copy_extensions_to_source)
+
+    return exts, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions_and_cmdclass()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -28,16 +28,31 @@ def test_late_token_changes_early_logits_only_in_mdm(megatron_cpu, objective):
 
 
 def test_mlp_dropout_sits_on_the_inner_activation(megatron_cpu):
-    """--mlp-dropout puts dropout on linear_fc2's input: train outputs vary, eval outputs do not."""
+    """--mlp-dropout: linear_fc2 sees dropout(silu(gate) * up) with the keyed mask; eval is deterministic."""
+    from megatron_dataeff.models.mlp import RegularizedMLP
+    from megatron_dataeff.ops.swiglu_dropout import dropout_keep_mask
+
     cfg = config_from_args(build_parser().parse_args(["--mlp-dropout", "0.5", "--num-layers", "1"]))
     cfg.validate_layout(1)
     model = build_model(cfg, 258, "cpu")
-    fc2 = model.decoder.layers[0].mlp.linear_fc2
-    assert type(fc2).__name__.startswith("InputDropout") and fc2.input_dropout == 0.5
-    x = torch.randint(0, 258, (1, 8))
-    pos = torch.arange(8).unsqueeze(0)
-    model.train()
-    assert not torch.equal(model(x, pos, None), model(x, pos, None))
-    model.eval()
+    mlp = model.decoder.layers[0].mlp
+    assert isinstance(mlp, RegularizedMLP) and mlp.mlp_dropout == 0.5
+    h = torch.randn(6, 2, 128)
+    seen = {}
+    mlp.linear_fc2.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))
+    mlp.train()
+    torch.manual_seed(3)
+    out, _ = mlp(h)
+    torch.manual_seed(3)
+    key = int(torch.randint(0, 2**62, (1,)).item())
+    inter, _ = mlp.linear_fc1(h)
+    gate, up = torch.chunk(inter, 2, dim=-1)
+    keep = dropout_keep_mask(12, 384, 0.5, key, 0x6D6C7064).reshape(6, 2, 384)
+    expect = torch.nn.functional.silu(gate) * up * keep * 2.0
+    assert torch.allclose(seen["x"], expect, atol=1e-5)
+    assert 0.4 < keep.float().mean() < 0.6
+    out.sum().backward()
+    assert mlp.linear_fc1.weight.grad is not None
+    mlp.eval()
     with torch.no_grad():
-        assert torch.equal(model(x, pos, None), model(x, pos, None))
+        assert torch.equal(mlp(h)[0], mlp(h)[0])

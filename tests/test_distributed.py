@@ -1,4 +1,4 @@
-"""Two gloo processes: TP=2 and DP=2 reproduce the TP=1 loss curve; PP=2 trains.
+"""Two gloo processes: TP=2 and DP=2 reproduce the TP=1 loss curve (MLP dropout included); PP=2 trains.
 
 Tolerance: relative 1e-5 per step (on CPU the curves agree to the last printed digit; reductions in
 another order may move the last float bits).
@@ -15,7 +15,9 @@ COMMON = ["--train-iters", "12", "--log-interval", "1", "--eval-interval", "0", 
           "--num-layers", "2", "--lr-warmup-iters", "2"]
 OBJECTIVES = {"ar": ["--objective", "ar"], "mdm": ["--objective", "mdm"],
               "ar+token_dropout": ["--objective", "ar", "--token-dropout-rate", "0.5",
-                                   "--token-dropout-schedule", "uniform"]}
+                                   "--token-dropout-schedule", "uniform"],
+              # MLP dropout masks are keyed by the element's place in the unsharded activation
+              "ar+mlp_dropout": ["--objective", "ar", "--mlp-dropout", "0.3"]}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,8 @@ DP2 = ["--use-distributed-optimizer"]  # 2 processes at TP=1 are DP=2
 
 
 @pytest.mark.parametrize("objective, layout", [
-    ("ar", TP2), ("ar", DP2), ("mdm", TP2), ("mdm", DP2), ("ar+token_dropout", DP2),
-], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2"])
+    ("ar", TP2), ("ar", DP2), ("mdm", TP2), ("mdm", DP2), ("ar+token_dropout", DP2), ("ar+mlp_dropout", TP2),
+], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2", "mlp_dropout-tp2"])
 def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layout):
     """TP=2 and DP=2 (distributed optimizer) give the TP=1 train and validation losses."""
     recs = run_pretrain(COMMON + OBJECTIVES[objective] + layout, tmp_path, nproc=2)

@@ -1,8 +1,8 @@
 """Token masking keyed per sample: which input tokens become the mask token, and their loss weights.
 
-`mask_tokens` is the one entry point the objectives call.  It checks its arguments and runs the
-plain-torch reference below (the fused C++/CUDA kernel of `csrc/`, when built, must match it bit for
-bit).  Every random number comes from the Philox stream of `ops/philox.py`, keyed by
+`mask_tokens` is the one entry point the objectives call.  It checks its arguments and runs the fused
+C++/CUDA kernel of `csrc/` where it is built for the tokens' device (see `ops._extension`), else the
+plain-torch reference below; the kernels match the reference bit for bit.  Every random number comes from the Philox stream of `ops/philox.py`, keyed by
 (seed, global sample index), so a sample is corrupted the same way under any parallel layout,
 micro-batch split or resume.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dataeff.ops import philox
+from megatron_dataeff.ops import _extension, philox
 
 MODES = ("mdm", "fixed", "uniform")
 
@@ -40,7 +40,7 @@ class MaskedTokens:
     rate: torch.Tensor  # [batch] float32, the masking probability p of each sample
 
 
-def _check(tokens, sample_index, mode, rate, eps, mask_token_id, stratify_group):
+def _check(tokens, sample_index, mode, rate, eps, mask_token_id, stratify_group, stream_offset=0):
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
     if tokens.dtype not in (torch.int32, torch.int64):
@@ -61,6 +61,8 @@ def _check(tokens, sample_index, mode, rate, eps, mask_token_id, stratify_group)
         raise ValueError(f"mask_token_id must be >= 0, got {mask_token_id}")
     if stratify_group < 0:
         raise ValueError(f"stratify_group must be >= 0, got {stratify_group}")
+    if not 0 <= stream_offset <= 2**32 - 1 - philox.STREAM_STRATA:
+        raise ValueError(f"stream_offset must be in [0, 2**32 - {1 + philox.STREAM_STRATA}], got {stream_offset}")
 
 
 def sample_rates(
@@ -137,8 +139,23 @@ def mask_tokens(
     stratify_group: G > 0 draws t stratified over groups of G consecutive sample indices.
     stream_offset: 0 for training noise, `philox.EVAL_STREAM_OFFSET` for evaluation noise.
     """
-    _check(tokens, sample_index, mode, rate, eps, mask_token_id, stratify_group)
-    return mask_tokens_reference(
-        tokens, sample_index, seed, mode=mode, mask_token_id=mask_token_id, rate=rate, eps=eps,
-        stratify_group=stratify_group, stream_offset=stream_offset,
-    )
+    _check(tokens, sample_index, mode, rate, eps, mask_token_id, stratify_group, stream_offset)
+    impl = _extension.implementation(tokens.device)
+    if impl == "torch":
+        return mask_tokens_reference(
+            tokens, sample_index, seed, mode=mode, mask_token_id=mask_token_id, rate=rate, eps=eps,
+            stratify_group=stratify_group, stream_offset=stream_offset,
+        )
+    k0, k1 = philox.seed_key(seed)
+    args = (k0, k1, MODES.index(mode), float(rate), float(eps), int(mask_token_id), int(stratify_group),
+            int(stream_offset))
+    if impl == "cpp":  # the kernel checks that the indices are non-negative
+        ids, mask, weight, p = _extension.cpu_module().mask_tokens(tokens, sample_index.to("cpu"), *args)
+    else:
+        if tokens.shape[0] and bool((sample_index < 0).any()):  # a sync when the indices live on the GPU
+            raise ValueError("stream indices must be non-negative")
+        index = sample_index.to(tokens.device, non_blocking=True)
+        with torch.cuda.device(tokens.device):
+            ids, mask, weight, p = _extension.cuda_module().mask_tokens(
+                tokens, index, *args, _extension.cuda_stream(tokens.device))
+    return MaskedTokens(input_ids=ids, mask=mask, weight=weight, rate=p)

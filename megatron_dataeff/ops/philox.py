@@ -28,6 +28,7 @@ _MASK32 = 0xFFFFFFFF
 STREAM_TOKEN = 0  # one uniform per token position: is the token masked?
 STREAM_RATE = 1  # one uniform per sample: its mask rate (t for mdm, r for uniform token dropout)
 STREAM_STRATA = 2  # reserved for batch-level draws
+STREAM_DROPOUT = 3  # activation dropout, keyed by a per-call key instead of a sample (ops/swiglu_dropout.py)
 EVAL_STREAM_OFFSET = 16
 
 
