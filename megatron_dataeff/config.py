@@ -205,6 +205,7 @@ class CheckpointConfig:
     save_interval: Optional[int] = None  # steps between checkpoints
     keep_last: Optional[int] = None  # keep only the newest K checkpoints
     finetune: bool = False  # --load the weights only: iteration 0, fresh optimizer and schedule
+    use_checkpoint_args: bool = False  # take the model shape and tokenizer from the --load checkpoint
 
     def __post_init__(self):
         _require(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
@@ -249,6 +250,27 @@ class RunConfig:
                  f"--global-batch-size {o.global_batch_size} is not divisible by --micro-batch-size "
                  f"{o.micro_batch_size} x data-parallel size {dp}")
         return dp
+
+    def adopt_checkpoint_args(self, meta: dict) -> None:
+        """Model shape and tokenizer from a checkpoint's metadata (`--use-checkpoint-args`); the
+        regularisers (dropouts) stay as given."""
+        saved = meta.get("config", {})
+        keep = {"hidden_dropout", "attention_dropout", "mlp_dropout", "seq_length"}
+        model = {k: v for k, v in saved.get("model", {}).items() if k not in keep}
+        for k, v in model.items():
+            if hasattr(self.model, k):
+                setattr(self.model, k, v)
+        if self.model.max_position_embeddings < self.model.seq_length:
+            self.model.max_position_embeddings = self.model.seq_length
+        self.model.__post_init__()
+        tok = meta.get("tokenizer", {})
+        build = tok.get("build_args", {})
+        self.data.tokenizer_type = build.get("tokenizer_type", tok.get("tokenizer_type", self.data.tokenizer_type))
+        for key in ("tokenizer_model", "vocab_file", "merge_file", "vocab_size"):
+            if key in build:
+                setattr(self.data, key, build[key])
+        if "tokenizer_model" not in build and tok.get("tokenizer_model"):
+            self.data.tokenizer_model = tok["tokenizer_model"]
 
     def num_microbatches(self, dp: int) -> int:
         """Micro-batches per data-parallel rank per step."""
@@ -366,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=None)
     g.add_argument("--finetune", action="store_true",
                    help="load only the weights of --load and start at iteration 0 with a fresh optimizer")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape and tokenizer from the --load checkpoint (e.g. one made by "
+                        "tools/import_hf.py) instead of the flags")
     return p
 
 

@@ -65,6 +65,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        if cfg.checkpoint.use_checkpoint_args:
+            if not cfg.checkpoint.load:
+                raise ConfigError("--use-checkpoint-args needs --load")
+            ckpt = checkpointing.resolve_checkpoint(cfg.checkpoint.load)
+            cfg.adopt_checkpoint_args(checkpointing.read_metadata(ckpt))
         # Layout errors surface before any process group or model exists.
         self.dp_size = cfg.validate_layout(world_size_from_env())
         self.runtime = initialize(cfg.parallel.tensor_model_parallel_size,

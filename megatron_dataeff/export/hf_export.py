@@ -1,0 +1,231 @@
+"""Export a megatron_dataeff checkpoint (any TP/PP layout) as a Hugging Face model directory.
+
+* objective ar (token dropout included): a stock architecture, LlamaForCausalLM, or
+  Qwen3ForCausalLM when the model has QK RMSNorm; loads with no custom code.
+* objective mdm: our own `configuration_dataeff_mdm.py` / `modeling_dataeff_mdm.py` are copied in,
+  config.json carries `auto_map`, `mask_token_id` and `bidirectional: true`; load with
+  `trust_remote_code=True`; `model.generate(...)` does masked-diffusion sampling.
+
+Files: config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index above
+`max_shard_size`), generation_config.json (AR), the tokenizer's HF form when it has one
+(`hf_tokenizer.py`), and for mdm the two Python files.  config.json also records, under
+`megatron_dataeff`, the objective, iteration, ids in use (`vocab_ids`; rows beyond are padding),
+mask token and tokenizer.  The directory is written under a temporary name and renamed into place
+at the end, so OUTPUT is either the previous export or the complete new one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+
+import torch
+
+from megatron_dataeff.export.hf_mapping import ModelShape, check_megatron_model, megatron_to_hf
+from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+MDM_FILES = ("configuration_dataeff_mdm.py", "modeling_dataeff_mdm.py")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size) -> int:
+    """Bytes of '2GB', '500MB', '1GiB' or an int."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * _UNITS[unit])
+    return int(text)
+
+
+def export_checkpoint(load: str, output: str, iteration: int | None = None, dtype: str | None = None,
+                      max_shard_size="2GB") -> str:
+    """Export the checkpoint at `load` (a --save directory or one iter_N directory) to `output`."""
+    from megatron_dataeff.training.checkpointing import load_model_for_inference
+
+    _check_output(output)
+    model, cfg, meta = load_model_for_inference(load, iteration, device="cpu", dtype=torch.float32)
+    if dtype is None:
+        dtype = "bf16" if cfg.optim.bf16 else "fp32"
+    return export_model(model, cfg, meta, output, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def export_model(model, cfg, meta: dict, output: str, dtype: str = "fp32", max_shard_size="2GB") -> str:
+    """Export an in-process TP=1 megatron GPTModel with its RunConfig and checkpoint metadata."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    _check_output(output)
+    check_megatron_model(model, cfg.model.rotary_base)
+    rows = model.embedding.word_embeddings.weight.shape[0]
+    shape = ModelShape.from_run_config(cfg, rows)
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous()
+               for k, v in megatron_to_hf(model.state_dict(), shape).items()}
+
+    output = os.path.abspath(output)
+    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        has_tokenizer = save_hf_tokenizer(meta["tokenizer"], tmp)
+        record = _record(cfg, meta, has_tokenizer)
+        if cfg.objective.bidirectional:
+            _write_mdm_config(cfg, meta, shape, dtype, record, tmp)
+        else:
+            _write_ar_config(cfg, meta, shape, dtype, record, tmp)
+        write_safetensors(tensors, tmp, parse_size(max_shard_size))
+        _publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json / generation_config.json
+
+
+def _record(cfg, meta: dict, has_tokenizer: bool) -> dict:
+    tok = dict(meta["tokenizer"])
+    tok["hf_tokenizer"] = has_tokenizer
+    if not has_tokenizer:
+        tok["note"] = (f"{tok.get('tokenizer_type')} has no Hugging Face form; token ids are those of "
+                       "megatron_dataeff's tokenizer of this type")
+    return {"objective": cfg.objective.objective, "iteration": meta.get("iteration"),
+            "vocab_ids": meta["vocab_ids"], "mask_token_id": meta["mask_token_id"], "tokenizer": tok,
+            "note": "vocab_size is the padded embedding size; ids >= vocab_ids are padding, never sampled"}
+
+
+def _suppressed_ids(meta: dict, rows: int) -> list[int]:
+    """Ids generation must never produce: the padding rows and the mask token."""
+    return sorted(set(range(meta["vocab_ids"], rows)) | {int(meta["mask_token_id"])})
+
+
+def _common_fields(cfg, shape: ModelShape, dtype: str) -> dict:
+    m = cfg.model
+    return dict(vocab_size=shape.vocab_rows, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+                num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                num_key_value_heads=m.num_query_groups, head_dim=m.kv_channels,
+                max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
+                tie_word_embeddings=shape.tied, initializer_range=m.init_method_std,
+                torch_dtype=DTYPES[dtype])  # transformers 5 stores it as `dtype`, 4.x as `torch_dtype`
+
+
+def _write_ar_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, out: str) -> None:
+    from transformers import GenerationConfig, LlamaConfig, Qwen3Config
+
+    eod = meta["tokenizer"].get("eod")
+    fields = _common_fields(cfg, shape, dtype)
+    fields.update(hidden_act="silu", attention_bias=False, rope_theta=float(cfg.model.rotary_base),
+                  bos_token_id=None, eos_token_id=eod, pad_token_id=None)
+    if shape.qk_layernorm:
+        config, arch = Qwen3Config(**fields, use_sliding_window=False), "Qwen3ForCausalLM"
+    else:
+        config, arch = LlamaConfig(**fields, mlp_bias=False), "LlamaForCausalLM"
+    config.architectures = [arch]
+    config.megatron_dataeff = record
+    config.save_pretrained(out)
+    _add_legacy_rope_theta(out, cfg.model.rotary_base)
+    gen = GenerationConfig(bos_token_id=None, eos_token_id=eod, pad_token_id=eod,
+                           suppress_tokens=_suppressed_ids(meta, shape.vocab_rows))
+    gen.save_pretrained(out)
+
+
+def _add_legacy_rope_theta(out: str, theta) -> None:
+    # transformers 5 writes `rope_parameters`; 4.x reads `rope_theta`.  Both, so either reads the base.
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    d.setdefault("rope_theta", float(theta))
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, out: str) -> None:
+    from megatron_dataeff.export.configuration_dataeff_mdm import DataEffMDMConfig
+
+    eod = meta["tokenizer"].get("eod")
+    config = DataEffMDMConfig(**_common_fields(cfg, shape, dtype), valid_vocab_size=meta["vocab_ids"],
+                              rope_theta=float(cfg.model.rotary_base), qk_layernorm=shape.qk_layernorm,
+                              mask_token_id=int(meta["mask_token_id"]), bidirectional=True,
+                              eos_token_id=eod, pad_token_id=eod)
+    config.architectures = ["DataEffMDMForMaskedLM"]
+    config.auto_map = {"AutoConfig": "configuration_dataeff_mdm.DataEffMDMConfig",
+                       "AutoModel": "modeling_dataeff_mdm.DataEffMDMForMaskedLM",
+                       "AutoModelForMaskedLM": "modeling_dataeff_mdm.DataEffMDMForMaskedLM"}
+    config.megatron_dataeff = record
+    config.save_pretrained(out)
+    for name in MDM_FILES:
+        shutil.copyfile(os.path.join(_HERE, name), os.path.join(out, name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights and publication
+
+
+def write_safetensors(tensors: dict, out: str, max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
+        names.append(fname)
+        weight_map.update({n: fname for n in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def _check_output(output: str) -> None:
+    """Refuse to replace a directory that is not an HF export (it might be anything)."""
+    if os.path.exists(output):
+        if not os.path.isdir(output):
+            raise FileExistsError(f"--output {output} exists and is not a directory")
+        if os.listdir(output) and not os.path.exists(os.path.join(output, "config.json")):
+            raise FileExistsError(f"--output {output} exists and is not an HF export (no config.json); "
+                                  "refusing to replace it")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0
+
+
+def _publish(tmp: str, output: str) -> None:
+    _check_output(output)
+    if not os.path.exists(output):
+        os.rename(tmp, output)
+        return
+    if _exchange(tmp, output):  # tmp now holds the previous export
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = f"{output}.old-{os.getpid()}"
+    os.rename(output, old)
+    os.rename(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,223 @@
+"""Import a Hugging Face Llama / Qwen3 directory (or our own diffusion export) as a checkpoint.
+
+The model is built in this process at TP=1/PP=1 and saved with megatron-core's dist_checkpointing,
+which is layout-free: the checkpoint loads at any TP/PP.  Layout of `--save DIR`:
+
+    DIR/iter_0000000/   dist_checkpointing shards of the model only + megatron_dataeff.json
+    DIR/latest_checkpointed_iteration.txt
+
+`megatron_dataeff.json` has the keys training checkpoints have, with iteration 0, no scheduler
+state and `"model_only": true` (there is no optimizer state).
+
+Tokenizer: our own exports name theirs in config.json (ByteTokenizer and NullTokenizer are
+restored as such); otherwise a directory with tokenizer files is recorded as
+HuggingFaceTokenizer with the HF directory as `tokenizer_model`; a directory without one is
+imported model-only with a NullTokenizer whose ids are the embedding rows (written as numbers; its
+EOD is the last row; the mask token is then one id past them, which adds padded rows).
+
+Vocabulary: the embedding keeps the HF rows exactly when the ids in use (tokenizer + mask token) fit
+in them: `make_vocab_size_divisible_by` is chosen so that the padded size is the HF `vocab_size`
+(128 when that works, else the HF size itself).  Otherwise rows are added (initialised to the mean
+embedding) up to the next multiple of 128.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import torch
+
+from megatron_dataeff.export.hf_mapping import ModelShape, UnsupportedModelError, hf_to_megatron, read_hf_config
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def read_hf_dir_config(hf_dir: str) -> tuple[dict, dict]:
+    """(raw config.json, checked model fields) of an HF directory."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    model_type = raw.get("model_type")
+    if model_type == "dataeff_mdm":
+        from megatron_dataeff.export.configuration_dataeff_mdm import DataEffMDMConfig
+
+        full = DataEffMDMConfig.from_pretrained(hf_dir).to_dict()
+    elif model_type in ("llama", "qwen3"):
+        from transformers import AutoConfig
+
+        full = AutoConfig.from_pretrained(hf_dir).to_dict()
+    else:
+        raise UnsupportedModelError(f"--hf-dir {hf_dir}: model_type {model_type!r} is not supported "
+                                    "(llama, qwen3, dataeff_mdm)")
+    return raw, read_hf_config(full)
+
+
+def load_hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors or of the shards its index names."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(hf_dir, "model.safetensors")
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for name in files:
+            out.update(load_file(os.path.join(hf_dir, name)))
+        return out
+    raise FileNotFoundError(f"--hf-dir {hf_dir}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors weights are read)")
+
+
+def _tokenizer_for(hf_dir: str, raw: dict, vocab_rows: int):
+    from megatron_dataeff.data.tokenizers import build_tokenizer
+    from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
+
+    recorded = (raw.get("megatron_dataeff") or {}).get("tokenizer") or {}
+    if recorded.get("tokenizer_type") in ("ByteTokenizer", "NullTokenizer"):
+        return tokenizer_from_meta(recorded)
+    if any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES):
+        return build_tokenizer("HuggingFaceTokenizer", os.path.abspath(hf_dir))
+    # Model only: ids are the embedding rows, written as numbers (NullTokenizer's EOD is its last id).
+    tok = build_tokenizer("NullTokenizer", None, vocab_size=vocab_rows - 1)
+    if tok.vocab_size != vocab_rows:  # a NullTokenizer whose vocab_size counts the EOD
+        tok = build_tokenizer("NullTokenizer", None, vocab_size=vocab_rows)
+    return tok
+
+
+def choose_vocab_padding(vocab_ids: int, hf_rows: int, tp: int) -> tuple[int, int]:
+    """(make_vocab_size_divisible_by, embedding rows): the HF rows exactly when possible."""
+    from megatron_dataeff.config import padded_vocab_size
+
+    if vocab_ids <= hf_rows:
+        for d in (128, hf_rows):
+            if d % tp == 0 and padded_vocab_size(vocab_ids, d) == hf_rows:
+                return d, hf_rows
+    d = 128 * tp // _gcd(128, tp)
+    return d, padded_vocab_size(max(vocab_ids, hf_rows), d)
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Keep the first rows; new rows get the mean row (a neutral start for an added token)."""
+    if t.shape[0] >= rows:
+        return t[:rows].clone()
+    extra = t.float().mean(0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)
+    return torch.cat([t, extra], 0)
+
+
+def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_model_parallel_size: int = 1,
+              pipeline_model_parallel_size: int = 1, seq_length: int | None = None, log=print) -> str:
+    """Convert `hf_dir` into a model-only checkpoint under `save_dir`; returns the iter_0000000 path."""
+    from megatron_dataeff.config import (CheckpointConfig, DataConfig, ModelConfig, ObjectiveConfig,
+                                         ParallelConfig, RunConfig)
+    from megatron_dataeff.data.tokenizers import resolve_mask_token
+    from megatron_dataeff.models.builder import build_model
+    from megatron_dataeff.training.distributed import initialize
+
+    raw, hf = read_hf_dir_config(hf_dir)
+    if objective is None:
+        objective = "mdm" if hf["model_type"] == "dataeff_mdm" else "ar"
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    tokenizer = _tokenizer_for(hf_dir, raw, hf["vocab_size"])
+    mask_token_id, vocab_ids = resolve_mask_token(tokenizer)
+    if raw.get("mask_token_id") is not None and raw["mask_token_id"] != mask_token_id:
+        raise UnsupportedModelError(f"config.json's mask_token_id {raw['mask_token_id']} differs from the "
+                                    f"tokenizer's ({mask_token_id})")
+    divisible_by, rows = choose_vocab_padding(vocab_ids, hf["vocab_size"], tp)
+    if rows != hf["vocab_size"]:
+        log(f" note: embedding rows {hf['vocab_size']} -> {rows} (ids in use {vocab_ids}, mask token "
+            f"{mask_token_id}); added rows start at the mean embedding")
+    max_pos = hf["max_position_embeddings"]
+    theta = hf["rope_theta"]
+    model_cfg = ModelConfig(
+        num_layers=hf["num_layers"], hidden_size=hf["hidden_size"], ffn_hidden_size=hf["ffn_hidden_size"],
+        num_attention_heads=hf["num_attention_heads"], num_query_groups=hf["num_query_groups"],
+        kv_channels=hf["head_dim"], qk_layernorm=hf["qk_layernorm"],
+        seq_length=seq_length or min(max_pos, 4096), max_position_embeddings=max_pos,
+        rotary_base=int(theta) if float(theta).is_integer() else theta, norm_epsilon=hf["rms_norm_eps"],
+        untie_embeddings_and_output_weights=not hf["tied"], make_vocab_size_divisible_by=divisible_by)
+    tmeta = tokenizer.metadata()
+    cfg = RunConfig(model=model_cfg, objective=ObjectiveConfig(objective=objective),
+                    data=DataConfig(tokenizer_type=tmeta["tokenizer_type"],
+                                    tokenizer_model=getattr(tokenizer, "tokenizer_model", None),
+                                    vocab_size=(tmeta.get("build_args") or tmeta).get("vocab_size")
+                                    if tmeta["tokenizer_type"] == "NullTokenizer" else None),
+                    parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                            device="cpu"),
+                    checkpoint=CheckpointConfig(save=save_dir))
+    cfg.validate_layout(tp * pp)  # the layout asked for must be able to load it
+
+    shape = ModelShape(hf["num_layers"], hf["hidden_size"], hf["ffn_hidden_size"], hf["num_attention_heads"],
+                       hf["num_query_groups"], hf["head_dim"], hf["vocab_size"], hf["qk_layernorm"], hf["tied"])
+    state = hf_to_megatron(load_hf_tensors(hf_dir), shape)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in state:
+            state[name] = _resize_rows(state[name], rows)
+
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg.parallel.tensor_model_parallel_size = build_cfg.parallel.pipeline_model_parallel_size = 1
+    initialize(1, 1, cfg.optim.seed, "cpu")
+    model = build_model(build_cfg, vocab_ids, "cpu", pre_process=True, post_process=True)
+    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise UnsupportedModelError(f"megatron model and converted weights disagree: missing {missing}, "
+                                    f"unexpected {result.unexpected_keys}")
+    meta = {
+        "iteration": 0, "consumed_samples": 0, "epoch": 0.0, "scheduler": None,
+        "config": cfg.to_dict(), "tokenizer": tmeta, "mask_token_id": mask_token_id, "vocab_ids": vocab_ids,
+        "unique_tokens": None, "world_size": 1, "model_only": True,
+        "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf["model_type"]},
+    }
+    return save_model_checkpoint(model, meta, save_dir)
+
+
+def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
+    """Save a TP=1 model (no optimizer) as SAVE_DIR/iter_N with our metadata; returns that path.
+
+    Written under a temporary name and renamed, then the `latest` marker is written, as training
+    checkpoints are.  Refuses a directory whose latest checkpoint is another iteration.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_dataeff.training.checkpointing import LATEST, METADATA, checkpoint_name
+
+    iteration = int(meta["iteration"])
+    marker = os.path.join(save_dir, LATEST)
+    if os.path.exists(marker) and open(marker).read().strip() != str(iteration):
+        raise FileExistsError(f"--save {save_dir} already holds checkpoints up to iteration "
+                              f"{open(marker).read().strip()}; choose an empty directory")
+    final = os.path.join(save_dir, checkpoint_name(iteration))
+    tmp = final + ".tmp"
+    os.makedirs(save_dir, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
+    _write_text(os.path.join(tmp, METADATA), json.dumps(meta, indent=2))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_text(marker, str(iteration))
+    return final
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

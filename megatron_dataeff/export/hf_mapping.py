@@ -1,0 +1,341 @@
+"""The weight map between our megatron-core GPT and Hugging Face's Llama / Qwen3 layout.
+
+One declarative table (`WEIGHT_MAP`) names every tensor on both sides, with `{i}` for the layer;
+two fused megatron tensors need a small helper each:
+
+* `linear_qkv` [(heads + 2 groups) x head_dim, hidden] holds, per query group g, the group's query
+  heads, then its key head, then its value head (megatron's interleaved GQA layout);
+  HF has separate q_proj / k_proj / v_proj, where query head h uses key/value head
+  h // (heads / groups) -- the same grouping, so the split is a reshape.
+* `linear_fc1` [2 x ffn, hidden] is [gate; up] (megatron's gated_linear_unit applies the activation
+  to the first half); HF has gate_proj and up_proj.
+
+The map covers exactly what our builder makes (RMSNorm, SwiGLU, RoPE, no biases, optional QK
+RMSNorm, tied or untied output layer).  Anything else -- a tensor it does not know, a shape that
+does not match the config, a megatron or HF option it cannot represent -- raises
+`UnsupportedModelError` naming it, rather than writing a model that computes something else.
+
+The vocabulary: the HF `vocab_size` is megatron's padded embedding rows (the tokenizer's ids, the
+mask token, then padding to `make_vocab_size_divisible_by`), so logits are comparable one to one;
+the padding rows are recorded (`valid_vocab_size` / `suppress_tokens`) and never sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint or HF model the map cannot represent; the message names what."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the map needs to know about a model: sizes and the optional tensors."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_rows: int  # embedding rows (padded vocabulary)
+    qk_layernorm: bool
+    tied: bool  # output layer shares the embedding
+
+    @classmethod
+    def from_run_config(cls, cfg, vocab_rows: int) -> "ModelShape":
+        """The shape of a megatron_dataeff RunConfig's model with `vocab_rows` embedding rows."""
+        m = cfg.model
+        return cls(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
+                   m.kv_channels, vocab_rows, bool(m.qk_layernorm), not m.untie_embeddings_and_output_weights)
+
+
+# (megatron name, HF name or names, fused kind, present when).  `{i}` is the layer index.
+WEIGHT_MAP: list[tuple[str, object, Optional[str], Optional[str]]] = [
+    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", None, None),
+    ("decoder.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", None, None),
+    ("decoder.layers.{i}.self_attention.linear_qkv.weight",
+     ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+      "model.layers.{i}.self_attn.v_proj.weight"), "qkv", None),
+    ("decoder.layers.{i}.self_attention.q_layernorm.weight", "model.layers.{i}.self_attn.q_norm.weight", None,
+     "qk_layernorm"),
+    ("decoder.layers.{i}.self_attention.k_layernorm.weight", "model.layers.{i}.self_attn.k_norm.weight", None,
+     "qk_layernorm"),
+    ("decoder.layers.{i}.self_attention.linear_proj.weight", "model.layers.{i}.self_attn.o_proj.weight", None, None),
+    ("decoder.layers.{i}.pre_mlp_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight", None, None),
+    ("decoder.layers.{i}.mlp.linear_fc1.weight",
+     ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "gate_up", None),
+    ("decoder.layers.{i}.mlp.linear_fc2.weight", "model.layers.{i}.mlp.down_proj.weight", None, None),
+    ("decoder.final_layernorm.weight", "model.norm.weight", None, None),
+    ("output_layer.weight", "lm_head.weight", None, "untied"),
+]
+
+# transformer-engine's spec fuses the pre-attention / pre-MLP norms into the next linear layer.
+_MEGATRON_ALIASES = {
+    ".self_attention.linear_qkv.layer_norm_weight": ".input_layernorm.weight",
+    ".mlp.linear_fc1.layer_norm_weight": ".pre_mlp_layernorm.weight",
+}
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused tensors
+
+
+def split_qkv(w: torch.Tensor, heads: int, groups: int, head_dim: int):
+    """megatron linear_qkv [(heads + 2 groups) x head_dim, hidden] -> (q, k, v) HF projections."""
+    per = heads // groups
+    w = w.reshape(groups, (per + 2) * head_dim, -1)
+    q = w[:, : per * head_dim].reshape(heads * head_dim, -1)
+    k = w[:, per * head_dim: (per + 1) * head_dim].reshape(groups * head_dim, -1)
+    v = w[:, (per + 1) * head_dim:].reshape(groups * head_dim, -1)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, head_dim: int):
+    """Inverse of `split_qkv`."""
+    per = heads // groups
+    hidden = q.shape[-1]
+    parts = (q.reshape(groups, per * head_dim, hidden), k.reshape(groups, head_dim, hidden),
+             v.reshape(groups, head_dim, hidden))
+    return torch.cat(parts, dim=1).reshape((heads + 2 * groups) * head_dim, hidden).contiguous()
+
+
+def split_gate_up(w: torch.Tensor):
+    """megatron linear_fc1 [2 x ffn, hidden] = [gate; up] -> (gate, up)."""
+    gate, up = w.chunk(2, dim=0)
+    return gate.contiguous(), up.contiguous()
+
+
+def merge_gate_up(gate: torch.Tensor, up: torch.Tensor):
+    """Inverse of `split_gate_up`."""
+    return torch.cat([gate, up], dim=0).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# The table, expanded
+
+
+def _entries(shape: ModelShape):
+    """(megatron name, [HF names], fused kind) of every tensor a model of this shape has."""
+    for mname, hnames, kind, when in WEIGHT_MAP:
+        if when == "qk_layernorm" and not shape.qk_layernorm:
+            continue
+        if when == "untied" and shape.tied:
+            continue
+        hnames = [hnames] if isinstance(hnames, str) else list(hnames)
+        layers = range(shape.num_layers) if "{i}" in mname else [None]
+        for i in layers:
+            fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
+            yield fmt(mname), [fmt(h) for h in hnames], kind
+
+
+def _expected_hf_shapes(shape: ModelShape) -> dict[str, tuple]:
+    h, f, hd = shape.hidden_size, shape.ffn_hidden_size, shape.head_dim
+    q, kv = shape.num_attention_heads * hd, shape.num_query_groups * hd
+    by_suffix = {
+        "embed_tokens.weight": (shape.vocab_rows, h), "lm_head.weight": (shape.vocab_rows, h),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,), "model.norm.weight": (h,),
+        "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q),
+        "q_norm.weight": (hd,), "k_norm.weight": (hd,),
+        "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
+    }
+    out = {}
+    for _, hnames, _ in _entries(shape):
+        for name in hnames:
+            out[name] = next(v for k, v in by_suffix.items() if name.endswith(k))
+    return out
+
+
+def _expected_megatron_shape(hf_shapes: list[tuple]) -> tuple:
+    """A fused tensor stacks its HF parts along the output (row) dimension."""
+    if len(hf_shapes) == 1:
+        return hf_shapes[0]
+    return (sum(s[0] for s in hf_shapes), hf_shapes[0][1])
+
+
+def _check_names(found: set, expected: set, side: str) -> None:
+    unknown, missing = sorted(found - expected), sorted(expected - found)
+    problems = []
+    if unknown:
+        problems.append(f"tensors the {side} map does not know (an option it cannot represent): "
+                        f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+    if missing:
+        problems.append(f"tensors missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if problems:
+        raise UnsupportedModelError("; ".join(problems))
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise UnsupportedModelError(f"{name} has shape {tuple(tensor.shape)}, the config implies {tuple(expected)}")
+
+
+def _normalise_megatron(state_dict: dict) -> dict:
+    out = {}
+    for name, value in state_dict.items():
+        if name.endswith("_extra_state"):  # fp8 / TE bookkeeping, no weights
+            continue
+        for te_name, local_name in _MEGATRON_ALIASES.items():
+            if name.endswith(te_name):
+                name = name[: -len(te_name)] + local_name
+        out[name] = value
+    return out
+
+
+def megatron_to_hf(state_dict: dict, shape: ModelShape) -> dict[str, torch.Tensor]:
+    """A TP=1 megatron state dict -> HF (Llama / Qwen3 names) tensors."""
+    sd = _normalise_megatron(state_dict)
+    if shape.tied and "output_layer.weight" in sd:  # a last pipeline stage's copy of the embedding
+        sd.pop("output_layer.weight")
+    entries = list(_entries(shape))
+    _check_names(set(sd), {m for m, _, _ in entries}, "megatron")
+    hf_shapes = _expected_hf_shapes(shape)
+    out = {}
+    for mname, hnames, kind in entries:
+        t = sd[mname]
+        _check_shape(mname, t, _expected_megatron_shape([hf_shapes[h] for h in hnames]))
+        if kind == "qkv":
+            parts = split_qkv(t, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
+        elif kind == "gate_up":
+            parts = split_gate_up(t)
+        else:
+            parts = (t,)
+        for hname, part in zip(hnames, parts):
+            out[hname] = part.detach()
+    return out
+
+
+def hf_to_megatron(hf_state: dict, shape: ModelShape) -> dict[str, torch.Tensor]:
+    """HF (Llama / Qwen3 names) tensors -> a TP=1 megatron state dict (the inverse of megatron_to_hf)."""
+    sd = {k: v for k, v in hf_state.items() if not k.endswith(_HF_IGNORED_SUFFIXES)}
+    if shape.tied and "lm_head.weight" in sd:
+        lm_head = sd.pop("lm_head.weight")
+        embed = sd.get("model.embed_tokens.weight")
+        if embed is not None and not torch.equal(lm_head, embed):
+            raise UnsupportedModelError("tie_word_embeddings is true but lm_head.weight differs from "
+                                        "model.embed_tokens.weight")
+    entries = list(_entries(shape))
+    hf_shapes = _expected_hf_shapes(shape)
+    _check_names(set(sd), set(hf_shapes), "HF")
+    out = {}
+    for mname, hnames, kind in entries:
+        for h in hnames:
+            _check_shape(h, sd[h], hf_shapes[h])
+        parts = [sd[h] for h in hnames]
+        if kind == "qkv":
+            out[mname] = merge_qkv(*parts, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
+        elif kind == "gate_up":
+            out[mname] = merge_gate_up(*parts)
+        else:
+            out[mname] = parts[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Options the map represents
+
+
+# TransformerConfig fields and the only value the map represents (fields absent in an older
+# megatron-core are skipped).
+REQUIRED_MEGATRON_OPTIONS = {
+    "normalization": "RMSNorm",
+    "gated_linear_unit": True,
+    "add_bias_linear": False,
+    "add_qkv_bias": False,
+    "layernorm_zero_centered_gamma": False,
+    "rotary_interleaved": False,
+    "apply_residual_connection_post_layernorm": False,
+    "num_moe_experts": None,
+    "multi_latent_attention": False,
+    "softmax_scale": None,
+    "window_size": None,
+    "qk_l2_norm": False,
+    "attention_output_gate": False,
+}
+
+
+def check_megatron_model(model, rotary_base: float) -> None:
+    """Raise UnsupportedModelError, naming the options, if a GPTModel computes something the map
+    (and Llama / Qwen3) cannot represent."""
+    import torch.nn.functional as F
+
+    config = model.config
+    problems = []
+    for name, want in REQUIRED_MEGATRON_OPTIONS.items():
+        if hasattr(config, name) and getattr(config, name) != want:
+            problems.append(f"{name}={getattr(config, name)!r} (supported: {want!r})")
+    if getattr(config, "activation_func", F.silu) is not F.silu:
+        problems.append(f"activation_func={getattr(config.activation_func, '__name__', config.activation_func)} "
+                        "(supported: silu, i.e. SwiGLU)")
+    if getattr(model, "position_embedding_type", "rope") != "rope":
+        problems.append(f"position_embedding_type={model.position_embedding_type!r} (supported: 'rope')")
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is not None:
+        hd = config.kv_channels
+        want = 1.0 / (rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        have = rope.inv_freq.detach().float().cpu()
+        if have.shape != want.shape or not torch.allclose(have, want, rtol=1e-6, atol=0):
+            problems.append("rotary embedding frequencies differ from plain RoPE with rotary_base="
+                            f"{rotary_base} (rotary_percent < 1 or RoPE scaling)")
+        if getattr(rope, "seq_len_interpolation_factor", None):
+            problems.append(f"seq_len_interpolation_factor={rope.seq_len_interpolation_factor}")
+    if problems:
+        raise UnsupportedModelError("the checkpoint's model uses options the HF map cannot represent: "
+                                    + "; ".join(problems))
+
+
+def read_hf_config(cfg: dict) -> dict:
+    """The model fields of an HF config (llama, qwen3 or our dataeff_mdm; the full `to_dict()` of the
+    config class, so that defaults are filled in), checked.
+
+    Returns dict(model_type, shape fields, rope_theta, rms_norm_eps, max_position_embeddings, tied).
+    Works with config.json written by transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x
+    (`rope_parameters`).
+    """
+    model_type = cfg.get("model_type")
+    if model_type not in ("llama", "qwen3", "dataeff_mdm"):
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported (llama, qwen3, dataeff_mdm)")
+    problems = []
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg['hidden_act']!r} (supported: 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            problems.append(f"{flag}=true")
+    if cfg.get("pretraining_tp") not in (None, 1):
+        problems.append(f"pretraining_tp={cfg['pretraining_tp']}")
+    if cfg.get("use_sliding_window"):
+        problems.append("use_sliding_window=true")
+    layer_types = cfg.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types other than full_attention: {sorted(set(layer_types))}")
+    rope_params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    for source in (rope_params, scaling):
+        rope_type = source.get("rope_type", source.get("type", "default"))
+        if rope_type != "default":
+            problems.append(f"rope_type={rope_type!r} (supported: plain RoPE)")
+    if problems:
+        raise UnsupportedModelError(f"HF {model_type} config options the map cannot represent: "
+                                    + "; ".join(problems))
+    heads = cfg["num_attention_heads"]
+    rope_theta = rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return dict(
+        model_type=model_type,
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
+        qk_layernorm=model_type == "qwen3" or bool(cfg.get("qk_layernorm", False)),
+        tied=bool(cfg.get("tie_word_embeddings", model_type == "dataeff_mdm")),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+    )

@@ -1,0 +1,54 @@
+"""Export a megatron_dataeff checkpoint (any TP/PP layout) as a Hugging Face model directory.
+
+    python tools/export_hf.py --load runs/quickstart/checkpoints --output hf/quickstart --dtype bf16
+
+An AR model becomes a stock LlamaForCausalLM (Qwen3ForCausalLM with --qk-layernorm):
+`AutoModelForCausalLM.from_pretrained(HF_DIR)`.  A masked-diffusion model carries its own modeling
+file: `AutoModel.from_pretrained(HF_DIR, trust_remote_code=True).generate(ids, gen_length=64,
+block_length=32, steps=64)`.  The HF vocab_size is the padded embedding size (see
+megatron_dataeff/export/hf_mapping.py).  OUTPUT is replaced only once the new export is complete.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="a --save directory (latest checkpoint) or one iter_N directory")
+    p.add_argument("--output", required=True, help="HF model directory to write")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: latest)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
+                   help="weight dtype (default: bf16 for a --bf16 run, else fp32)")
+    p.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size (e.g. 500MB)")
+    return p
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    args = build_parser().parse_args(argv)
+    import torch.distributed as dist
+    from megatron_dataeff.export.hf_export import export_checkpoint
+    from megatron_dataeff.export.hf_mapping import UnsupportedModelError
+    from megatron_dataeff.training.checkpointing import CheckpointError
+    from megatron_dataeff.training.distributed import shutdown
+
+    owns_group = not dist.is_initialized()  # called in-process under a live group: leave it be
+    try:
+        out = export_checkpoint(args.load, args.output, args.iteration, args.dtype, args.max_shard_size)
+    except (UnsupportedModelError, CheckpointError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if owns_group:
+            shutdown()
+    print(f"exported {args.load} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
