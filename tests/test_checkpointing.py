@@ -122,6 +122,18 @@ def test_load_without_checkpoint_is_an_error(tmp_path):
 
 
 @pytest.mark.distributed
+def test_pp2_checkpoint_resumes_at_pp1(tmp_path):
+    """Saved at PP=2 (each stage its own layers), resumed at PP=1: the PP=2 run's own continuation."""
+    pp2 = ["--pipeline-model-parallel-size", "2"]
+    full = losses(run_pretrain(BASE + pp2, tmp_path / "full", nproc=2))
+    ckpt = _saved_run(tmp_path, pp2, nproc=2)
+    resumed = losses(run_pretrain(BASE + ["--load", str(ckpt)], tmp_path / "second"))
+    assert len(resumed) == 3
+    for a, b in zip(resumed, full[3:]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+@pytest.mark.distributed
 def test_tp2_checkpoint_resumes_at_tp1(tmp_path):
     """Saved at TP=2 (distributed optimizer state in model space), resumed at TP=1: same losses."""
     full = losses(run_pretrain(BASE, tmp_path / "full"))

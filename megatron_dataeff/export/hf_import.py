@@ -193,7 +193,7 @@ def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_dataeff.training.checkpointing import LATEST, METADATA, checkpoint_name
+    from megatron_dataeff.training.checkpointing import LATEST, METADATA, checkpoint_name, write_text_atomic
 
     iteration = int(meta["iteration"])
     marker = os.path.join(save_dir, LATEST)
@@ -206,18 +206,10 @@ def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
-    _write_text(os.path.join(tmp, METADATA), json.dumps(meta, indent=2))
+    write_text_atomic(os.path.join(tmp, METADATA), json.dumps(meta, indent=2))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_text(marker, str(iteration))
+    write_text_atomic(marker, str(iteration))
     return final
 
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -33,7 +33,7 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -130,11 +130,11 @@ def save(trainer, save_dir: str) -> str:
 
         time.sleep(float(hook.split(":")[1]))
     if rank == 0:
-        _write_atomic(os.path.join(tmp, METADATA), json.dumps(_metadata(trainer), indent=2))
+        write_text_atomic(os.path.join(tmp, METADATA), json.dumps(_metadata(trainer), indent=2))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_atomic(os.path.join(save_dir, LATEST), str(trainer.iteration))
+        write_text_atomic(os.path.join(save_dir, LATEST), str(trainer.iteration))
         keep = trainer.cfg.checkpoint.keep_last
         if keep:
             _prune(save_dir, keep)
