@@ -282,15 +282,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """Inverse of `to_dict`."""
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        """Inverse of `to_dict` (keys a section no longer has are ignored)."""
         kwargs = {}
-        for name, typ in sections.items():
-            section_cls = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
-                           "optim": OptimConfig, "parallel": ParallelConfig, "logging": LoggingConfig,
-                           "checkpoint": CheckpointConfig}[name]
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            kwargs[name] = section_cls(**{k: v for k, v in d.get(name, {}).items() if k in known})
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory
+            known = {g.name for g in dataclasses.fields(section_cls)}
+            kwargs[f.name] = section_cls(**{k: v for k, v in d.get(f.name, {}).items() if k in known})
         return cls(**kwargs)
 
 

@@ -146,11 +146,6 @@ def enable_cpu_support() -> None:
     _MODE.__enter__()
 
 
-def cpu_support_enabled() -> bool:
-    """Whether `enable_cpu_support` has run in this process."""
-    return _ENABLED
-
-
 def cpu_config_overrides() -> dict:
     """TransformerConfig fields that must be off on CPUs (no fused CUDA kernels)."""
     return dict(

@@ -31,21 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    import torch.distributed as dist
     from megatron_dataeff.export.hf_export import export_checkpoint
     from megatron_dataeff.export.hf_mapping import UnsupportedModelError
     from megatron_dataeff.training.checkpointing import CheckpointError
-    from megatron_dataeff.training.distributed import shutdown
+    from megatron_dataeff.training.distributed import owned_process_group
 
-    owns_group = not dist.is_initialized()  # called in-process under a live group: leave it be
     try:
-        out = export_checkpoint(args.load, args.output, args.iteration, args.dtype, args.max_shard_size)
+        with owned_process_group():
+            out = export_checkpoint(args.load, args.output, args.iteration, args.dtype, args.max_shard_size)
     except (UnsupportedModelError, CheckpointError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        if owns_group:
-            shutdown()
     print(f"exported {args.load} -> {out}")
     return 0
 

@@ -79,20 +79,16 @@ def generate(args) -> dict:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    import torch.distributed as dist
 
     from megatron_dataeff.training.checkpointing import CheckpointError
-    from megatron_dataeff.training.distributed import shutdown
+    from megatron_dataeff.training.distributed import owned_process_group
 
-    owns_group = not dist.is_initialized()  # called in-process under a live group: leave it be
     try:
-        result = generate(args)
+        with owned_process_group():
+            result = generate(args)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        if owns_group:
-            shutdown()
     print(json.dumps(result) if args.json else result["text"], flush=True)
     return 0
 

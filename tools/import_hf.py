@@ -32,23 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    import torch.distributed as dist
     from megatron_dataeff.config import ConfigError
     from megatron_dataeff.export.hf_import import import_hf
     from megatron_dataeff.export.hf_mapping import UnsupportedModelError
     from megatron_dataeff.training.checkpointing import read_metadata
-    from megatron_dataeff.training.distributed import shutdown
+    from megatron_dataeff.training.distributed import owned_process_group
 
-    owns_group = not dist.is_initialized()  # called in-process under a live group: leave it be
     try:
-        ckpt = import_hf(args.hf_dir, args.save, args.objective, args.tensor_model_parallel_size,
-                         args.pipeline_model_parallel_size, args.seq_length)
+        with owned_process_group():
+            ckpt = import_hf(args.hf_dir, args.save, args.objective, args.tensor_model_parallel_size,
+                             args.pipeline_model_parallel_size, args.seq_length)
     except (UnsupportedModelError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        if owns_group:
-            shutdown()
     m = read_metadata(ckpt)["config"]["model"]
     print(f"imported {args.hf_dir} -> {ckpt} (model-only; --make-vocab-size-divisible-by "
           f"{m['make_vocab_size_divisible_by']}, --num-layers {m['num_layers']}, --hidden-size {m['hidden_size']})")

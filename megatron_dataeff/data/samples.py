@@ -19,8 +19,6 @@ Validation windows are taken in order from the validation documents, with no shu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -94,13 +92,6 @@ def _documents_to_sequences(dataset, doc_ids: np.ndarray) -> np.ndarray:
     if len(doc_ids) == 0:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate([np.arange(doc_index[d], doc_index[d + 1]) for d in doc_ids]).astype(np.int64)
-
-
-@dataclass
-class SamplerState:
-    """Where a run is in the sample stream (checkpointed)."""
-
-    consumed_samples: int = 0
 
 
 class DataConstrainedData:

@@ -51,7 +51,3 @@ def build_layer_spec(
         spec.submodules.mlp.module = RegularizedMLP
     return spec
 
-
-def is_bidirectional(spec: ModuleSpec) -> bool:
-    """Whether a layer spec attends both ways."""
-    return spec.submodules.self_attention.params.get("attn_mask_type") == AttnMaskType.no_mask

@@ -186,12 +186,7 @@ def check_compatible(ckpt: str, meta: dict, trainer) -> None:
 
 def _check_files(ckpt: str) -> None:
     """The files dist_checkpointing needs, present and non-empty (before any collective work)."""
-    missing = [f for f in ("metadata.json", "common.pt") if not os.path.exists(os.path.join(ckpt, f))]
-    try:
-        with open(os.path.join(ckpt, ".metadata"), "rb"):
-            pass
-    except OSError:
-        missing.append(".metadata")
+    missing = [f for f in ("metadata.json", "common.pt", ".metadata") if not os.path.exists(os.path.join(ckpt, f))]
     shards = [f for f in os.listdir(ckpt) if f.endswith(".distcp")]
     if not shards:
         missing.append("*.distcp shards")

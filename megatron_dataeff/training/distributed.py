@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -101,3 +102,17 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def owned_process_group():
+    """Tear down at exit the process group (and megatron's state) that this block starts.
+
+    A tool called in-process under a live group (a test, a notebook) leaves that group alone.
+    """
+    owns = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if owns:
+            shutdown()

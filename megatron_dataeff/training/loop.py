@@ -155,10 +155,8 @@ class Trainer:
             "world_size": self.runtime.world_size,
             "data_parallel_size": self.dp_size,
         }
-        tmp = os.path.join(self.cfg.logging.run_dir, ".run.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, os.path.join(self.cfg.logging.run_dir, "run.json"))
+        checkpointing.write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"),
+                                        json.dumps(record, indent=2))
 
     # ------------------------------------------------------------------------------------------
     def _microbatches(self, batch_fn, step: int):
