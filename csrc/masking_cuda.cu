@@ -3,6 +3,7 @@
 // uses __dmul_rn / __dadd_rn / __ddiv_rn, which nvcc never contracts into FMAs.
 #include <cuda_runtime.h>
 
+#include "cuda_launch.h"
 #include "kernels.h"
 #include "philox.h"
 
@@ -71,9 +72,9 @@ const char* launch_mask(const Tok* tokens, const int64_t* index, int64_t batch, 
   const int64_t per_block = 4 * kThreads;
   // Every row needs one CUDA block even when seq == 0, to write its rate.
   const unsigned gx = static_cast<unsigned>(seq > 0 ? (seq + per_block - 1) / per_block : 1);
-  const unsigned gy = static_cast<unsigned>(batch < 65535 ? batch : 65535);
-  mask_kernel<Tok><<<dim3(gx, gy), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      tokens, index, batch, seq, prm, ids, mask, weight, rate);
+  const unsigned gy = static_cast<unsigned>(batch < MDE_MAX_GRID_Y ? batch : MDE_MAX_GRID_Y);
+  MDE_LAUNCH(mask_kernel<Tok>, dim3(gx, gy), kThreads, static_cast<cudaStream_t>(stream), tokens, index, batch,
+             seq, prm, ids, mask, weight, rate);
   return status();
 }
 
@@ -83,8 +84,8 @@ const char* philox_cuda(const uint32_t* counters, int64_t n, uint32_t k0, uint32
                         void* stream) {
   if (n == 0) return nullptr;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
-  philox_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kThreads, 0,
-                  static_cast<cudaStream_t>(stream)>>>(counters, n, k0, k1, out);
+  MDE_LAUNCH(philox_kernel, static_cast<unsigned>(blocks < MDE_MAX_GRID_X ? blocks : MDE_MAX_GRID_X), kThreads,
+             static_cast<cudaStream_t>(stream), counters, n, k0, k1, out);
   return status();
 }
 

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_launch.h"
 #include "kernels.h"
 #include "philox.h"
 
@@ -109,7 +110,7 @@ int64_t blocks_per_row(int64_t f) { return f / 4 + 2; }
 
 unsigned grid_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
+  return static_cast<unsigned>(blocks < MDE_MAX_GRID_X ? blocks : MDE_MAX_GRID_X);
 }
 
 const char* status() {
@@ -120,16 +121,16 @@ const char* status() {
 template <typename T>
 void launch_fwd(const void* x, void* y, int64_t rows, int64_t f, const DropoutParams& prm, cudaStream_t s) {
   const int64_t bpr = blocks_per_row(f);
-  fwd_kernel<T><<<grid_for(rows * bpr), kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<T*>(y), rows, f,
-                                                         bpr, prm);
+  MDE_LAUNCH(fwd_kernel<T>, grid_for(rows * bpr), kThreads, s, static_cast<const T*>(x), static_cast<T*>(y), rows,
+             f, bpr, prm);
 }
 
 template <typename T>
 void launch_bwd(const void* x, const void* dy, void* dx, int64_t rows, int64_t f, const DropoutParams& prm,
                 cudaStream_t s) {
   const int64_t bpr = blocks_per_row(f);
-  bwd_kernel<T><<<grid_for(rows * bpr), kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(dy),
-                                                         static_cast<T*>(dx), rows, f, bpr, prm);
+  MDE_LAUNCH(bwd_kernel<T>, grid_for(rows * bpr), kThreads, s, static_cast<const T*>(x), static_cast<const T*>(dy),
+             static_cast<T*>(dx), rows, f, bpr, prm);
 }
 
 }  // namespace
@@ -163,7 +164,8 @@ const char* swiglu_dropout_bwd_cuda(DType dtype, const void* x, const void* dy, 
 const char* dropout_keep_cuda(bool* keep, int64_t rows, int64_t f, const DropoutParams& params, void* stream) {
   if (rows == 0 || f == 0) return nullptr;
   const int64_t bpr = blocks_per_row(f);
-  keep_kernel<<<grid_for(rows * bpr), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(keep, rows, f, bpr, params);
+  MDE_LAUNCH(keep_kernel, grid_for(rows * bpr), kThreads, static_cast<cudaStream_t>(stream), keep, rows, f, bpr,
+             params);
   return status();
 }
 
