@@ -8,7 +8,8 @@
 #   bash examples/paper_grid_gpu.sh --methods ar,ar_td1.0,mdm --seeds 1,2
 #
 # Launch the same command on every node (runs are sequential; each node resumes/skips the same
-# runs because they share OUTPUT on a shared file system).  Environment: DATA_PATH (required for
+# runs because they share OUTPUT on a shared file system).  All nodes train; node 0 alone then scores
+# the checkpoints on the offline tasks and plots, while the others exit.  Environment: DATA_PATH (required for
 # real runs), TOKENIZER_ARGS (e.g. "--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR"),
 # GPUS_PER_NODE (8), NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (6000), TP, PP.
 set -euo pipefail

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     from megatron_dataeff.evaluation.checkpoint_eval import evaluate_checkpoint
     from megatron_dataeff.training.checkpointing import CheckpointError
-    from megatron_dataeff.training.distributed import shutdown
+    from megatron_dataeff.training.distributed import owned_process_group
 
     tasks = [t for t in args.tasks.split(",") if t]
     if args.all_checkpoints:
@@ -56,21 +56,20 @@ def main(argv=None) -> int:
     else:
         targets = [(args.load, args.iteration)]
     try:
-        for path, iteration in targets:
-            res = evaluate_checkpoint(path, iteration=iteration, tasks=tasks, mc_samples=args.mc_samples,
-                                      val_mc_samples=args.val_mc_samples, eval_windows=args.eval_windows,
-                                      num_examples=args.num_examples, task_seed=args.task_seed,
-                                      data_path=args.data_path, batch_size=args.batch_size,
-                                      validation=not args.no_validation, method=args.method)
-            if args.json:
-                print(json.dumps(res), flush=True)
-            else:
-                _print(res, tasks)
+        with owned_process_group():  # a group this call starts is torn down; a caller's is left alone
+            for path, iteration in targets:
+                res = evaluate_checkpoint(path, iteration=iteration, tasks=tasks, mc_samples=args.mc_samples,
+                                          val_mc_samples=args.val_mc_samples, eval_windows=args.eval_windows,
+                                          num_examples=args.num_examples, task_seed=args.task_seed,
+                                          data_path=args.data_path, batch_size=args.batch_size,
+                                          validation=not args.no_validation, method=args.method)
+                if args.json:
+                    print(json.dumps(res), flush=True)
+                else:
+                    _print(res, tasks)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        shutdown()
     return 0
 
 

@@ -8,10 +8,16 @@ diffusion) on a fixed unique-token budget for many epochs, sequentially, resumab
 
 Each run is `pretrain_diffusion.py` in a subprocess (under torchrun at `--scale paper`, with
 GPUS_PER_NODE / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT from the environment), writing
-`{output}/{method}_s{seed}/` (metrics.jsonl, run.json, checkpoints/).  Its saved checkpoints are then
-scored on the offline tasks (tools/evaluate.py --all-checkpoints -> downstream.jsonl).  A run whose
-`complete.json` exists is skipped; an interrupted run resumes from its latest checkpoint.  Methods
-and scales: megatron_dataeff/evaluation/grid.py.
+`{output}/{method}_s{seed}/` (metrics.jsonl, run.json, checkpoints/).  When every run is trained, the
+saved checkpoints are scored on the offline tasks (tools/evaluate.py --all-checkpoints ->
+downstream.jsonl), then `complete.json` is written.  A run whose `complete.json` exists is skipped; a
+trained run is not trained again; an interrupted run resumes from its latest checkpoint.
+
+On several nodes (the same command on each, output on a shared filesystem) every node takes part in the
+training; only node 0 (NODE_RANK=0) writes grid.json and runs the evaluations and the other nodes
+stop after the training phase, so no file is written twice and no node waits on another's evaluation at
+a rendezvous.  Nodes other than 0 log to train.node{N}.log.  Methods and scales:
+megatron_dataeff/evaluation/grid.py.
 """
 
 import argparse
@@ -26,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_dataeff.evaluation.grid import METHODS, SCALES, run_flags, run_name  # noqa: E402
+from megatron_dataeff.training.checkpointing import write_text_atomic  # noqa: E402
 
 
 def _final_valid(run_dir: str, train_iters: int) -> bool:
@@ -93,67 +100,91 @@ def main(argv=None) -> int:
         env.setdefault("OMP_NUM_THREADS", str(args.threads or os.cpu_count() or 1))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
             env.pop(k, None)
+    node_rank = int(os.environ.get("NODE_RANK", "0")) if scale.distributed else 0
+    lead = node_rank == 0
     grid_record = {"scale": args.scale, "methods": methods, "seeds": seeds, "unique_tokens":
                    args.unique_tokens or scale.unique_tokens, "epochs": args.epochs or scale.epochs,
                    "command": shlex.join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "tools/run_grid.py",
                                           *(argv if argv is not None else sys.argv[1:])])}
-    if not args.dry_run:
-        with open(os.path.join(args.output, "grid.json"), "w") as f:
-            json.dump(grid_record, f, indent=2)
+    if lead and not args.dry_run:
+        write_text_atomic(os.path.join(args.output, "grid.json"), json.dumps(grid_record, indent=2))
     extra = shlex.split(args.extra)
     num_examples = args.num_examples or scale.num_examples
+    evaluate = bool(scale.downstream_evals and args.tasks)
     t_grid = time.time()
-    failures = []
+    failures, trained = [], []
+
+    # Phase 1, every node: train each run that has not reached its last step.
     for seed in seeds:
         for method in methods:
-            run_dir = os.path.abspath(os.path.join(args.output, run_name(method, seed)))
+            name = run_name(method, seed)
+            run_dir = os.path.abspath(os.path.join(args.output, name))
             flags, facts = run_flags(scale, method, seed, run_dir, unique_tokens=args.unique_tokens,
                                      epochs=args.epochs, extra=extra)
             train_cmd = [*_launcher(scale), os.path.join(ROOT, "pretrain_diffusion.py"), *flags]
-            eval_cmd = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load",
-                        os.path.join(run_dir, "checkpoints"), "--all-checkpoints", "--no-validation",
-                        "--tasks", args.tasks, "--num-examples", str(num_examples),
-                        "--mc-samples", str(scale.mc_samples), "--json"]
             if args.dry_run:
                 print(shlex.join(train_cmd))
-                if scale.downstream_evals and args.tasks:
-                    print(shlex.join(eval_cmd))
+                if evaluate:
+                    print(shlex.join(_eval_cmd(args, scale, run_dir, num_examples)))
                 continue
-            done_marker = os.path.join(run_dir, "complete.json")
-            if os.path.exists(done_marker) and _final_valid(run_dir, facts["train_iters"]):
-                print(f"[grid] {run_name(method, seed)}: complete, skipped", flush=True)
+            if os.path.exists(os.path.join(run_dir, "complete.json")) and _final_valid(run_dir, facts["train_iters"]):
+                print(f"[grid] {name}: complete, skipped", flush=True)
+                continue
+            if _final_valid(run_dir, facts["train_iters"]):
+                print(f"[grid] {name}: trained, not trained again", flush=True)
+                trained.append((name, run_dir, facts))
                 continue
             os.makedirs(run_dir, exist_ok=True)
-            print(f"[grid] {run_name(method, seed)}: training {facts['train_iters']} steps "
+            print(f"[grid] {name}: training {facts['train_iters']} steps "
                   f"({facts['epochs']:g} epochs of {facts['unique_tokens']:,} tokens"
                   f"{', fresh-data reference' if facts['fresh_reference'] else ''})", flush=True)
             t0 = time.time()
-            log = os.path.join(run_dir, "train.log")
+            log = os.path.join(run_dir, "train.log" if lead else f"train.node{node_rank}.log")
             rc = _run(train_cmd, log, env)
             if rc != 0 or not _final_valid(run_dir, facts["train_iters"]):
-                print(f"[grid] {run_name(method, seed)}: training failed (exit {rc}); see {log}", flush=True)
-                failures.append(run_name(method, seed))
+                print(f"[grid] {name}: training failed (exit {rc}); see {log}", flush=True)
+                failures.append(name)
                 continue
-            t_train = time.time() - t0
-            if scale.downstream_evals and args.tasks:
-                out = subprocess.run(eval_cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            print(f"[grid] {name}: trained in {time.time() - t0:.0f}s", flush=True)
+            if lead:
+                write_text_atomic(os.path.join(run_dir, "training.json"),
+                                  json.dumps({"train_seconds": round(time.time() - t0, 1)}))
+            trained.append((name, run_dir, facts))
+
+    # Phase 2, node 0 only: score the trained runs' checkpoints, then mark them complete.
+    if lead and not args.dry_run:
+        for name, run_dir, facts in trained:
+            t0 = time.time()
+            if evaluate:
+                out = subprocess.run(_eval_cmd(args, scale, run_dir, num_examples), capture_output=True, text=True,
+                                     env=env, cwd=ROOT)
                 if out.returncode != 0:
-                    print(f"[grid] {run_name(method, seed)}: offline evaluation failed:\n{out.stderr[-2000:]}",
-                          flush=True)
-                    failures.append(run_name(method, seed))
+                    print(f"[grid] {name}: offline evaluation failed:\n{out.stderr[-2000:]}", flush=True)
+                    failures.append(name)
                     continue
-                with open(os.path.join(run_dir, "downstream.jsonl"), "w") as f:
-                    f.write(out.stdout)
-            facts.update(train_seconds=round(t_train, 1), total_seconds=round(time.time() - t0, 1))
-            with open(done_marker, "w") as f:
-                json.dump(facts, f, indent=2)
-            print(f"[grid] {run_name(method, seed)}: done in {facts['total_seconds']:.0f}s "
-                  f"(training {t_train:.0f}s)", flush=True)
+                write_text_atomic(os.path.join(run_dir, "downstream.jsonl"), out.stdout)
+            timing = _read_json(os.path.join(run_dir, "training.json"))
+            facts.update(train_seconds=timing.get("train_seconds"), eval_seconds=round(time.time() - t0, 1))
+            write_text_atomic(os.path.join(run_dir, "complete.json"), json.dumps(facts, indent=2))
+            print(f"[grid] {name}: complete (evaluation {facts['eval_seconds']:.0f}s)", flush=True)
     if not args.dry_run:
-        print(f"[grid] finished in {time.time() - t_grid:.0f}s; {len(failures)} failed"
-              f"{': ' + ', '.join(failures) if failures else ''}", flush=True)
+        print(f"[grid] {'node ' + str(node_rank) + ': ' if not lead else ''}finished in {time.time() - t_grid:.0f}s; "
+              f"{len(failures)} failed{': ' + ', '.join(failures) if failures else ''}", flush=True)
     return 1 if failures else 0
 
+
+def _eval_cmd(args, scale, run_dir: str, num_examples: int) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", os.path.join(run_dir, "checkpoints"),
+            "--all-checkpoints", "--no-validation", "--tasks", args.tasks, "--num-examples", str(num_examples),
+            "--mc-samples", str(scale.mc_samples), "--json"]
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 if __name__ == "__main__":
     sys.exit(main())
