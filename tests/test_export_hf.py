@@ -172,6 +172,24 @@ def test_export_from_tensor_parallel_checkpoint(megatron_cpu, tmp_path):
     assert cls == "Qwen3ForCausalLM" and err <= TOL
 
 
+@pytest.mark.distributed
+def test_export_from_pipeline_parallel_checkpoint(megatron_cpu, tmp_path):
+    """A checkpoint trained at PP=2 (2 gloo processes, 2 layers a stage, tied embedding whose copy
+    lives on the last stage) exports in one step: all 4 layers in order, final norm, lm_head."""
+    ckpt = tmp_path / "ckpt"
+    run_pretrain(TINY + ["--num-layers", "4", "--objective", "ar", "--num-query-groups", "2",
+                         "--pipeline-model-parallel-size", "2", "--train-iters", "2", "--eval-iters", "0",
+                         "--micro-batch-size", "2", "--save", str(ckpt)], tmp_path / "run", nproc=2)
+    from tools.export_hf import main
+
+    assert main(["--load", str(ckpt), "--output", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert json.load(open(tmp_path / "hf" / "config.json"))["num_hidden_layers"] == 4
+    cls, got = hf_logits(str(tmp_path / "hf"), TOKENS)
+    err = (got - megatron_logits(str(ckpt), TOKENS)).abs().max().item()
+    print(f"parity pp2-llama: max abs logit error {err:.2e}")
+    assert cls == "LlamaForCausalLM" and err <= TOL
+
+
 def test_bf16_export_is_bf16_and_close(exports, tmp_path):
     """--dtype bf16 writes bf16 weights that still give nearly the same logits."""
     from safetensors import safe_open

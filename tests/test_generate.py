@@ -77,6 +77,73 @@ def test_ar_sampling_is_seeded(models, capsys):
     assert out.shape[1] <= len(PROMPT_IDS) + 5 and out[0, len(PROMPT_IDS):].max() < 257
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_kv_cache_gives_the_full_recompute_tokens(models, capsys, name):
+    """Greedy decoding with the KV cache (the default) = --no-kv-cache, on one prompt (CLI) and on a
+    batch of two (seeded sampling too); each step's logits agree to reduction order."""
+    from megatron_dataeff.export.kv_cache import KVCacheLogits
+    from megatron_dataeff.training.checkpointing import load_model_for_inference
+
+    ckpt, _ = models[name]
+    args = ["--load", ckpt, "--prompt", PROMPT, "--max-new-tokens", "40"]
+    cached = _run_cli(capsys, *args)["token_ids"]
+    assert cached == _run_cli(capsys, *args, "--no-kv-cache")["token_ids"] and len(cached) == 40
+
+    model, _, _ = load_model_for_inference(ckpt)
+    steps = []
+
+    def full(ids):
+        logits = model(ids, torch.arange(ids.shape[1])[None, :].expand(ids.shape[0], -1), None)
+        steps.append(logits[:, -1].clone())  # ar_generate bans ids in place
+        return logits
+
+    cache = KVCacheLogits(model, max_length=len(PROMPT_IDS) + 24)
+
+    def incremental(ids):
+        logits = cache(ids)
+        assert logits.shape[1] == 1
+        steps.append(logits[:, -1].clone())  # ar_generate bans ids in place
+        return logits
+
+    prompts = torch.tensor([PROMPT_IDS, list(b"for i in:")])  # same length, no padding
+    for kw in ({}, {"temperature": 1.0, "top_k": 50}):
+        steps.clear()
+        runs = [ar_generate(fn, prompts, 24, generator=torch.Generator().manual_seed(2), suppress_ids=range(257, 384),
+                            **kw) for fn in (full, incremental)]
+        assert torch.equal(runs[0], runs[1])
+        err = max((a - b).abs().max().item() for a, b in zip(steps[:24], steps[24:]))
+        print(f"kv cache {name} {kw}: max abs logit difference {err:.2e}")
+        assert err <= 1e-4
+
+
+def test_kv_cache_restarts_on_new_ids_and_refuses_misuse(models):
+    """Ids that do not extend the cached ones start a new cache; too long a sequence, a model in
+    training mode and a bidirectional (mdm) model are refused."""
+    from megatron_dataeff.export.kv_cache import KVCacheLogits
+    from megatron_dataeff.training.checkpointing import load_model_for_inference
+
+    model, _, _ = load_model_for_inference(models["llama"][0])
+    cache = KVCacheLogits(model, max_length=12)
+    ids = torch.tensor([PROMPT_IDS])
+    def last(x):
+        return model(x, torch.arange(x.shape[1])[None, :], None)[:, -1:]
+
+    first = cache(ids)
+    longer = torch.cat([ids, torch.tensor([[65]])], dim=1)
+    assert (cache(longer) - last(longer)).abs().max() <= 1e-4  # extends the cache
+    other = torch.tensor([list(b"import os")])
+    assert (cache(other) - last(other)).abs().max() <= 1e-4  # another prompt: not the cached one
+    assert (cache(ids) - first).abs().max() <= 1e-4  # a shorter sequence: starts over
+    with pytest.raises(ValueError, match="max_length 12"):
+        cache(torch.zeros(1, 13, dtype=torch.long))
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        cache(ids)
+    mdm, _, _ = load_model_for_inference(models["mdm"][0])
+    with pytest.raises(ValueError, match="causal"):
+        KVCacheLogits(mdm, max_length=12)
+
+
 @pytest.mark.parametrize("temperature", ["0", "1.0"])
 def test_diffusion_cli_equals_exported_generate(models, capsys, temperature):
     """tools/generate.py on the mdm checkpoint = the exported model's `generate`, same seed."""

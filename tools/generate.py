@@ -5,7 +5,8 @@
     python tools/generate.py --load mdm_ckpt --prompt "Once" --max-new-tokens 64 --block-length 32 --steps 64 --json
 
 AR models decode left to right (greedy at --temperature 0, the default; otherwise temperature with
-optional --top-k / --top-p), recomputing the whole sequence each step, and stop at the tokenizer's
+optional --top-k / --top-p) with a KV cache (megatron-core's static inference context; --no-kv-cache
+recomputes the whole sequence each step instead, same greedy tokens), and stop at the tokenizer's
 end-of-document token.  Masked-diffusion models run the sampler of the exported HF modeling file
 (`diffusion_generate`: --max-new-tokens masks filled in blocks of --block-length over --steps steps,
 lowest-confidence predictions remasked, Gumbel noise at --temperature > 0), so the same --seed gives
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps (default: max-new-tokens)")
     p.add_argument("--block-length", type=int, default=None,
                    help="diffusion: semi-autoregressive block size (default: max-new-tokens)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="AR: recompute the whole sequence each step instead of decoding with a KV cache")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line with text and token_ids")
     return p
@@ -45,6 +48,7 @@ def generate(args) -> dict:
     import torch
 
     from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
+    from megatron_dataeff.export.kv_cache import KVCacheLogits
     from megatron_dataeff.export.sampling import ar_generate, diffusion_generate
     from megatron_dataeff.training.checkpointing import load_model_for_inference
 
@@ -68,7 +72,8 @@ def generate(args) -> dict:
         out = diffusion_generate(logits_fn, prompt, args.max_new_tokens, args.block_length, args.steps,
                                  args.temperature, meta["mask_token_id"], generator, suppress_ids=padding)
     else:
-        out = ar_generate(logits_fn, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        fn = logits_fn if args.no_kv_cache else KVCacheLogits(model, prompt.shape[1] + args.max_new_tokens)
+        out = ar_generate(fn, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                           generator, eos_token_id=eod,
                           suppress_ids=list(padding) + [meta["mask_token_id"]])
     new = out[0, prompt.shape[1]:].tolist()

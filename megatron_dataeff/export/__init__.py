@@ -5,6 +5,7 @@
   our own modeling file for masked diffusion).
 * `hf_import`: an HF Llama / Qwen3 (or our diffusion export) directory -> a model-only checkpoint.
 * `sampling`: AR sampling and the masked-diffusion sampler shared with the exported modeling file.
+* `kv_cache`: incremental AR decoding of a megatron GPTModel with megatron-core's static KV cache.
 * `configuration_dataeff_mdm.py`, `modeling_dataeff_mdm.py`: standalone files copied into diffusion
   exports (they import only torch and transformers).
 """

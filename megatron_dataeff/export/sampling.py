@@ -43,8 +43,9 @@ def ar_generate(
 ) -> torch.Tensor:
     """Left-to-right decoding; returns [batch, prompt + new] ids (prompt included).
 
-    Each step recomputes `logits_fn(ids) -> [batch, seq, vocab]` on the whole sequence (no KV cache)
-    and takes the last position: argmax at temperature 0, else a sample from softmax(logits / T)
+    Each step calls `logits_fn(ids) -> [batch, seq or 1, vocab]` with the whole sequence so far and
+    takes the last position (a stateful `logits_fn` such as `kv_cache.KVCacheLogits` runs only the
+    positions it has not seen): argmax at temperature 0, else a sample from softmax(logits / T)
     restricted to the top-k / top-p set, drawn with `generator`.  `suppress_ids` are never produced.
     A sequence stops at `eos_token_id` (later positions repeat it); the loop ends when all have.
     """
