@@ -2,9 +2,11 @@
 
 Built with the host compiler and -DMDE_CUDA_EMULATION, the real kernels and launchers run block by block,
 their threads as fibers that switch at __syncthreads().  The grid caps are lowered to 3 x 2 blocks, so the
-grid-stride loops run too.  This checks what a GPU-less machine can check:
-index arithmetic, tails, TP column offsets, the per-row rate shared through shared memory, launch shapes.
-Device intrinsics (the __CUDA_ARCH__ branches) run only on a real GPU: benchmarks/gpu_check.sh.
+grid-stride loops run too; __CUDA_ARCH__ is defined, so the device branches of philox.h run (on host
+versions of __umulhi and the _rn intrinsics: each is one correctly rounded IEEE operation, as on the
+device).  This checks what a GPU-less machine can check: index arithmetic, tails, TP column offsets,
+the per-row rate shared through shared memory, launch shapes.
+The device's own arithmetic, bf16/fp16 units and speed are checked on a real GPU: benchmarks/gpu_check.sh.
 """
 
 import ctypes
@@ -41,7 +43,7 @@ def emu(tmp_path_factory):
     """The .cu files compiled for the host, with the C entry points of csrc/emulation/capi.cpp."""
     lib = tmp_path_factory.mktemp("emu") / "libmde_cuda_emulation.so"
     cmd = [CXX, "-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Werror",
-           "-Wno-unknown-pragmas", "-DMDE_CUDA_EMULATION", "-DMDE_MAX_GRID_X=3", "-DMDE_MAX_GRID_Y=2", f"-I{CSRC / 'emulation'}", f"-I{CSRC}",
+           "-Wno-unknown-pragmas", "-DMDE_CUDA_EMULATION", "-D__CUDA_ARCH__=900", "-DMDE_MAX_GRID_X=3", "-DMDE_MAX_GRID_Y=2", f"-I{CSRC / 'emulation'}", f"-I{CSRC}",
            "-x", "c++", *map(str, sorted(CSRC.glob("*.cu"))), "-x", "none", str(CSRC / "emulation" / "capi.cpp"),
            "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True)

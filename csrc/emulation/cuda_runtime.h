@@ -2,8 +2,9 @@
 // GPU (tests/test_cuda_emulation.py).  Built with the host compiler and -DMDE_CUDA_EMULATION, the .cu
 // files run their real kernels and launchers on the CPU: every CUDA block in turn, its threads as fibers
 // that switch at __syncthreads(), so index arithmetic, tails, grid-stride loops and block synchronisation
-// are exercised exactly as written.  Not emulated: device intrinsics (code under __CUDA_ARCH__ takes its
-// host branch), warp-level operations, concurrency between blocks.  Never part of the built package.
+// are exercised exactly as written.  The tests define __CUDA_ARCH__, so code under it (the device
+// branches of philox.h) runs too, on the host versions of its intrinsics below.  Not emulated: warp-level
+// operations, concurrency between blocks, the device's own arithmetic units.  Never part of the package.
 #pragma once
 
 #include <stdint.h>
@@ -132,6 +133,17 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()>& ke
 #define gridDim (::mde_emu::grid_dim)
 
 inline void __syncthreads() { ::mde_emu::syncthreads(); }
+
+// Device intrinsics used under __CUDA_ARCH__ (the tests define it, so the device branches of philox.h run).
+// Each is one correctly rounded IEEE operation on the device; the host's are too (-ffp-contract=off).
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __double2float_rn(double a) { return static_cast<float>(a); }
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = ::mde_emu::last_error;
