@@ -75,3 +75,33 @@ def test_lm_eval_end_to_end_on_local_tasks(tmp_path):
     assert 0.0 <= results["dataeff_tiny_choice"]["acc,none"] <= 1.0
     assert results["dataeff_tiny_rolling"]["bits_per_byte,none"] > 0
     assert "exact_match,none" in results["dataeff_tiny_generate"]
+
+
+def test_ar_generation_with_kv_cache_equals_full_recompute(tmp_path):
+    """On a real AR checkpoint, generate() decodes through the KV cache and gives the text of the
+    full-recompute path, greedy and sampled."""
+    run = tmp_path / "run"
+    run_pretrain(["--objective", "ar", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                  "--num-attention-heads", "2", "--seq-length", "64", "--micro-batch-size", "4",
+                  "--train-iters", "3", "--eval-iters", "0", "--save", str(run / "ckpt"),
+                  "--tensorboard-dir", ""], run)
+    script = f"""
+import json
+from megatron_dataeff.evaluation.lm_eval_adapter import MegatronDataEffLM
+from megatron_dataeff.training.distributed import owned_process_group
+with owned_process_group():
+    lm = MegatronDataEffLM(load={str(run / 'ckpt')!r})
+    assert lm._cached_logits_fn(64) is not lm.scorer.logits_fn, "the KV cache path is not taken"
+    cached = [lm.generate("def f(x):", 24, t) for t in (0.0, 1.0)]
+    lm._cached_logits_fn = lambda n: lm.scorer.logits_fn
+    plain = [lm.generate("def f(x):", 24, t) for t in (0.0, 1.0)]
+print(json.dumps([cached, plain]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cached, plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cached == plain and all(cached)

@@ -174,12 +174,33 @@ class MegatronDataEffLM(_LMBase):
                                      steps=steps, temperature=temperature, mask_token_id=sc.mask_token_id,
                                      generator=g, suppress_ids=suppress)
         else:
-            out = ar_generate(sc.logits_fn, torch.tensor([ids]), max_new_tokens=n_new, temperature=temperature,
-                              generator=g, eos_token_id=sc.eod_token_id, suppress_ids=suppress)
+            out = ar_generate(self._cached_logits_fn(len(ids) + n_new), torch.tensor([ids]), max_new_tokens=n_new,
+                              temperature=temperature, generator=g, eos_token_id=sc.eod_token_id,
+                              suppress_ids=suppress)
         new = [int(t) for t in out[0, len(ids):].tolist()]
         if sc.eod_token_id is not None and sc.eod_token_id in new:
             new = new[:new.index(sc.eod_token_id)]
         return sc.tokenizer.detokenize(new)
+
+    def _cached_logits_fn(self, max_length: int):
+        """sc.logits_fn's contract (float32, padding rows -inf) decoded with a KV cache (export/kv_cache.py)
+        when the model is a megatron-core GPTModel; any other model recomputes the sequence each step."""
+        from megatron.core.models.gpt import GPTModel
+
+        from megatron_dataeff.export.kv_cache import KVCacheLogits
+
+        sc = self.scorer
+        if not isinstance(sc.model, GPTModel):
+            return sc.logits_fn
+        cache = KVCacheLogits(sc.model, max_length)
+
+        def fn(input_ids):
+            logits = cache(input_ids).float()
+            if sc.vocab_ids is not None and logits.shape[-1] > sc.vocab_ids:
+                logits[..., sc.vocab_ids:] = float("-inf")
+            return logits
+
+        return fn
 
 
 def register() -> type:
