@@ -193,10 +193,11 @@ BAD_LINES = [
 ]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 1), (1, 3)], ids=["w1", "w2", "w1-p3"])
 @pytest.mark.parametrize("case,data,line,message", BAD_LINES, ids=[c[0] for c in BAD_LINES])
-def test_bad_input_stops_with_location_and_leaves_nothing(tmp_path, case, data, line, message, workers):
-    """A bad record stops the run with 'file:line: reason' and no output (not even temporary files)."""
+def test_bad_input_stops_with_location_and_leaves_nothing(tmp_path, case, data, line, message, workers, partitions):
+    """A bad record stops the run with 'file:line: reason' and no output (not even temporary files); with
+    partitions the line is still the file's own line number, wherever the partition starts."""
     src = tmp_path / "in" / "data.jsonl"
     src.parent.mkdir()
     src.write_bytes(data)
@@ -205,7 +206,7 @@ def test_bad_input_stops_with_location_and_leaves_nothing(tmp_path, case, data, 
         build_tokenizer("ByteTokenizer")
     with pytest.raises(PreprocessError) as err:
         preprocess([str(src)], str(out / "ds"), tok, append_eod=True, workers=workers, block_bytes=16,
-                   log_stream=open(os.devnull, "w"))
+                   partitions=partitions, log_stream=open(os.devnull, "w"))
     assert f"{src}:{line}:" in str(err.value) and message in str(err.value)
     assert not out.exists() or os.listdir(out) == []
 
@@ -270,3 +271,255 @@ def test_writer_abort_leaves_nothing(tmp_path):
             w.add_document(np.arange(10))
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# --split-sentences / --keep-newlines
+# --------------------------------------------------------------------------------------------------
+SENTENCE_TEXTS = ["Hello world. This is Dr. Smith speaking! A new line here.\nAnd a paragraph? Yes.", "",
+                  "No punctuation at all", "End.\n\nNext para.\n  Third one. ", "  Lead. Two.", "naïve 東京. Ünïcode ok.",
+                  " ", "x" * 300 + ". " + "Y" * 40 + "."]
+
+
+def _megatron_sentence_reference(prefix: str, tok, texts, splitter):
+    """Megatron-LM's --split-sentences (Encoder.split, then Encoder.encode with --append-eod), written
+    with megatron-core's own IndexedDatasetBuilder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for text in texts:
+        sentences = [s for i in range(0, len(text), 1000000) for s in splitter.tokenize(text[i:i + 1000000])]
+        ids, lens = [], []
+        for sentence in sentences:
+            sentence_ids = tok.tokenize(sentence)
+            if sentence_ids:
+                ids += sentence_ids
+                lens.append(len(sentence_ids))
+        if ids:
+            ids.append(tok.eod)
+            lens[-1] += 1
+        builder.add_document(ids, lens)
+    builder.finalize(prefix + ".idx")
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    return all(filecmp.cmp(f"{a}.{ext}", f"{b}.{ext}", shallow=False) for ext in ("bin", "idx"))
+
+
+@pytest.mark.parametrize("workers,partitions", [(1, 1), (2, 1), (2, 2)])
+def test_split_sentences_one_sequence_per_sentence(tmp_path, workers, partitions):
+    """--split-sentences writes {prefix}_text_sentence: read with megatron-core's IndexedDataset, one
+    sequence per non-empty sentence, document_indices at each document's end, EOD on its last sentence;
+    the bytes Megatron-LM's encode step gives for the same splitter (here punkt with no model)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    punkt = pytest.importorskip("nltk.tokenize.punkt")
+    tok = build_tokenizer("ByteTokenizer")
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in SENTENCE_TEXTS])
+    s = preprocess([str(src)], str(tmp_path / "out"), tok, append_eod=True, split_sentences=True,
+                   sentence_splitter="punkt-untrained", workers=workers, partitions=partitions, block_bytes=64,
+                   log_stream=open(os.devnull, "w"))
+    prefix = s.outputs["text"]
+    assert prefix == f"{tmp_path / 'out'}_text_sentence"
+    assert not os.path.exists(f"{tmp_path / 'out'}_text_document.bin")
+    splitter = punkt.PunktSentenceTokenizer()
+    sentences = [[x for x in splitter.tokenize(t) if tok.tokenize(x)] for t in SENTENCE_TEXTS]
+    assert len(sentences[0]) >= 4  # the first document really is split
+    ds = IndexedDataset(prefix)
+    assert len(ds) == sum(map(len, sentences)) == s.sequences and s.documents == len(SENTENCE_TEXTS)
+    assert ds.document_indices.tolist() == np.cumsum([0] + [len(x) for x in sentences]).tolist()
+    seq = 0
+    for doc in sentences:
+        for j, sentence in enumerate(doc):
+            assert ds[seq].tolist() == tok.tokenize(sentence) + ([tok.eod] if j == len(doc) - 1 else [])
+            seq += 1
+    _megatron_sentence_reference(str(tmp_path / "ref"), tok, SENTENCE_TEXTS, splitter)
+    assert _same_dataset(prefix, str(tmp_path / "ref"))
+
+
+def test_keep_newlines_matches_megatron_custom_language_vars(tmp_path):
+    """--keep-newlines keeps the whitespace after each sentence (newlines too) in that sentence, as
+    Megatron-LM's CustomLanguageVars does: same bytes as a splitter built with Megatron-LM's class."""
+    punkt = pytest.importorskip("nltk.tokenize.punkt")
+
+    class CustomLanguageVars(punkt.PunktLanguageVars):  # verbatim from Megatron-LM tools/preprocess_data.py
+        _period_context_fmt = r"""
+        \S*                          # some word material
+        %(SentEndChars)s             # a potential sentence ending
+        \s*                       #  <-- THIS is what I changed
+        (?=(?P<after_tok>
+            %(NonWord)s              # either other punctuation
+            |
+            (?P<next_tok>\S+)     #  <-- Normally you would have \s+ here
+        ))"""
+
+    splitter = punkt.PunktSentenceTokenizer(train_text=punkt.PunktSentenceTokenizer()._params,
+                                            lang_vars=CustomLanguageVars())
+    tok = build_tokenizer("ByteTokenizer")
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in SENTENCE_TEXTS])
+    s = preprocess([str(src)], str(tmp_path / "out"), tok, append_eod=True, split_sentences=True, keep_newlines=True,
+                   sentence_splitter="punkt-untrained", workers=2, log_stream=open(os.devnull, "w"))
+    _megatron_sentence_reference(str(tmp_path / "ref"), tok, SENTENCE_TEXTS, splitter)
+    assert _same_dataset(s.outputs["text"], str(tmp_path / "ref"))
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(s.outputs["text"])
+    decoded = [tok.detokenize([t for t in ds[i].tolist() if t != tok.eod]) for i in range(len(ds))]
+    assert "End.\n\n" in decoded and "A new line here.\n" in decoded
+
+
+def _fake_punkt_model(root: Path, lang: str = "english", abbreviations=("dr",)) -> Path:
+    """A tiny punkt_tab model (the layout `python -m nltk.downloader punkt_tab` installs) knowing a few
+    abbreviations: tests need no download."""
+    d = root / "tokenizers" / "punkt_tab" / lang
+    d.mkdir(parents=True)
+    (d / "abbrev_types.txt").write_text("".join(a + "\n" for a in abbreviations))
+    for name in ("collocations.tab", "sent_starters.txt", "ortho_context.tab"):
+        (d / name).write_text("")
+    return root
+
+
+def test_punkt_model_from_nltk_data_and_missing_model(tmp_path, monkeypatch):
+    """The default splitter is NLTK's punkt model (found on nltk.data.path, here a stand-in knowing 'Dr.'),
+    in the workers too; with no model the run stops, saying what to install, and writes nothing."""
+    nltk = pytest.importorskip("nltk")
+    if not hasattr(pytest.importorskip("nltk.tokenize.punkt"), "PunktTokenizer"):
+        pytest.skip("NLTK < 3.8.2 reads pickled punkt models")
+    tok = build_tokenizer("ByteTokenizer")
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"text": "This is Dr. Smith. He left."},
+                                               {"text": "Dr. Who came.\nThen he went."}])
+    quiet = open(os.devnull, "w")
+    monkeypatch.setattr(nltk.data, "path", [str(_fake_punkt_model(tmp_path / "nltk_data"))])
+    for keep_newlines, want in [(False, [["This is Dr. Smith.", "He left."], ["Dr. Who came.", "Then he went."]]),
+                                (True, [["This is Dr. Smith. ", "He left."], ["Dr. Who came.\n", "Then he went."]])]:
+        s = preprocess([str(src)], str(tmp_path / f"out{keep_newlines}"), tok, split_sentences=True,
+                       keep_newlines=keep_newlines, workers=2, log_stream=quiet)
+        info = validate_indexed(s.outputs["text"])
+        assert info.document_indices.tolist() == [0, 2, 4]
+        assert info.sequence_lengths.tolist() == [len(x.encode()) for doc in want for x in doc]
+    out = tmp_path / "missing"
+    for path, lang in [([str(tmp_path / "empty")], "english"), ([str(tmp_path / "nltk_data")], "german")]:
+        monkeypatch.setattr(nltk.data, "path", path)
+        with pytest.raises(PreprocessError, match="punkt_tab") as err:
+            preprocess([str(src)], str(out / "ds"), tok, split_sentences=True, lang=lang, log_stream=quiet)
+        assert "python -m nltk.downloader punkt_tab" in str(err.value) and "punkt-untrained" in str(err.value)
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_split_sentences_without_nltk_says_what_to_install(tmp_path, monkeypatch):
+    """With nltk not installed, --split-sentences (either splitter) stops before reading any input,
+    naming the package (and for punkt the data) to install."""
+    for name in [m for m in sys.modules if m == "nltk" or m.startswith("nltk.")] + ["nltk", "nltk.tokenize.punkt"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"text": "One. Two."}])
+    for kind, data in [("punkt", True), ("punkt-untrained", False)]:
+        with pytest.raises(PreprocessError, match="pip install nltk") as err:
+            preprocess([str(src)], str(tmp_path / "out" / "ds"), build_tokenizer("ByteTokenizer"), split_sentences=True,
+                       sentence_splitter=kind)
+        assert ("nltk.downloader punkt_tab" in str(err.value)) == data
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# --partitions
+# --------------------------------------------------------------------------------------------------
+def _partition_corpus(tmp_path: Path, bad_line: bool = False) -> tuple[list[str], int]:
+    """Three inputs (a long .jsonl with blank lines and a list value, a .jsonl.gz, a small .jsonl), and the
+    line of a.jsonl that is not JSON when `bad_line`."""
+    lines, bad = [], 0
+    for i in range(400):
+        lines.append(json.dumps({"text": f"document {i} " * (i % 9), "title": f"t{i}"}))
+        if i % 37 == 0:
+            lines.append("")
+        if i == 41:
+            lines.append(json.dumps({"text": ["sentence one", "", "two"], "title": "list"}))
+        if bad_line and i == 300:
+            lines.append('{"text": broken')
+            bad = len(lines)
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_jsonl(tmp_path / "b.jsonl.gz", [{"text": f"gz {i} ü", "title": ""} for i in range(50)], opener=gzip.open)
+    _write_jsonl(tmp_path / "c.jsonl", [{"text": "last", "title": "c"}])
+    return [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.jsonl")], bad
+
+
+@pytest.mark.parametrize("partitions,workers", [(2, 1), (3, 2), (8, 3)])
+def test_partitions_same_bytes_as_one(tmp_path, partitions, workers):
+    """--partitions N gives byte for byte the .bin/.idx of --partitions 1, for every key, with the work
+    spread over N processes; skipped records are reported with their real line; no partial files remain."""
+    import io
+
+    inputs, bad = _partition_corpus(tmp_path, bad_line=True)
+    tok = build_tokenizer("ByteTokenizer")
+    out = tmp_path / "out"
+    kw = dict(json_keys=["text", "title"], append_eod=True, skip_invalid=True, block_bytes=512)
+    ref = preprocess(inputs, str(out / "ref"), tok, log_stream=open(os.devnull, "w"), **kw)
+    log = io.StringIO()
+    got = preprocess(inputs, str(out / "got"), tok, partitions=partitions, workers=workers, log_stream=log, **kw)
+    assert got.partitions == partitions and ref.partitions == 1
+    for key in ("text", "title"):
+        assert _same_dataset(got.outputs[key], ref.outputs[key])
+    assert (got.documents, got.sequences, got.tokens, got.empty_documents, got.invalid_skipped, got.blank_lines) == \
+        (ref.documents, ref.sequences, ref.tokens, ref.empty_documents, 1, ref.blank_lines)
+    assert f"skipping invalid record: {inputs[0]}:{bad}: not valid JSON" in log.getvalue()
+    assert sorted(os.listdir(out)) == sorted(f"{n}_{k}_document.{e}" for n in ("ref", "got") for k in ("text", "title")
+                                             for e in ("bin", "idx"))
+
+
+def test_partition_inputs_cut_between_lines(tmp_path):
+    """Partitions are contiguous, in input order: a plain .jsonl is cut only at line starts and its pieces
+    cover it exactly; a .gz file goes whole to one partition."""
+    from megatron_dataeff.data.preprocess import partition_inputs
+
+    inputs, _ = _partition_corpus(tmp_path)
+    parts = partition_inputs([(p, "jsonl") for p in inputs], 5)
+    assert 2 <= len(parts) <= 5
+    pieces = [p for part in parts for p in part]
+    assert [p.path for p in pieces] == sorted([p.path for p in pieces], key=inputs.index)
+    data = Path(inputs[0]).read_bytes()
+    ranges = [(p.start, p.end) for p in pieces if p.path == inputs[0]]
+    assert len(ranges) > 1 and ranges[0][0] == 0 and ranges[-1][1] == len(data)
+    assert all(end == nxt for (_, end), (nxt, _) in zip(ranges, ranges[1:]))
+    assert all(data[start - 1:start] == b"\n" for start, _ in ranges[1:])
+    assert [(p.start, p.end) for p in pieces if p.path == inputs[1]] == [(0, None)]
+
+
+def test_partition_that_dies_leaves_nothing(tmp_path, monkeypatch):
+    """A partition process that dies (killed, out of memory) stops the run with an error naming it; the
+    other partitions are stopped and no partial or temporary file is left."""
+    import megatron_dataeff.data.preprocess as pre
+
+    real = pre._partition_main
+
+    def dying(index, spec, pieces, prefixes, *args):
+        if index == 1:
+            for prefix in prefixes.values():
+                Path(prefix + ".bin").write_bytes(b"partial")
+            os._exit(3)
+        real(index, spec, pieces, prefixes, *args)
+
+    monkeypatch.setattr(pre, "_partition_main", dying)
+    inputs, _ = _partition_corpus(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(PreprocessError, match="partition 1 .* exit code 3"):
+        preprocess(inputs, str(out / "ds"), build_tokenizer("ByteTokenizer"), partitions=3,
+                   log_stream=open(os.devnull, "w"))
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_cli_split_sentences_partitions(tmp_path):
+    """The CLI: --split-sentences --sentence-splitter punkt-untrained --keep-newlines --partitions 2
+    --workers 2 writes {prefix}_text_sentence, the same bytes as the in-process run with one partition."""
+    pytest.importorskip("nltk")
+    inputs, _ = _partition_corpus(tmp_path)
+    out = tmp_path / "out" / "ds"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", *inputs,
+                           "--output-prefix", str(out), "--tokenizer-type", "ByteTokenizer", "--append-eod",
+                           "--split-sentences", "--sentence-splitter", "punkt-untrained", "--keep-newlines",
+                           "--partitions", "2", "--workers", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 partitions" in proc.stderr
+    ref = preprocess(inputs, str(tmp_path / "ref"), build_tokenizer("ByteTokenizer"), append_eod=True,
+                     split_sentences=True, keep_newlines=True, sentence_splitter="punkt-untrained",
+                     log_stream=open(os.devnull, "w"))
+    assert _same_dataset(f"{out}_text_sentence", ref.outputs["text"])
+    assert sorted(os.listdir(out.parent)) == ["ds_text_sentence.bin", "ds_text_sentence.idx"]

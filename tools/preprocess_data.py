@@ -6,6 +6,12 @@
 writes `data/corpus_text_document.bin/.idx`, the same bytes Megatron-LM's script writes for the same
 tokenizer. Inputs: JSONL (`.jsonl`, `.json`, `.gz`), plain text (`.txt`, `.md`: one document per
 file), Parquet and `datasets.save_to_disk` directories (`.arrow`); files, globs or directories.
+
+--split-sentences stores one sequence per sentence in `data/corpus_text_sentence.bin/.idx`, split by
+NLTK's punkt model as Megatron-LM does (pip install nltk; python -m nltk.downloader punkt_tab);
+`--sentence-splitter punkt-untrained` needs no model data but does not give Megatron-LM's output.
+--partitions N tokenizes N parts of the input in N processes (the --workers shared among them) and
+merges them; the output is the same bytes as with one partition.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
 from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args  # noqa: E402
-from megatron_dataeff.data.preprocess import INPUT_FORMATS, PreprocessError, preprocess  # noqa: E402
+from megatron_dataeff.data.preprocess import (  # noqa: E402
+    INPUT_FORMATS, SENTENCE_SPLITTERS, PreprocessError, preprocess)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -30,22 +37,35 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys (columns) to tokenize, one output each")
     g.add_argument("--skip-invalid", action="store_true",
                    help="skip records that are not JSON, not UTF-8 or lack a key, instead of stopping")
-    g.add_argument("--split-sentences", action="store_true", help="not supported (needs NLTK)")
-    g.add_argument("--keep-newlines", action="store_true", help="only with --split-sentences; not supported")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="one sequence per sentence (NLTK punkt); output {prefix}_{key}_sentence.bin/.idx")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="with --split-sentences: keep the whitespace and newlines after each sentence in it")
+    g.add_argument("--sentence-splitter", choices=SENTENCE_SPLITTERS, default=None,
+                   help="punkt (default): NLTK's trained model for --lang, as Megatron-LM (needs its data: python "
+                        "-m nltk.downloader punkt_tab); punkt-untrained: no model data needed, but it knows no "
+                        "abbreviations, so its output is NOT the same as Megatron-LM's")
+    g.add_argument("--lang", default="english", help="language of the punkt model for --split-sentences")
     g = parser.add_argument_group("tokenization process")
     g.add_argument("--append-eod", action="store_true", help="append the EOD id to each document")
     g = parser.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="output is {prefix}_{key}_document.bin/.idx")
+    g.add_argument("--output-prefix", required=True,
+                   help="output is {prefix}_{key}_document.bin/.idx ({prefix}_{key}_sentence with --split-sentences)")
     g = parser.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="worker processes (1: tokenize in this process)")
-    g.add_argument("--partitions", type=int, default=1, help="accepted for compatibility; output is one dataset")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="processes tokenizing contiguous parts of the input, sharing --workers; same output as 1")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="accepted for compatibility: documents always keep the input order, with any --partitions")
     g.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
     args = parser.parse_args(argv)
-    if args.split_sentences or args.keep_newlines:
-        parser.error("--split-sentences/--keep-newlines are not supported: split sentences beforehand and store "
-                     "them as a list of strings under the key (each becomes one sequence)")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.partitions < 1:
+        parser.error("--partitions must be >= 1")
+    if not args.split_sentences and (args.keep_newlines or args.sentence_splitter):
+        # Megatron-LM ignores --keep-newlines without --split-sentences; so do we, but say so.
+        print("warning: --keep-newlines/--sentence-splitter have no effect without --split-sentences", file=sys.stderr)
     return args
 
 
@@ -55,7 +75,10 @@ def main(argv=None) -> int:
         tokenizer = tokenizer_from_args(args)
         summary = preprocess(args.input, args.output_prefix, tokenizer, json_keys=args.json_keys,
                              append_eod=args.append_eod, workers=args.workers, log_interval=args.log_interval,
-                             input_format=args.input_format, skip_invalid=args.skip_invalid)
+                             input_format=args.input_format, skip_invalid=args.skip_invalid,
+                             split_sentences=args.split_sentences, keep_newlines=args.keep_newlines,
+                             sentence_splitter=args.sentence_splitter or "punkt", lang=args.lang,
+                             partitions=args.partitions)
     except (PreprocessError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
