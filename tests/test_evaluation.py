@@ -76,6 +76,26 @@ class CountingBidirectional(CountingModel):
         return logits
 
 
+class RightToLeftBidirectional(torch.nn.Module):
+    """A diffusion toy that can only be decoded right to left: the last position of the input is
+    certainly "z"; a position whose right neighbour is visible is certainly that neighbour - 1; any
+    other position guesses "a" with lower confidence.  Greedy low-confidence decoding of a masked
+    suffix therefore yields "...wxyz" exactly when it unmasks the most confident position first,
+    conditions on what it committed, and appends nothing after the masked answer."""
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        x = input_ids
+        b, s = x.shape
+        right = torch.cat([x[:, 1:], torch.full_like(x[:, :1], MASK)], 1)
+        logits = torch.full((b, s, V), -5.0)
+        logits[..., ord("a")] = 2.0
+        known = right != MASK
+        logits[known] = torch.nn.functional.one_hot((right[known] - 1) % 256, V).float() * 30.0 - 5.0
+        logits[:, -1] = -5.0
+        logits[:, -1, ord("z")] = 30.0
+        return logits
+
+
 def _scorer(model, diffusion, max_length=64, seed=0):
     return ModelScorer(model, diffusion=diffusion, mask_token_id=MASK, max_length=max_length,
                        tokenizer=ByteTokenizer(), seed=seed, batch_size=64)
@@ -143,6 +163,19 @@ def test_multiple_choice_picks_the_certain_answer(diffusion):
     cloze = [ClozeExample("abcd", "efg"), ClozeExample("abcd", "xyz")]
     res = score_cloze(sc, cloze, mc_samples=8)
     assert res["acc"] == 0.5
+
+
+def test_diffusion_cloze_decodes_the_masked_answer_most_confident_first():
+    """Cloze for diffusion: the answer's positions are masked at the end of the input and decoded one
+    token per step, most confident first, each step conditioned on the tokens already committed."""
+    sc = _scorer(RightToLeftBidirectional(), diffusion=True)
+    ctx = list(b"abc")
+    assert sc.score(ctx, list(b"wxyz"), method="exact").is_greedy
+    assert not sc.score(ctx, list(b"wxya"), method="exact").is_greedy
+    # "aaaz" is what decoding all positions at once (or left to right) would give
+    assert not sc.score(ctx, list(b"aaaz"), method="exact").is_greedy
+    res = score_cloze(sc, [ClozeExample("abc", "vwxyz"), ClozeExample("abc", "axyz"), ClozeExample("ab", "xyz")])
+    assert res["acc"] == pytest.approx(2 / 3)
 
 
 def test_offline_tasks_are_deterministic_for_a_seed():
