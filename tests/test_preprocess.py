@@ -486,9 +486,9 @@ def test_partition_inputs_cut_between_lines(tmp_path):
 def test_partition_that_dies_leaves_nothing(tmp_path, monkeypatch):
     """A partition process that dies (killed, out of memory) stops the run with an error naming it; the
     other partitions are stopped and no partial or temporary file is left."""
-    import megatron_dataeff.data.preprocess as pre
+    import megatron_dataeff.data.partitions as partitions
 
-    real = pre._partition_main
+    real = partitions._partition_main
 
     def dying(index, spec, pieces, prefixes, *args):
         if index == 1:
@@ -497,7 +497,7 @@ def test_partition_that_dies_leaves_nothing(tmp_path, monkeypatch):
             os._exit(3)
         real(index, spec, pieces, prefixes, *args)
 
-    monkeypatch.setattr(pre, "_partition_main", dying)
+    monkeypatch.setattr(partitions, "_partition_main", dying)
     inputs, _ = _partition_corpus(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(PreprocessError, match="partition 1 .* exit code 3"):

@@ -22,377 +22,38 @@ already in the output dtype; the main process only writes bytes.
 Bad input (invalid JSON or UTF-8, a missing key, a value that is not text) stops the run with
 `PreprocessError("file:line: ...")` and leaves no output; `skip_invalid` counts and skips such records.
 Output is written under temporary names and published only when complete (`indexed.publish_all`).
+
+The steps have modules of their own: `inputs` finds the input files and reads them into blocks of work,
+`sentences` splits texts into sentences, `partitions` cuts the input into parts, runs one process per
+part and merges their outputs. This module is the engine: the workers that turn a block into ids
+(`_process_block`) and the run that writes them (`preprocess`). The names the tools use
+(`PreprocessError`, `INPUT_FORMATS`, `SENTENCE_SPLITTERS`, `open_text`, `resolve_inputs`,
+`partition_inputs`) can all be imported from here.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
-import functools
-import glob
-import gzip
-import io
 import json
 import multiprocessing
-import multiprocessing.connection
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 
 from megatron_dataeff.data.indexed import IndexedDatasetWriter, optimal_dtype, publish_all
+# INPUT_FORMATS, open_text and SENTENCE_SPLITTERS are not used here: they are re-exported (see above).
+from megatron_dataeff.data.inputs import (  # noqa: F401
+    BLOCK_BYTES, INPUT_FORMATS, PreprocessError, _Block, _lines_before, _Piece, iter_blocks, open_text,
+    resolve_inputs)
+from megatron_dataeff.data.partitions import partition_inputs, run_partitions
+from megatron_dataeff.data.sentences import SENTENCE_SPLITTERS, make_sentence_splitter, split_sentences  # noqa: F401
 from megatron_dataeff.data.tokenizers import Tokenizer, build_tokenizer
-
-INPUT_FORMATS = ("jsonl", "text", "parquet", "arrow")
-_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text",
-               ".md": "text", ".parquet": "parquet", ".arrow": "arrow"}
-BLOCK_BYTES = 512 * 1024
-ROWS_PER_BLOCK = 2048
-
-
-class PreprocessError(RuntimeError):
-    """Bad input or arguments; the message names the file (and line) at fault."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-def format_of(path: str) -> Optional[str]:
-    """Input format implied by the file name (`.gz` looked through), or None."""
-    name = path[:-3] if path.endswith(".gz") else path
-    return _EXTENSIONS.get(os.path.splitext(name)[1].lower())
-
-
-def _hf_dataset_files(directory: str) -> Optional[list[str]]:
-    """The .arrow files of a `datasets.Dataset.save_to_disk` directory, in order; None if it is not one."""
-    state = os.path.join(directory, "state.json")
-    if os.path.isfile(state):
-        with open(state) as f:
-            files = [d["filename"] for d in json.load(f).get("_data_files", [])]
-        return [os.path.join(directory, name) for name in files]
-    if os.path.isfile(os.path.join(directory, "dataset_dict.json")):
-        with open(os.path.join(directory, "dataset_dict.json")) as f:
-            splits = json.load(f).get("splits", [])
-        raise PreprocessError(f"{directory} is a DatasetDict; point --input at one split: "
-                              + ", ".join(os.path.join(directory, s) for s in splits))
-    return None
-
-
-def resolve_inputs(patterns, input_format: Optional[str] = None) -> list[tuple[str, str]]:
-    """(path, format) of every input file: files, globs (sorted) and directories (walked, sorted)."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    if input_format is not None and input_format not in INPUT_FORMATS:
-        raise PreprocessError(f"--input-format must be one of {INPUT_FORMATS}, got {input_format!r}")
-    found: list[tuple[str, str]] = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            arrow = _hf_dataset_files(pattern)
-            if arrow is not None:
-                found += [(p, "arrow") for p in arrow]
-                continue
-            paths = []
-            for dirpath, dirnames, filenames in os.walk(pattern):
-                dirnames.sort()
-                paths += [os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith(".")]
-            paths = [p for p in paths if format_of(p) is not None]
-        elif any(ch in pattern for ch in "*?["):
-            paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        else:
-            paths = [pattern] if os.path.isfile(pattern) else []
-        if not paths:
-            raise PreprocessError(f"no input files match {pattern}")
-        for p in paths:
-            fmt = input_format or format_of(p) or "jsonl"
-            found.append((p, fmt))
-    return found
-
-
-def open_text(path: str):
-    """A text stream of a plain or gzipped UTF-8 file."""
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-@dataclass
-class _Block:
-    """One unit of work: raw JSONL lines, whole text files, or rows of a table."""
-
-    kind: str  # "jsonl" | "text" | "rows"
-    path: str
-    first: int  # line (jsonl) or row (rows) number of the first record, 1-based
-    data: object  # bytes | list[bytes] | dict[key, list]
-    progress: int = 0  # input bytes consumed once this block is done (over all files)
-    line_origin: int = 0  # > 0: `first` counts lines from this byte offset of the file, not from its start
-
-
-@dataclass
-class _Piece:
-    """A file, or for uncompressed JSONL a byte range of whole lines of it."""
-
-    path: str
-    fmt: str
-    start: int = 0
-    end: Optional[int] = None  # None: to the end of the file
-
-    def size(self) -> int:
-        end = os.path.getsize(self.path) if self.end is None else self.end
-        return end - self.start
-
-
-def _line_start_at_or_after(path: str, offset: int) -> int:
-    """The first offset >= `offset` at which a line of `path` starts (the file size if none does)."""
-    if offset <= 0:
-        return 0
-    with open(path, "rb") as f:
-        f.seek(offset - 1)
-        pos = offset - 1
-        while True:
-            chunk = f.read(1 << 16)
-            if not chunk:
-                return pos
-            cut = chunk.find(b"\n")
-            if cut >= 0:
-                return pos + cut + 1
-            pos += len(chunk)
-
-
-def partition_inputs(files: list[tuple[str, str]], partitions: int) -> list[list[_Piece]]:
-    """`files` cut into at most `partitions` contiguous runs of about equal size, in input order.
-
-    Uncompressed JSONL files are cut between lines wherever a partition boundary falls inside them;
-    other files (gzip, text, Parquet, Arrow) go whole to the partition holding their middle byte.
-    Partitions left with nothing are dropped."""
-    sizes = [os.path.getsize(p) for p, _ in files]
-    total = sum(sizes)
-    bounds = [total * i // partitions for i in range(1, partitions)]
-    parts: list[list[_Piece]] = [[] for _ in range(partitions)]
-    base = 0
-    for (path, fmt), size in zip(files, sizes):
-        if fmt == "jsonl" and not path.endswith(".gz") and size > 0:
-            inner = [b for b in bounds if base < b < base + size]
-            starts = [0] + [_line_start_at_or_after(path, b - base) for b in inner]
-            ends = starts[1:] + [size]
-            for raw, start, end in zip([base] + inner, starts, ends):
-                if end > start:
-                    parts[bisect.bisect_right(bounds, raw)].append(_Piece(path, fmt, start, end))
-        else:
-            parts[bisect.bisect_right(bounds, base + size // 2)].append(_Piece(path, fmt))
-        base += size
-    return [p for p in parts if p]
-
-
-@functools.lru_cache(maxsize=64)
-def _lines_before(path: str, offset: int) -> int:
-    """Newlines in the first `offset` bytes of `path` (for error messages of a partition's blocks)."""
-    count = 0
-    with open(path, "rb") as f:
-        while offset > 0:
-            chunk = f.read(min(1 << 24, offset))
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            offset -= len(chunk)
-    return count
-
-
-def _iter_jsonl(piece: _Piece, base: int, block_bytes: int) -> Iterator[_Block]:
-    path, start, end = piece.path, piece.start, piece.end
-    raw = open(path, "rb")
-    try:
-        stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-        if start:
-            raw.seek(start)
-        line, rest = 1, b""
-        while True:
-            want = block_bytes if end is None else min(block_bytes, end - raw.tell())
-            try:
-                data = stream.read(want) if want > 0 else b""
-            except (OSError, EOFError) as exc:  # a corrupt gzip stream
-                raise PreprocessError(f"{path}: cannot read: {exc}") from exc
-            if not data:
-                break
-            data = rest + data
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                rest = data
-                continue
-            blob, rest = data[:cut + 1], data[cut + 1:]
-            yield _Block("jsonl", path, line, blob, base + raw.tell() - start, start)
-            line += blob.count(b"\n")
-        if rest:
-            yield _Block("jsonl", path, line, rest, base + raw.tell() - start, start)
-    finally:
-        raw.close()
-
-
-def _iter_text_files(paths: list[str], bases: list[int], block_bytes: int) -> Iterator[_Block]:
-    batch, size = [], 0
-    for path, base in zip(paths, bases):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            data = f.read()
-        batch.append((path, data))
-        size += len(data)
-        if size >= block_bytes:
-            yield _Block("text", path, 1, batch, base + os.path.getsize(path))
-            batch, size = [], 0
-    if batch:
-        yield _Block("text", batch[-1][0], 1, batch, bases[-1] + os.path.getsize(batch[-1][0]))
-
-
-def _iter_table(path: str, fmt: str, keys: list[str], base: int, rows_per_block: int) -> Iterator[_Block]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise PreprocessError(f"{path}: reading {fmt} needs pyarrow (pip install pyarrow)") from exc
-    size = os.path.getsize(path)
-    try:
-        if fmt == "parquet":
-            pf = pq.ParquetFile(path)
-            names, total = pf.schema_arrow.names, pf.metadata.num_rows
-            batches = pf.iter_batches(batch_size=rows_per_block, columns=[k for k in keys if k in names])
-        else:
-            source = pa.memory_map(path)
-            try:
-                reader = pa.ipc.open_stream(source)
-            except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(source)
-                reader = reader.read_all().to_reader()
-            names, total = reader.schema.names, None
-            batches = reader
-    except (OSError, pa.ArrowException) as exc:
-        raise PreprocessError(f"{path}: cannot read as {fmt}: {exc}") from exc
-    missing = [k for k in keys if k not in names]
-    if missing:
-        raise PreprocessError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)})")
-    row = 1
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        cols = {k: batch.column(k).to_pylist() for k in keys}
-        done = row - 1 + batch.num_rows
-        frac = done / total if total else 0.0
-        yield _Block("rows", path, row, cols, base + int(size * frac))
-        row = done + 1
-
-
-def iter_blocks(files, keys: list[str], block_bytes: int = BLOCK_BYTES) -> Iterator[_Block]:
-    """The work of a run, in input order; `files` are (path, format) pairs or `_Piece`s."""
-    pieces = [f if isinstance(f, _Piece) else _Piece(*f) for f in files]
-    base = 0
-    text_run: list[tuple[str, int]] = []
-    for piece in pieces + [_Piece("", "end")]:
-        path, fmt = piece.path, piece.fmt
-        if fmt != "text" and text_run:
-            yield from _iter_text_files([p for p, _ in text_run], [b for _, b in text_run], block_bytes)
-            text_run = []
-        if fmt == "end":
-            break
-        size = piece.size()
-        if fmt == "text":
-            if keys != ["text"]:
-                raise PreprocessError(f"{path}: plain-text input has one field; use --json-keys text")
-            text_run.append((path, base))
-        elif fmt == "jsonl":
-            yield from _iter_jsonl(piece, base, block_bytes)
-        else:
-            yield from _iter_table(path, fmt, keys, base, ROWS_PER_BLOCK)
-        base += size
-
-
-# --------------------------------------------------------------------------------------------------
-# Sentence splitting (--split-sentences)
-# --------------------------------------------------------------------------------------------------
-SENTENCE_SPLITTERS = ("punkt", "punkt-untrained")
-_SPLIT_CHARS = 1_000_000  # Megatron-LM hands a text to the splitter in pieces of this many characters
-
-# Megatron-LM's CustomLanguageVars (tools/preprocess_data.py, from
-# https://stackoverflow.com/questions/33139531): `\s*` instead of `\s+` keeps the whitespace after a
-# sentence end, newlines included, at the end of that sentence instead of dropping it.
-_KEEP_NEWLINES_PERIOD_CONTEXT = r"""
-        \S*                          # some word material
-        %(SentEndChars)s             # a potential sentence ending
-        \s*                       #  <-- THIS is what I changed
-        (?=(?P<after_tok>
-            %(NonWord)s              # either other punctuation
-            |
-            (?P<next_tok>\S+)     #  <-- Normally you would have \s+ here
-        ))"""
-
-
-@functools.lru_cache(maxsize=1)
-def _keep_newlines_vars_class():
-    from nltk.tokenize.punkt import PunktLanguageVars
-
-    return type("CustomLanguageVars", (PunktLanguageVars,), {"_period_context_fmt": _KEEP_NEWLINES_PERIOD_CONTEXT})
-
-
-def _punkt_model(lang: str):
-    """NLTK's trained punkt tokenizer for `lang`: the `punkt_tab` data (NLTK >= 3.8.2, which also
-    serves Megatron-LM's `nltk.load("tokenizers/punkt/{lang}.pickle")`), else the old pickle."""
-    import nltk
-
-    try:
-        from nltk.tokenize.punkt import PunktTokenizer
-    except ImportError:  # NLTK < 3.8.2 has only the pickled models
-        return nltk.data.load(f"tokenizers/punkt/{lang}.pickle")
-    try:
-        return PunktTokenizer(lang)
-    except LookupError:
-        return nltk.data.load(f"tokenizers/punkt/{lang}.pickle")  # NLTK 3.8.2-3.8.x still reads the pickle
-
-
-def make_sentence_splitter(kind: str = "punkt", lang: str = "english", keep_newlines: bool = False):
-    """An object whose `tokenize(text)` gives the sentences of `text`, as Megatron-LM builds it.
-
-    kind "punkt": NLTK's trained punkt model for `lang` (what Megatron-LM uses; needs `pip install nltk`
-    and its data, `python -m nltk.downloader punkt_tab`). kind "punkt-untrained": punkt with no model
-    (no abbreviations or collocations known, so e.g. "Dr. Smith" is split after "Dr."): needs only the
-    nltk package, and its output is NOT the same as Megatron-LM's."""
-    if kind not in SENTENCE_SPLITTERS:
-        raise PreprocessError(f"sentence splitter must be one of {SENTENCE_SPLITTERS}, got {kind!r}")
-    try:
-        from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
-    except ImportError as exc:
-        raise PreprocessError("--split-sentences needs NLTK: pip install nltk"
-                              + (" (and its punkt data: python -m nltk.downloader punkt_tab)"
-                                 if kind == "punkt" else "")) from exc
-    if kind == "punkt":
-        try:
-            model = _punkt_model(lang)
-        except (LookupError, OSError, ValueError) as exc:
-            import nltk
-
-            raise PreprocessError(
-                f"--split-sentences: NLTK's punkt model for {lang!r} is not installed (searched "
-                f"{os.pathsep.join(map(str, nltk.data.path))}). Install it with: python -m nltk.downloader "
-                f"punkt_tab (or put tokenizers/punkt_tab/{lang}/ under a folder named by NLTK_DATA); or pass "
-                f"--sentence-splitter punkt-untrained to split with no model (output not identical to "
-                f"Megatron-LM's)") from exc
-        params = model._params
-    else:
-        model, params = PunktSentenceTokenizer(), PunktParameters()
-    if not keep_newlines:
-        return model
-    return PunktSentenceTokenizer(train_text=params, lang_vars=_keep_newlines_vars_class()())
-
-
-def split_sentences(splitter, text) -> list[str]:
-    """The sentences of `text` (a string, or a list of strings split one by one), in Megatron-LM's way:
-    the text goes to the splitter in pieces of 1,000,000 characters."""
-    texts = [text] if isinstance(text, str) else text
-    return [sent for t in texts for i in range(0, len(t), _SPLIT_CHARS)
-            for sent in splitter.tokenize(t[i:i + _SPLIT_CHARS])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +95,27 @@ def _init_pool_worker(spec: _WorkerSpec) -> None:
     # Ctrl-C and `kill` are for the process owning the pool: it stops and terminates the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the fork (_start_pool): a pending one kills us now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _init_worker(spec)
+
+
+def _start_pool(workers: int, spec: _WorkerSpec):
+    """A pool of `workers` processes that cannot lose pool.terminate()'s SIGTERM.
+
+    A forked worker inherits the owner's SIGTERM handler (`_raise_interrupt`) until its initializer
+    resets it; a SIGTERM arriving in between would be caught by the C handler and then dropped by
+    Python, whose handler is no longer callable, and the worker would block forever on the task
+    queue's lock while terminate() joins it.  So SIGTERM is blocked across the fork, and each worker
+    unblocks it only once its handler is the default.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return _mp_context().Pool(workers, initializer=_init_pool_worker, initargs=(spec,))
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return _mp_context().Pool(workers, initializer=_init_pool_worker, initargs=(spec,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _init_worker(spec: _WorkerSpec, tok: Optional[Tokenizer] = None) -> None:
@@ -729,7 +410,7 @@ def preprocess(inputs, output_prefix: str, tokenizer: Optional[Tokenizer] = None
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if len(parts) > 1:
-            _run_partitions(parts, spec, workers, block_bytes, summary, progress, log)
+            run_partitions(parts, spec, workers, block_bytes, summary, progress, log)
         else:
             _run_one(parts[0], spec, workers, block_bytes, tokenizer, summary, progress, log)
     finally:
@@ -751,7 +432,7 @@ def _run_pieces(pieces: list[_Piece], writers: list[IndexedDatasetWriter], spec:
     pool = None
     try:
         if workers > 1:
-            pool = _mp_context().Pool(workers, initializer=_init_pool_worker, initargs=(spec,))
+            pool = _start_pool(workers, spec)
         else:
             _init_worker(spec, tokenizer)
         pending: collections.deque = collections.deque()
@@ -808,135 +489,6 @@ def _run_one(pieces, spec, workers, block_bytes, tokenizer, summary, progress, l
         for w in writers:
             w.abort()
         raise
-
-
-def _partition_main(index: int, spec: _WorkerSpec, pieces: list[_Piece], prefixes: dict, workers: int,
-                    block_bytes: int, conn) -> None:
-    """One partition's process: `pieces` -> complete datasets at `prefixes` (key -> prefix), reporting
-    ("progress", counts, bytes done, first invalid record), then ("done", counts) or ("error", message)."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    counts = PreprocessSummary(dict(prefixes))
-    writers: list[IndexedDatasetWriter] = []
-    try:
-        writers = [IndexedDatasetWriter(prefixes[k], dtype=spec.dtype) for k in spec.keys]
-
-        def on_result(result: _BlockResult) -> None:
-            counts._add(result, spec.keys[0])
-            conn.send(("progress", counts._counts(), result.progress, result.first_invalid))
-
-        _run_pieces(pieces, writers, spec, workers, block_bytes, None, on_result)
-        publish_all(writers)
-        conn.send(("done", counts._counts()))
-    except KeyboardInterrupt:  # stopped by the main process (or Ctrl-C): it reports
-        for w in writers:
-            w.abort()
-        sys.exit(130)
-    except BaseException as exc:  # noqa: BLE001 - handed to the main process
-        for w in writers:
-            w.abort()
-        message = str(exc) if isinstance(exc, PreprocessError) else f"{type(exc).__name__}: {exc}"
-        try:
-            conn.send(("error", message))
-        except OSError:
-            pass
-        sys.exit(1)
-    finally:
-        conn.close()
-
-
-def _receive(conn) -> list:
-    """The messages waiting on `conn`."""
-    messages = []
-    try:
-        while conn.poll():
-            messages.append(conn.recv())
-    except (EOFError, OSError):
-        pass
-    return messages
-
-
-def _stop(procs) -> None:
-    """Stop the partition processes still running (SIGTERM: they remove their files), then reap all."""
-    for p in procs:
-        if p.exitcode is None:
-            p.terminate()
-    for p in procs:
-        p.join(timeout=30)
-        if p.exitcode is None:
-            p.kill()
-            p.join()
-
-
-def _run_partitions(parts: list[list[_Piece]], spec, workers, block_bytes, summary, progress, log) -> None:
-    """Each part in its own process into a partial dataset (in a temporary folder next to the output),
-    then the partials appended in order into the output; the folder is removed whatever happens."""
-    n = len(parts)
-    shares = [max(1, workers // n + (i < workers % n)) for i in range(n)]
-    first = summary.outputs[spec.keys[0]]
-    directory = os.path.dirname(os.path.abspath(first))
-    os.makedirs(directory, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(first)}.partitions-", dir=directory)
-    partial = [{k: os.path.join(tmpdir, f"part{i:04d}_{k}") for k in spec.keys} for i in range(n)]
-    ctx = _mp_context()
-    procs: list = []
-    conns: list = []
-    writers: list[IndexedDatasetWriter] = []
-    latest = [((0,) * len(_COUNTS), 0) for _ in range(n)]
-    finals: dict = {}
-    errors: dict = {}
-    shown_invalid = False
-    try:
-        for i in range(n):
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_partition_main, name=f"preprocess-partition-{i}",
-                               args=(i, spec, parts[i], partial[i], shares[i], block_bytes, send))
-            proc.start()
-            send.close()
-            procs.append(proc)
-            conns.append(recv)
-        live = set(range(n))
-        while live and not errors:
-            multiprocessing.connection.wait([conns[i] for i in live] + [procs[i].sentinel for i in live])
-            for i in sorted(live):
-                messages = _receive(conns[i])
-                if procs[i].exitcode is not None:  # all it sent is in the pipe by now
-                    messages += _receive(conns[i])
-                    live.discard(i)
-                for msg in messages:
-                    if msg[0] == "progress":
-                        latest[i] = (msg[1], msg[2])
-                        if msg[3] and not shown_invalid:
-                            shown_invalid = True
-                            print(f"skipping invalid record: {msg[3]}", file=log, flush=True)
-                    elif msg[0] == "done":
-                        finals[i] = msg[1]
-                    else:
-                        errors[i] = msg[1]
-                if i not in live and i not in finals and i not in errors:
-                    errors[i] = (f"partition {i} ({parts[i][0].path} ...) stopped with exit code "
-                                 f"{procs[i].exitcode} before finishing")
-            done = [sum(c[j] for c, _ in latest) for j in range(len(_COUNTS))]
-            progress.update(done[0], done[2], sum(b for _, b in latest))
-        if errors:
-            raise PreprocessError(errors[min(errors)])
-        for i in range(n):
-            summary._add_counts(finals[i])
-        _check_documents(summary, parts)
-        print(f"merging {n} partitions", file=log, flush=True)
-        writers = [IndexedDatasetWriter(summary.outputs[k], dtype=spec.dtype) for k in spec.keys]
-        for w, k in zip(writers, spec.keys):
-            for prefixes in partial:
-                w.add_index(prefixes[k])
-        publish_all(writers)
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    finally:
-        _stop(procs)
-        for c in conns:
-            c.close()
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _raise_interrupt(signum, frame):
