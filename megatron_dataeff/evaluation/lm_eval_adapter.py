@@ -193,14 +193,7 @@ class MegatronDataEffLM(_LMBase):
         if not isinstance(sc.model, GPTModel):
             return sc.logits_fn
         cache = KVCacheLogits(sc.model, max_length)
-
-        def fn(input_ids):
-            logits = cache(input_ids).float()
-            if sc.vocab_ids is not None and logits.shape[-1] > sc.vocab_ids:
-                logits[..., sc.vocab_ids:] = float("-inf")
-            return logits
-
-        return fn
+        return lambda input_ids: sc.mask_padding(cache(input_ids).float())
 
 
 def register() -> type:

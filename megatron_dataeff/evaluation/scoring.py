@@ -110,7 +110,10 @@ class ModelScorer:
         x = input_ids.to(self.device)
         b, s = x.shape
         pos = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
-        logits = self.model(x, pos, None).float()
+        return self.mask_padding(self.model(x, pos, None).float())
+
+    def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the logits of the padded vocabulary rows (ids >= vocab_ids) to -inf, in place; returns them."""
         if self.vocab_ids is not None and logits.shape[-1] > self.vocab_ids:
             logits[..., self.vocab_ids:] = float("-inf")
         return logits
