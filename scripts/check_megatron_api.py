@@ -1344,9 +1344,8 @@ class Analyzer:
     # -------------------------------------------------------------- hand lists
     def check_hand_lists(self, display_to_mod):
         for h in HAND_ATTRS:
-            line = self._find_line(h.file, h.snippet)
+            line = self._hand_line(h)
             if line is None:
-                self.report(h.file, 0, f"hand list stale: no line contains {h.snippet!r}")
                 continue
             classes = h.cls if isinstance(h.cls, list) else [h.cls]
             attrs = list(h.attrs)
@@ -1367,9 +1366,8 @@ class Analyzer:
                         soft = " (our access is guarded, so this silently changes behaviour)" if h.soft else ""
                         self.report(h.file, line, f"{cpath} has no attribute {a!r}{soft}")
         for h in HAND_FIELD_TYPES:
-            line = self._find_line(h.file, h.snippet)
+            line = self._hand_line(h)
             if line is None:
-                self.report(h.file, 0, f"hand list stale: no line contains {h.snippet!r}")
                 continue
             cls = self.resolve_path(h.cls)
             if cls is None or cls.kind != "class":
@@ -1384,9 +1382,8 @@ class Analyzer:
             elif h.mentions not in ann:
                 self.report(h.file, line, f"{h.cls}.{h.field} is now `{ann}`, not a {h.mentions}: {h.why}")
         for h in HAND_SOURCE_REFS:
-            line = self._find_line(h.file, h.snippet)
+            line = self._hand_line(h)
             if line is None:
-                self.report(h.file, 0, f"hand list stale: no line contains {h.snippet!r}")
                 continue
             fn = self.resolve_path(h.func)
             if fn is None or fn.kind != "func":
@@ -1459,6 +1456,13 @@ class Analyzer:
                     keys, _ = self._literal_keys(stmt.value, "")
                     return list(keys)
         return []
+
+    def _hand_line(self, h) -> "int | None":
+        """The line of ours a hand-list entry stands for, or None after reporting the entry as stale."""
+        line = self._find_line(h.file, h.snippet)
+        if line is None:
+            self.report(h.file, 0, f"hand list stale: no line contains {h.snippet!r}")
+        return line
 
     def _find_line(self, file, snippet):
         for i, text in enumerate((self.project / file).read_text().splitlines(), 1):
