@@ -5,7 +5,9 @@
 
 megatron_dataeff._C (CPU kernels) is built whenever torch is importable at build time.
 megatron_dataeff._C_cuda is built when torch is a CUDA build and nvcc is found; MEGATRON_DATAEFF_CUDA=0/1
-forces it off/on.  A failing extension build never fails the install: it prints a warning, and
+forces it off/on.  On a build machine without a visible GPU (a container build, a login node), the
+CUDA architectures come from TORCH_CUDA_ARCH_LIST, or default to the data-centre GPUs this toolkit
+supports (A100, H100/H200, B200 and PTX for later ones).  A failing extension build never fails the install: it prints a warning, and
 megatron_dataeff.ops falls back to the plain-torch reference (and says so at import).
 """
 
@@ -35,6 +37,18 @@ def _want_cuda(torch, cuda_home) -> bool:
     return torch.version.cuda is not None and cuda_home is not None
 
 
+def _default_cuda_arch_list(torch) -> "str | None":
+    """TORCH_CUDA_ARCH_LIST for a build that sees no GPU (torch would otherwise fail to pick one)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+        return None
+    major, minor = (int(x) for x in torch.version.cuda.split(".")[:2])
+    if (major, minor) >= (12, 8):
+        return "8.0;9.0;10.0+PTX"
+    if (major, minor) >= (11, 8):
+        return "8.0;9.0+PTX"
+    return "8.0+PTX"
+
+
 def _extensions_and_cmdclass():
     try:
         import torch
@@ -49,6 +63,11 @@ def _extensions_and_cmdclass():
         extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"],
     )]
     if _want_cuda(torch, cpp_extension.CUDA_HOME):
+        arch_list = _default_cuda_arch_list(torch)
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+            print(f"megatron_dataeff: no GPU visible at build time; building _C_cuda for "
+                  f"TORCH_CUDA_ARCH_LIST={arch_list} (set it to choose)", file=sys.stderr, flush=True)
         exts.append(cpp_extension.CUDAExtension(
             "megatron_dataeff._C_cuda", CUDA_SOURCES, include_dirs=include,
             extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS},

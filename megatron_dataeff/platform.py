@@ -14,6 +14,9 @@ GPU path never calls it.  What it does, and why (measured with megatron-core 0.1
 * type strings: grad clipping and the mixed-precision optimizer check `param.type()` against
   `torch.cuda.FloatTensor` / `torch.cuda.BFloat16Tensor`; the no-argument `Tensor.type()` reports
   the `torch.cuda.` name for CPU tensors.
+* streams: from megatron-core 0.19 DDP's grad sync waits on `torch.cuda.current_stream()` even
+  without overlap; `current_stream()` returns a stream whose waits and syncs do nothing (CPU
+  work is ordered already).
 * config: the fusions (`masked_softmax_fusion`, `bias_activation_fusion`, ...) need CUDA kernels
   and DDP's overlapped grad reduce needs CUDA streams; `cpu_config_overrides()` turns them off.
 """
@@ -87,6 +90,25 @@ def _cpu_manual_seed(seed):
     torch.default_generator.manual_seed(int(seed))
 
 
+class _CpuStream:
+    """What `torch.cuda.current_stream()` returns on CPUs: work is already in program order."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
+_CPU_STREAM = _CpuStream()
+
+
 @functools.cache
 def _original_type():
     return torch.Tensor.type
@@ -116,6 +138,7 @@ def enable_cpu_support() -> None:
     cuda.set_device = lambda *a, **k: None
     cuda.synchronize = lambda *a, **k: None
     cuda.empty_cache = lambda *a, **k: None
+    cuda.current_stream = lambda *a, **k: _CPU_STREAM
     cuda.get_rng_state = _cpu_get_rng_state
     cuda.set_rng_state = _cpu_set_rng_state
     cuda.manual_seed = _cpu_manual_seed

@@ -196,7 +196,7 @@ class HandFieldType:
 
 
 HAND_FIELD_TYPES = [
-    HandFieldType("megatron_dataeff/models/layer_specs.py", "module = RegularizedMLP",
+    HandFieldType("megatron_dataeff/models/layer_specs.py", "mlp.module = cls",
                   "megatron.core.transformer.transformer_layer.TransformerLayerSubmodules", "mlp", "ModuleSpec",
                   "we replace the MLP class by setting `.module` on it; on a non-ModuleSpec builder (e.g. a "
                   "functools.partial) that assignment silently does nothing and --mlp-dropout is ignored",
@@ -247,7 +247,8 @@ HAND_SOURCE_REFS = [
                   "megatron.core.tokenizers.text.libraries.null_tokenizer.NullTokenizer.__init__",
                   "_vocab_size_without_eod",
                   "megatron's NullTokenizer(V) no longer has V + 1 ids with EOD = V (our NullTokenizer's "
-                  "convention, which this test compares against)"),
+                  "convention, which this test compares against)",
+                  unless="since_018")
 ]
 
 HAND_CALLS = [

@@ -15,7 +15,7 @@ from megatron_dataeff.data.tokenizers import ByteTokenizer
 from megatron_dataeff.evaluation.effective_data import effective_data, fit_half_life
 from megatron_dataeff.evaluation.scoring import ModelScorer
 from megatron_dataeff.evaluation.tasks import (ChoiceExample, ClozeExample, build_cloze, build_continuation,
-                                               score_choices, score_cloze)
+                                               evaluate_tasks, score_choices, score_cloze)
 from tests.conftest import ROOT, run_pretrain
 
 V = 258  # ByteTokenizer ids (EOD 256, [MASK] 257)
@@ -93,6 +93,26 @@ class RightToLeftBidirectional(torch.nn.Module):
         logits[known] = torch.nn.functional.one_hot((right[known] - 1) % 256, V).float() * 30.0 - 5.0
         logits[:, -1] = -5.0
         logits[:, -1, ord("z")] = 30.0
+        return logits
+
+
+class LeftToRightBidirectional(torch.nn.Module):
+    """A diffusion toy that can only be decoded left to right: a position whose left neighbour is
+    visible is fairly surely that neighbour + 1; the last position of the input, while its left
+    neighbour is masked, is certainly "q"; any other position guesses "a" with lower confidence.
+    Most-confident-first decoding of a masked suffix commits "q" at the end first; left-to-right
+    decoding after "abc" yields "defg"."""
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        x = input_ids
+        b, s = x.shape
+        left = torch.cat([torch.full_like(x[:, :1], MASK), x[:, :-1]], 1)
+        logits = torch.full((b, s, V), -5.0)
+        logits[..., ord("a")] = 2.0
+        logits[:, -1] = -5.0
+        logits[:, -1, ord("q")] = 30.0
+        known = left != MASK
+        logits[known] = torch.nn.functional.one_hot((left[known] + 1) % 256, V).float() * 10.0 - 5.0
         return logits
 
 
@@ -178,6 +198,57 @@ def test_diffusion_cloze_decodes_the_masked_answer_most_confident_first():
     assert res["acc"] == pytest.approx(2 / 3)
 
 
+def test_diffusion_greedy_order_l2r_decodes_the_leftmost_masked_position_first():
+    """greedy_order="l2r" commits the leftmost masked position each step: it reproduces an answer
+    only a left-to-right decoder gets and misses one only most-confident-first decoding gets."""
+    l2r_model = _scorer(LeftToRightBidirectional(), diffusion=True)
+    ctx = list(b"abc")
+    assert l2r_model.score(ctx, list(b"defg"), method="exact", greedy_order="l2r").is_greedy
+    assert not l2r_model.score(ctx, list(b"defg"), method="exact").is_greedy
+    assert l2r_model.score(ctx, list(b"defq"), method="exact").is_greedy
+    assert not l2r_model.score(ctx, list(b"defq"), method="exact", greedy_order="l2r").is_greedy
+    r2l_model = _scorer(RightToLeftBidirectional(), diffusion=True)
+    assert not r2l_model.score(ctx, list(b"wxyz"), method="exact", greedy_order="l2r").is_greedy
+    assert r2l_model.score(ctx, list(b"aaaz"), method="exact", greedy_order="l2r").is_greedy
+    cloze = [ClozeExample("abc", "defg"), ClozeExample("abc", "defq"), ClozeExample("xyz", "{|}~")]
+    assert score_cloze(l2r_model, cloze, greedy_order="l2r")["acc"] == pytest.approx(2 / 3)
+    assert score_cloze(l2r_model, cloze)["acc"] == pytest.approx(1 / 3)
+    assert evaluate_tasks(l2r_model, {"cloze": cloze}, greedy_order="l2r")["cloze"]["acc"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("diffusion", [False, True])
+def test_greedy_order_is_checked_and_ignored_by_ar(diffusion):
+    """An unknown greedy_order raises, naming the option and its values; AR scores are the same in
+    either order (AR greedy is left to right)."""
+    sc = _scorer(CountingBidirectional() if diffusion else CountingModel(), diffusion)
+    with pytest.raises(ValueError, match="greedy_order must be one of confidence, l2r, got 'r2l'"):
+        sc.score(list(b"abcd"), list(b"efgh"), method="exact", greedy_order="r2l")
+    scores = [sc.score(list(b"abcd"), list(cont), method="exact", greedy_order=order)
+              for order in ("confidence", "l2r") for cont in (b"efgh", b"efgX")]
+    assert [s.is_greedy for s in scores] == [True, False, True, False]
+    assert scores[0] == scores[2] and scores[1] == scores[3]
+
+
+def test_evaluate_cli_passes_greedy_order(monkeypatch, capsys):
+    """tools/evaluate.py --greedy-order reaches evaluate_checkpoint (default confidence); other values
+    are refused by the parser."""
+    import importlib.util
+
+    from megatron_dataeff.evaluation import checkpoint_eval
+
+    spec = importlib.util.spec_from_file_location("_tool_evaluate", ROOT / "tools" / "evaluate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    calls = []
+    monkeypatch.setattr(checkpoint_eval, "evaluate_checkpoint", lambda path, **kw: calls.append(kw) or {"x": 1})
+    assert tool.main(["--load", "ckpt", "--json", "--greedy-order", "l2r"]) == 0
+    assert tool.main(["--load", "ckpt", "--json"]) == 0
+    assert [c["greedy_order"] for c in calls] == ["l2r", "confidence"]
+    with pytest.raises(SystemExit):
+        tool.main(["--load", "ckpt", "--greedy-order", "r2l"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_offline_tasks_are_deterministic_for_a_seed():
     """The cloze and continuation tasks depend only on the documents and the seed."""
     docs = [(f"Document {d} explains the parser. The parser reads tokens from the stream. "
@@ -232,7 +303,7 @@ def test_evaluate_cli_json_reproduces_trainer_validation(mdm_checkpoint):
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--load", str(ckpt), "--json",
                           "--mc-samples", "1", "--eval-windows", "16", "--tasks", "cloze,continuation",
-                          "--num-examples", "4"], capture_output=True, text=True, env=env, timeout=300)
+                          "--num-examples", "4", "--greedy-order", "l2r"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1
@@ -240,6 +311,7 @@ def test_evaluate_cli_json_reproduces_trainer_validation(mdm_checkpoint):
     assert res["val_loss"] == pytest.approx(logged, rel=1e-6)
     assert res["val_loss_stderr"] > 0 and res["tokens"] == 16 * 32
     assert 0.0 <= res["continuation_acc"] <= 1.0 and 0.0 <= res["cloze_acc"] <= 1.0
+    assert res["greedy_order"] == "l2r"
 
 
 def test_chain_rule_and_mc_agree_on_trained_tiny_model(mdm_checkpoint, megatron_cpu):

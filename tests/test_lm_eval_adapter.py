@@ -13,7 +13,8 @@ import torch
 
 from megatron_dataeff.evaluation.lm_eval_adapter import LM_EVAL_AVAILABLE, MegatronDataEffLM
 from tests.conftest import ROOT, run_pretrain
-from tests.test_evaluation import CountingBidirectional, CountingModel, FixedDistribution, _scorer
+from tests.test_evaluation import (CountingBidirectional, CountingModel, FixedDistribution, LeftToRightBidirectional,
+                                  _scorer)
 
 
 def _req(*args):
@@ -32,6 +33,18 @@ def test_loglikelihood_and_generate_on_certain_model(diffusion):
     gen = lm.generate_until([_req("abcd", {"until": ["i"], "max_gen_toks": 6}),
                              _req("KLMN", {"until": [], "max_gen_toks": 3})])
     assert gen == ["efgh", "OPQ"]
+
+
+def test_loglikelihood_greedy_order_model_arg():
+    """model_args greedy_order=l2r makes is_greedy decode left to right (default: most confident
+    first); an unknown order is refused when the model is built."""
+    sc = _scorer(LeftToRightBidirectional(), diffusion=True)
+    reqs = [_req("abc", "defg"), _req("abc", "defq")]
+    assert [g for _, g in MegatronDataEffLM(scorer=sc, method="exact").loglikelihood(reqs)] == [False, True]
+    lm = MegatronDataEffLM(scorer=sc, method="exact", greedy_order="l2r")
+    assert [g for _, g in lm.loglikelihood(reqs)] == [True, False]
+    with pytest.raises(ValueError, match="greedy_order"):
+        MegatronDataEffLM(scorer=sc, greedy_order="random")
 
 
 def test_loglikelihood_rolling_ar_counts_every_token_once():

@@ -7,6 +7,8 @@ Diffusion models: the validation ELBO uses --val-mc-samples (default: --mc-sampl
 samples per window with stratified mask rates; multiple-choice answers are scored with the
 Monte-Carlo ELBO of the answer given the context (--method mc, --mc-samples 32-128), the exact
 ELBO (--method exact, short answers) or the chain rule (--method chain, one forward per token).
+Cloze accuracy decodes a diffusion model's masked answer one token per step, most confident
+position first (--greedy-order confidence, LLaDA's order) or left to right (--greedy-order l2r).
 `--json` prints one JSON line (val_loss, val_loss_stderr, tokens, <task>_acc, ...).
 """
 
@@ -30,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-mc-samples", type=int, default=None, help="diffusion: samples per validation window")
     p.add_argument("--method", choices=["mc", "exact", "chain"], default="mc",
                    help="diffusion answer likelihood: MC ELBO, exact ELBO, or chain rule")
+    p.add_argument("--greedy-order", choices=["confidence", "l2r"], default="confidence",
+                   help="diffusion cloze decoding: most confident masked position first, or left to right")
     p.add_argument("--eval-windows", type=int, default=None, help="validation windows (default: all)")
     p.add_argument("--no-validation", action="store_true", help="skip the validation loss")
     p.add_argument("--tasks", default="", help="comma-separated offline tasks: cloze,continuation")
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
                                           val_mc_samples=args.val_mc_samples, eval_windows=args.eval_windows,
                                           num_examples=args.num_examples, task_seed=args.task_seed,
                                           data_path=args.data_path, batch_size=args.batch_size,
-                                          validation=not args.no_validation, method=args.method)
+                                          validation=not args.no_validation, method=args.method,
+                                          greedy_order=args.greedy_order)
                 if args.json:
                     print(json.dumps(res), flush=True)
                 else:
@@ -80,6 +85,8 @@ def _print(res: dict, tasks) -> None:
         extra = f", {res['mc_samples']} MC samples/window" if res["kind"] == "elbo" else ""
         print(f"  {label}: {res['val_loss']:.4f} ± {res['val_loss_stderr']:.4f} nats/token "
               f"(ppl {math.exp(min(res['val_loss'], 50)):.2f}; {res['windows']} windows, {res['tokens']} tokens{extra})")
+    if "greedy_order" in res:
+        print(f"  greedy decoding order: {res['greedy_order']}")
     for t in tasks:
         keys = sorted(k for k in res if k.startswith(t + "_") and k != f"{t}_n")
         print(f"  {t} ({res.get(t + '_n')} examples): " + ", ".join(f"{k[len(t) + 1:]} {res[k]:.4f}" for k in keys))

@@ -124,7 +124,12 @@ class ByteTokenizer(Tokenizer):
 
 class NullTokenizer(Tokenizer):
     """Text is whitespace-separated integer ids (Megatron-LM's NullTokenizer): `vocab_size` is the
-    size without EOD, EOD = `vocab_size`, and the tokenizer emits `vocab_size + 1` ids."""
+    size without EOD, EOD = `vocab_size`, and the tokenizer emits `vocab_size + 1` ids.
+
+    That is megatron-core 0.16-0.17's convention (and Megatron-LM core_v0.16's preprocess_data.py);
+    it is kept on every release so that a dataset means the same thing whatever is installed.
+    megatron-core 0.18 changed its own NullTokenizer(V) to V ids with EOD = V - 1: ours with
+    --vocab-size V is theirs with --vocab-size V + 1."""
 
     tokenizer_type = "NullTokenizer"
 

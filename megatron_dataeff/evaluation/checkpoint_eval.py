@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence
 
-from megatron_dataeff.evaluation.scoring import ModelScorer
+from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
 from megatron_dataeff.evaluation.tasks import build_tasks, evaluate_tasks, validation_documents
 
 
@@ -26,11 +26,12 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
                         mc_samples: int = 32, val_mc_samples: Optional[int] = None,
                         eval_windows: Optional[int] = None, num_examples: int = 200, task_seed: int = 1234,
                         data_path: Optional[str] = None, batch_size: int = 32, validation: bool = True,
-                        method: str = "mc") -> dict:
+                        method: str = "mc", greedy_order: str = "confidence") -> dict:
     """Everything `tools/evaluate.py --json` prints, as a dict."""
     from megatron_dataeff.data.samples import DataConstrainedData
     from megatron_dataeff.evaluation.validation import validation_loss
 
+    check_greedy_order(greedy_order)  # before the checkpoint loads
     t0 = time.time()
     scorer = ModelScorer.from_checkpoint(path, iteration=iteration, batch_size=batch_size)
     cfg, meta = scorer.config, scorer.metadata
@@ -46,8 +47,11 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
         docs = validation_documents(prefix, cfg.data.split_weights, scorer.tokenizer)
         built = build_tasks(docs, tasks, num_examples=num_examples, seed=task_seed,
                             max_length=scorer.max_length)
-        for name, metrics in evaluate_tasks(scorer, built, mc_samples=mc_samples, method=method).items():
+        for name, metrics in evaluate_tasks(scorer, built, mc_samples=mc_samples, method=method,
+                                            greedy_order=greedy_order).items():
             for k, v in metrics.items():
                 out[f"{name}_{k}"] = v
+        if "cloze" in built:  # the order cloze_acc was decoded in (AR greedy is always left to right)
+            out["greedy_order"] = greedy_order if scorer.diffusion else "l2r"
     out["seconds"] = round(time.time() - t0, 2)
     return out

@@ -5,12 +5,13 @@
 
 model_args: `load` (a --save directory or iter_N directory), `iteration`, `mc_samples` (diffusion
 answer ELBO samples, default 32; single-token answers use 1), `method` (mc | exact | chain),
+`greedy_order` (confidence | l2r: diffusion `is_greedy` decoding order, default confidence),
 `batch_size`, `seed`, `device`, `gen_steps` / `gen_block_length` (diffusion sampler; default one
 token per step, one block).
 
 * loglikelihood: AR = exact log p(continuation | context) and greedy check; diffusion = the ELBO of
-  the continuation with only it masked (see `scoring.py`), greedy = low-confidence decoding one
-  token per step reproduces it.
+  the continuation with only it masked (see `scoring.py`), greedy = decoding one token per step
+  (most confident position first, or left to right with greedy_order=l2r) reproduces it.
 * loglikelihood_rolling: AR = lm-eval's rolling windows (each token predicted once, maximal
   context); diffusion = the ELBO of each disjoint window of the text given the text before it
   (windows of max_length / 2 tokens, the rest of the model window is context).
@@ -45,11 +46,12 @@ class MegatronDataEffLM(_LMBase):
 
     def __init__(self, load: Optional[str] = None, iteration=None, mc_samples=32, method: str = "mc",
                  batch_size=16, seed=None, device: str = "cpu", gen_steps=None, gen_block_length=None,
-                 scorer=None, max_gen_toks=None, **kwargs):
+                 scorer=None, max_gen_toks=None, greedy_order: str = "confidence", **kwargs):
         if _LMBase is not object:
             super().__init__()
-        from megatron_dataeff.evaluation.scoring import ModelScorer
+        from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
 
+        self.greedy_order = check_greedy_order(str(greedy_order))
         if scorer is None:
             if load is None:
                 raise ValueError("model_args needs load=<checkpoint directory>")
@@ -94,7 +96,8 @@ class MegatronDataEffLM(_LMBase):
             pairs.append((self._encode(context), self._encode(continuation)))
         out = []
         for ctx, cont in pairs:
-            s = self.scorer.score(ctx, cont, method=self.method, mc_samples=self.mc_samples, greedy=True)
+            s = self.scorer.score(ctx, cont, method=self.method, mc_samples=self.mc_samples, greedy=True,
+                                  greedy_order=self.greedy_order)
             out.append((s.logprob, s.is_greedy))
         return out
 

@@ -22,6 +22,11 @@ context, with only continuation tokens masked (L = continuation length):
   such chain-rule log-likelihoods over uniformly random orders, so `chain_order="random"` with n
   orders is a second unbiased estimator of the ELBO (used in the tests).
 
+`Score.is_greedy` of a diffusion model decodes the masked continuation one token per step:
+`greedy_order="confidence"` (default) commits the most confident masked position first (LLaDA's
+low-confidence order), `greedy_order="l2r"` the leftmost masked position.  AR greedy decoding is
+always left to right; AR scoring accepts and ignores the option.
+
 Noise is drawn from a generator seeded by (seed, the request's token ids), so a request's estimate
 does not depend on what else is in the batch or in which order requests come.
 """
@@ -36,6 +41,8 @@ from typing import Optional, Sequence
 
 import torch
 
+GREEDY_ORDERS = ("confidence", "l2r")
+
 
 @dataclass
 class Score:
@@ -45,6 +52,13 @@ class Score:
     stderr: float  # Monte-Carlo standard error (0 when exact)
     is_greedy: bool  # greedy decoding from the context would produce exactly the continuation
     num_tokens: int  # continuation tokens scored
+
+
+def check_greedy_order(order: str) -> str:
+    """`order` if it is one of GREEDY_ORDERS, else ValueError."""
+    if order not in GREEDY_ORDERS:
+        raise ValueError(f"greedy_order must be one of {', '.join(GREEDY_ORDERS)}, got {order!r}")
+    return order
 
 
 def _request_generator(seed: int, ids: Sequence[int], salt: str = "") -> torch.Generator:
@@ -135,14 +149,17 @@ class ModelScorer:
         return context[len(context) - keep:] if len(context) > keep else context, continuation
 
     def score(self, context: Sequence[int], continuation: Sequence[int], *, method: str = "mc",
-              mc_samples: int = 32, greedy: bool = True, chain_order: str = "l2r") -> Score:
+              mc_samples: int = 32, greedy: bool = True, chain_order: str = "l2r",
+              greedy_order: str = "confidence") -> Score:
         """Score one continuation (token ids) given its context (token ids)."""
         return self.score_many([(list(context), list(continuation))], method=method, mc_samples=mc_samples,
-                               greedy=greedy, chain_order=chain_order)[0]
+                               greedy=greedy, chain_order=chain_order, greedy_order=greedy_order)[0]
 
     def score_many(self, pairs: Sequence[tuple[list[int], list[int]]], *, method: str = "mc",
-                   mc_samples: int = 32, greedy: bool = True, chain_order: str = "l2r") -> list[Score]:
+                   mc_samples: int = 32, greedy: bool = True, chain_order: str = "l2r",
+                   greedy_order: str = "confidence") -> list[Score]:
         """Scores of (context ids, continuation ids) pairs, in order."""
+        check_greedy_order(greedy_order)
         if not self.diffusion:
             return self._ar_scores(pairs)
         out = []
@@ -156,7 +173,7 @@ class ModelScorer:
                 lp, se = self._mdm_chain(ctx, cont, chain_order, mc_samples)
             else:
                 raise ValueError(f"method must be mc, exact or chain, got {method!r}")
-            out.append(Score(lp, se, self._mdm_greedy(ctx, cont) if greedy else False, len(cont)))
+            out.append(Score(lp, se, self._mdm_greedy(ctx, cont, greedy_order) if greedy else False, len(cont)))
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -257,18 +274,18 @@ class ModelScorer:
         return float(v.mean()), se
 
     @torch.no_grad()
-    def _mdm_greedy(self, ctx, cont) -> bool:
-        """Would greedy low-confidence decoding (one token per step) produce exactly `cont`?"""
+    def _mdm_greedy(self, ctx, cont, order: str = "confidence") -> bool:
+        """Would greedy decoding, one token per step in `order` (GREEDY_ORDERS), produce exactly `cont`?"""
         L, c = len(cont), len(ctx)
         x = torch.tensor(ctx + [self.mask_token_id] * L, dtype=torch.long)[None]
         target = torch.tensor(cont)
-        for _ in range(L):
+        for step in range(L):
             logits = self.logits_fn(x)[0, c:]
             logits[:, self.mask_token_id] = float("-inf")
             prob, pred = logits.softmax(-1).max(-1)
             masked = x[0, c:] == self.mask_token_id
             prob = torch.where(masked, prob, torch.full_like(prob, -1.0))
-            j = int(prob.argmax())
+            j = step if order == "l2r" else int(prob.argmax())  # l2r: positions < step are committed
             if int(pred[j]) != int(target[j]):
                 return False
             x[0, c + j] = pred[j]

@@ -7,8 +7,9 @@ and never use training text (the validation documents are held out by document, 
 * cloze (LAMBADA-style): a passage ending just before a word; predict that word.  Targets are
   words of >= 3 letters that already occur earlier in the passage (as LAMBADA's targets mostly do),
   so the broader context makes them predictable.  Metrics: `acc` (greedy decoding reproduces the
-  word exactly: argmax at every position for AR, low-confidence decoding one token per step for
-  diffusion) and `nll` (mean negative log-likelihood / ELBO of the word in nats).
+  word exactly: argmax at every position for AR; for diffusion one token per step, most confident
+  position first or left to right as `greedy_order` says) and `nll` (mean negative log-likelihood /
+  ELBO of the word in nats).
 * continuation (HellaSwag-style): a passage ending at a sentence boundary; choose its true next
   sentence among `num_choices - 1` distractor sentences taken from other validation documents, of
   similar length.  Metrics: `acc` (highest summed log-likelihood) and `acc_norm` (highest
@@ -193,24 +194,27 @@ def score_choices(scorer, examples: list[ChoiceExample], mc_samples: int = 32, m
             "n": n, "chance": 1.0 / len(examples[0].choices) if n else float("nan")}
 
 
-def score_cloze(scorer, examples: list[ClozeExample], mc_samples: int = 32, method: str = "mc") -> dict:
-    """Cloze accuracy (greedy exact match of the word) and mean NLL of the word."""
+def score_cloze(scorer, examples: list[ClozeExample], mc_samples: int = 32, method: str = "mc",
+                greedy_order: str = "confidence") -> dict:
+    """Cloze accuracy (greedy exact match of the word, diffusion decoding in `greedy_order`) and mean
+    NLL of the word."""
     hits, nll = 0, 0.0
     for ex in examples:
         s = scorer.score(scorer.encode(ex.context), scorer.encode(ex.target), method=method,
-                         mc_samples=mc_samples, greedy=True)
+                         mc_samples=mc_samples, greedy=True, greedy_order=greedy_order)
         hits += int(s.is_greedy)
         nll -= s.logprob
     n = len(examples)
     return {"acc": hits / n if n else float("nan"), "nll": nll / n if n else float("nan"), "n": n}
 
 
-def evaluate_tasks(scorer, tasks: dict, mc_samples: int = 32, method: str = "mc") -> dict:
-    """{task: metrics} for the examples of `build_tasks`."""
+def evaluate_tasks(scorer, tasks: dict, mc_samples: int = 32, method: str = "mc",
+                   greedy_order: str = "confidence") -> dict:
+    """{task: metrics} for the examples of `build_tasks`; `greedy_order` is cloze's diffusion decoding order."""
     out = {}
     for name, examples in tasks.items():
         if name == "cloze":
-            out[name] = score_cloze(scorer, examples, mc_samples, method)
+            out[name] = score_cloze(scorer, examples, mc_samples, method, greedy_order)
         else:
             out[name] = score_choices(scorer, examples, mc_samples, method)
     return out

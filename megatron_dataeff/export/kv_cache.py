@@ -10,7 +10,10 @@ position's logits are computed.  Two things are ours:
   `Attention._allocate_memory` puts them on `torch.cuda.current_device()`, which fails on CPU;
   a layer whose buffers are already in the context uses them as they are;
 * `sequence_len_offset` is advanced after each call (megatron's generation controller does this
-  in its own loop, which we do not use).
+  in its own loop, which we do not use);
+* from megatron-core 0.18 the model takes its inference paths (last-token logits, decode-only
+  attention) only while `InferenceMode` is active, which megatron's engines set; we set it around
+  our call, and keep only the last position's logits on every release.
 
 Greedy tokens equal those of the full-recompute path (tests/test_generate.py); the logits agree to
 floating-point reduction order (~1e-5 in fp32), not bit for bit.
@@ -18,7 +21,18 @@ floating-point reduction order (~1e-5 in fp32), not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def _inference_mode():
+    """megatron-core's process-wide inference flag (0.18 and later), held for the `with` block."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:  # megatron-core <= 0.17 decides by inference_context alone
+        return contextlib.nullcontext()
+    return InferenceMode.active()
 
 
 class KVCacheLogits:
@@ -80,7 +94,8 @@ class KVCacheLogits:
         device = next(self.model.parameters()).device
         new = ids[:, start:].to(device)
         pos = torch.arange(start, seq, device=device)[None, :].expand(batch, -1)
-        logits = self.model(new, pos, None, inference_context=self._context, runtime_gather_output=True)
+        with _inference_mode():
+            logits = self.model(new, pos, None, inference_context=self._context, runtime_gather_output=True)
         self._context.sequence_len_offset = seq
         self._ids = ids.clone()
-        return logits
+        return logits[:, -1:]

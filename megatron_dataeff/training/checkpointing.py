@@ -185,8 +185,11 @@ def check_compatible(ckpt: str, meta: dict, trainer) -> None:
 
 
 def _check_files(ckpt: str) -> None:
-    """The files dist_checkpointing needs, present and non-empty (before any collective work)."""
-    missing = [f for f in ("metadata.json", "common.pt", ".metadata") if not os.path.exists(os.path.join(ckpt, f))]
+    """The files dist_checkpointing needs, present (before any collective work).
+
+    `common.pt` is not among them: megatron-core 0.19 keeps the common state inside the shards.
+    """
+    missing = [f for f in ("metadata.json", ".metadata") if not os.path.exists(os.path.join(ckpt, f))]
     shards = [f for f in os.listdir(ckpt) if f.endswith(".distcp")]
     if not shards:
         missing.append("*.distcp shards")
