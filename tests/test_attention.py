@@ -56,3 +56,22 @@ def test_mlp_dropout_sits_on_the_inner_activation(megatron_cpu):
     mlp.eval()
     with torch.no_grad():
         assert torch.equal(mlp(h)[0], mlp(h)[0])
+
+
+def test_mlp_dropout_refuses_a_spec_whose_mlp_is_not_megatrons(megatron_cpu):
+    """A layer spec that builds some other MLP (a fused TE MLP, MoE) gets a clear error, not a silent no-op."""
+    import functools
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_dataeff.models.layer_specs import _with_mlp_class
+    from megatron_dataeff.models.mlp import RegularizedMLP
+
+    class OtherMLP(torch.nn.Module):
+        @classmethod
+        def as_mlp_submodule(cls, **kwargs):
+            return cls()
+
+    for spec in (ModuleSpec(module=OtherMLP), functools.partial(OtherMLP.as_mlp_submodule, submodules=None)):
+        with pytest.raises(NotImplementedError, match="--mlp-dropout.*RegularizedMLP"):
+            _with_mlp_class(spec, RegularizedMLP)
