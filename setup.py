@@ -12,6 +12,7 @@ megatron_dataeff.ops falls back to the plain-torch reference (and says so at imp
 """
 
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -49,7 +50,25 @@ def _default_cuda_arch_list(torch) -> "str | None":
     return "8.0+PTX"
 
 
+def _cuda_home_from_path() -> None:
+    """Set CUDA_HOME when torch would guess it wrong: torch takes the directory above the `nvcc` on PATH,
+    which is not the toolkit when that nvcc is a wrapper script or a symlink (e.g. /usr/local/bin/nvcc)."""
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return
+    has_toolkit = lambda d: os.path.exists(os.path.join(d, "include", "cuda_runtime.h"))  # noqa: E731
+    if has_toolkit(os.path.dirname(os.path.dirname(nvcc))):
+        return
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if has_toolkit(home):
+            os.environ["CUDA_HOME"] = home
+            print(f"megatron_dataeff: {nvcc} is not inside a CUDA toolkit; using CUDA_HOME={home}",
+                  file=sys.stderr, flush=True)
+            return
+
+
 def _extensions_and_cmdclass():
+    _cuda_home_from_path()
     try:
         import torch
         from torch.utils import cpp_extension
