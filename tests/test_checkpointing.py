@@ -149,3 +149,26 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     ckpt = tmp_path / "ckpt"
     run_pretrain(BASE + ["--save", str(ckpt), "--save-interval", "1", "--keep-last", "2"], tmp_path / "run")
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000005", "iter_0000006"]
+
+
+def test_checkpoint_without_common_pt_is_refused_by_older_megatron(saved, tmp_path):
+    """A checkpoint with no common.pt (megatron-core >= 0.19 writes none) is refused up front by releases
+    before 0.19, naming the writer's and the installed version; the metadata records the writer."""
+    import json
+    import shutil
+
+    import megatron.core
+    from packaging.version import Version
+
+    meta = json.loads((saved / "iter_0000003" / "megatron_dataeff.json").read_text())
+    assert meta["written_by"]["megatron_core"] == megatron.core.__version__
+    if Version(megatron.core.__version__).release >= (0, 19):
+        pytest.skip("megatron-core >= 0.19 reads checkpoints with and without common.pt")
+    broken = tmp_path / "from019"
+    shutil.copytree(saved, broken)
+    (broken / "iter_0000003" / "common.pt").unlink()
+    meta["written_by"]["megatron_core"] = "0.19.2"
+    (broken / "iter_0000003" / "megatron_dataeff.json").write_text(json.dumps(meta))
+    err = _run_expect_error(BASE + ["--load", str(broken)], tmp_path)
+    assert "written by megatron-core 0.19.2 (no common.pt)" in err
+    assert f"megatron-core {megatron.core.__version__}, installed here, cannot read it" in err

@@ -125,6 +125,7 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
                                          ParallelConfig, RunConfig)
     from megatron_dataeff.data.tokenizers import resolve_mask_token
     from megatron_dataeff.models.builder import build_model
+    from megatron_dataeff.training.checkpointing import checkpoint_versions
     from megatron_dataeff.training.distributed import initialize
 
     raw, hf = read_hf_dir_config(hf_dir)
@@ -179,7 +180,7 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
     meta = {
         "iteration": 0, "consumed_samples": 0, "epoch": 0.0, "scheduler": None,
         "config": cfg.to_dict(), "tokenizer": tmeta, "mask_token_id": mask_token_id, "vocab_ids": vocab_ids,
-        "unique_tokens": None, "world_size": 1, "model_only": True,
+        "unique_tokens": None, "world_size": 1, "model_only": True, "written_by": checkpoint_versions(),
         "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf["model_type"]},
     }
     return save_model_checkpoint(model, meta, save_dir)

@@ -105,7 +105,16 @@ def _metadata(trainer) -> dict:
         "world_size": trainer.runtime.world_size,
         "layout": {"pp": _layout(trainer)[0], "tp": _layout(trainer)[1], "dp": _layout(trainer)[2]},
         "model_only": False,
+        "written_by": checkpoint_versions(),
     }
+
+
+def checkpoint_versions() -> dict:
+    """The library versions recorded in a checkpoint's metadata (`written_by`)."""
+    import megatron.core
+    import torch
+
+    return {"megatron_core": megatron.core.__version__, "torch": torch.__version__}
 
 
 def save(trainer, save_dir: str) -> str:
@@ -184,17 +193,26 @@ def check_compatible(ckpt: str, meta: dict, trainer) -> None:
         raise CheckpointError(f"{ckpt} does not fit this model:\n  " + "\n  ".join(diffs))
 
 
-def _check_files(ckpt: str) -> None:
+def _check_files(ckpt: str, meta: dict) -> None:
     """The files dist_checkpointing needs, present (before any collective work).
 
-    `common.pt` is not among them: megatron-core 0.19 keeps the common state inside the shards.
+    megatron-core up to 0.18 writes the common state to `common.pt` and needs it to load; 0.19 keeps it
+    inside the shards (and reads both), so a 0.19 checkpoint is refused by earlier releases, by name.
     """
+    import megatron.core
+    from packaging.version import Version
+
     missing = [f for f in ("metadata.json", ".metadata") if not os.path.exists(os.path.join(ckpt, f))]
     shards = [f for f in os.listdir(ckpt) if f.endswith(".distcp")]
     if not shards:
         missing.append("*.distcp shards")
     if missing:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
+    installed = megatron.core.__version__
+    if not os.path.exists(os.path.join(ckpt, "common.pt")) and Version(installed).release < (0, 19):
+        writer = meta.get("written_by", {}).get("megatron_core", ">= 0.19")
+        raise CheckpointError(f"{ckpt} was written by megatron-core {writer} (no common.pt); megatron-core "
+                              f"{installed}, installed here, cannot read it: install megatron-core >= 0.19")
 
 
 def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = False) -> dict:
@@ -209,7 +227,7 @@ def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = 
     ckpt = resolve_checkpoint(load_dir, iteration)
     meta = read_metadata(ckpt)
     check_compatible(ckpt, meta, trainer)
-    _check_files(ckpt)
+    _check_files(ckpt, meta)
     model_only = finetune or meta.get("model_only", False)
     same_layout = meta.get("layout") == dict(zip(("pp", "tp", "dp"), _layout(trainer)))
     with_rng = same_layout and not model_only
@@ -262,7 +280,7 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
 
     ckpt = resolve_checkpoint(path, iteration)
     meta = read_metadata(ckpt)
-    _check_files(ckpt)
+    _check_files(ckpt, meta)
     cfg = RunConfig.from_dict(meta["config"])
     cfg.parallel.tensor_model_parallel_size = 1
     cfg.parallel.pipeline_model_parallel_size = 1
