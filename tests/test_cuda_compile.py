@@ -1,5 +1,7 @@
-"""Every csrc/*.cu compiles with a bare `nvcc -c` (no torch headers), so the CUDA kernels cannot rot unseen."""
+"""Every csrc/*.cu compiles with a bare `nvcc -c` (no torch headers), and the CUDA binding builds and links
+against them and this torch, so the CUDA extension cannot rot unseen on machines without a GPU."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,3 +31,44 @@ def test_every_cu_file_compiles(tmp_path):
             failures[name] = out
     assert not failures, "\n".join(f"--- {k}\n{v}" for k, v in failures.items())
     assert all((tmp_path / f"{src.stem}.o").stat().st_size > 0 for src in sources)
+
+
+def _cuda_library_dirs(tmp_path) -> list[str]:
+    """The -L directories nvcc itself links with (found from `nvcc -dryrun`, so wrappers do not matter)."""
+    empty = tmp_path / "empty.cu"
+    empty.write_text("")
+    out = subprocess.run([NVCC, "-dryrun", "-c", str(empty), "-o", str(tmp_path / "empty.o")],
+                         capture_output=True, text=True).stderr
+    line = next((ln for ln in out.splitlines() if "LIBRARIES=" in ln), "")
+    return [d for d in re.findall(r'-L"?([^"\s]+)', line) if not d.endswith("stubs")]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_cuda_binding_builds_links_and_refuses_cpu_tensors(tmp_path):
+    """binding_cuda.cpp (no CUDA headers, so any torch build compiles it) links with the nvcc objects and
+    libcudart into a loadable module with all five ops, which refuse CPU tensors before launching."""
+    import torch
+    from torch.utils import cpp_extension
+
+    objects = []
+    for src in sorted(CSRC.glob("*.cu")):
+        obj = tmp_path / f"{src.stem}.o"
+        subprocess.run([NVCC, "-c", "-std=c++17", "-O0", "-arch=sm_90", "-Xcompiler", "-fPIC", f"-I{CSRC}",
+                        str(src), "-o", str(obj)], check=True, capture_output=True)
+        objects.append(str(obj))
+    libs = [d for d in _cuda_library_dirs(tmp_path) if list(Path(d).glob("libcudart.so*"))]
+    if not libs:
+        pytest.skip("nvcc's toolkit has no shared libcudart")
+    module = cpp_extension.load(
+        "mde_cuda_binding_check", [str(CSRC / "binding_cuda.cpp")], extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O0"], build_directory=str(tmp_path),
+        extra_ldflags=[*objects, f"-L{libs[0]}", "-lcudart", f"-Wl,-rpath,{libs[0]}"])
+    assert {"philox4x32", "mask_tokens", "swiglu_dropout_forward", "swiglu_dropout_backward",
+            "dropout_keep_mask"} <= set(dir(module))
+    ids, index = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="takes CUDA tensors"):
+        module.mask_tokens(ids, index, 1, 2, 0, 0.5, 1e-3, 5, 0, 0, 0)
+    with pytest.raises(ValueError, match="on a CUDA device"):
+        module.philox4x32(torch.zeros(2, 4, dtype=torch.long), 1, 2, 0)
+    with pytest.raises(ValueError, match="takes CUDA tensors"):
+        module.swiglu_dropout_forward(torch.zeros(4, 6), 1, 2, 3, 4, 1 << 23, 2.0, 0, 3, 0)
