@@ -7,8 +7,9 @@ megatron_dataeff._C (CPU kernels) is built whenever torch is importable at build
 megatron_dataeff._C_cuda is built when torch is a CUDA build and nvcc is found; MEGATRON_DATAEFF_CUDA=0/1
 forces it off/on.  On a build machine without a visible GPU (a container build, a login node), the
 CUDA architectures come from TORCH_CUDA_ARCH_LIST, or default to the data-centre GPUs this toolkit
-supports (A100, H100/H200, B200 and PTX for later ones).  A failing extension build never fails the install: it prints a warning, and
-megatron_dataeff.ops falls back to the plain-torch reference (and says so at import).
+supports (A100, H100/H200, B200 and PTX for later ones).  A failing extension build never fails the
+install: it prints a warning, and megatron_dataeff.ops falls back to the plain-torch reference (and
+says so at import).
 """
 
 import os
