@@ -69,9 +69,10 @@ def _cuda_home_from_path() -> None:
 
 
 def _extensions_and_cmdclass():
-    _cuda_home_from_path()
     try:
         import torch
+        if torch.version.cuda is not None and os.environ.get("MEGATRON_DATAEFF_CUDA", "").strip() != "0":
+            _cuda_home_from_path()  # before cpp_extension is imported: it reads CUDA_HOME once, at import
         from torch.utils import cpp_extension
     except Exception as exc:  # noqa: BLE001 - any failure means: no torch, build the pure package
         _warn(f"torch is not importable at build time ({exc}); building without the C++/CUDA extension")
