@@ -12,14 +12,19 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-def test_every_cu_file_compiles(tmp_path):
-    """nvcc -c succeeds for each .cu file (in parallel) with no error and no warning."""
+@pytest.fixture(scope="module")
+def cu_objects(tmp_path_factory):
+    """({.cu name: compiler output} of the failed or warning builds, [object paths]): every .cu through
+    nvcc -c at once, position-independent so the binding test can link the same objects."""
+    if NVCC is None:
+        pytest.skip("nvcc is not installed")
+    out_dir = tmp_path_factory.mktemp("cu_objects")
     sources = sorted(CSRC.glob("*.cu"))
     assert sources, "no .cu files found"
     procs = {
         src.name: subprocess.Popen(
-            [NVCC, "-c", "-std=c++17", "-O2", "-arch=sm_90", f"-I{CSRC}", str(src), "-o", str(tmp_path / f"{src.stem}.o")],
+            [NVCC, "-c", "-std=c++17", "-O2", "-arch=sm_90", "-Xcompiler", "-fPIC", f"-I{CSRC}", str(src),
+             "-o", str(out_dir / f"{src.stem}.o")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for src in sources
@@ -29,8 +34,14 @@ def test_every_cu_file_compiles(tmp_path):
         out, _ = proc.communicate(timeout=300)
         if proc.returncode != 0 or "warning" in out.lower():
             failures[name] = out
+    return failures, [out_dir / f"{src.stem}.o" for src in sources]
+
+
+def test_every_cu_file_compiles(cu_objects):
+    """nvcc -c succeeds for each .cu file (in parallel) with no error and no warning."""
+    failures, objects = cu_objects
     assert not failures, "\n".join(f"--- {k}\n{v}" for k, v in failures.items())
-    assert all((tmp_path / f"{src.stem}.o").stat().st_size > 0 for src in sources)
+    assert all(obj.stat().st_size > 0 for obj in objects)
 
 
 def _cuda_library_dirs(tmp_path) -> list[str]:
@@ -43,26 +54,22 @@ def _cuda_library_dirs(tmp_path) -> list[str]:
     return [d for d in re.findall(r'-L"?([^"\s]+)', line) if not d.endswith("stubs")]
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-def test_cuda_binding_builds_links_and_refuses_cpu_tensors(tmp_path):
+def test_cuda_binding_builds_links_and_refuses_cpu_tensors(cu_objects, tmp_path):
     """binding_cuda.cpp (no CUDA headers, so any torch build compiles it) links with the nvcc objects and
     libcudart into a loadable module with all five ops, which refuse CPU tensors before launching."""
     import torch
     from torch.utils import cpp_extension
 
-    objects = []
-    for src in sorted(CSRC.glob("*.cu")):
-        obj = tmp_path / f"{src.stem}.o"
-        subprocess.run([NVCC, "-c", "-std=c++17", "-O0", "-arch=sm_90", "-Xcompiler", "-fPIC", f"-I{CSRC}",
-                        str(src), "-o", str(obj)], check=True, capture_output=True)
-        objects.append(str(obj))
+    failures, objects = cu_objects
+    missing = [obj.name for obj in objects if not obj.exists()]
+    assert not missing, f"nvcc did not build {missing}:\n" + "\n".join(failures.values())
     libs = [d for d in _cuda_library_dirs(tmp_path) if list(Path(d).glob("libcudart.so*"))]
     if not libs:
         pytest.skip("nvcc's toolkit has no shared libcudart")
     module = cpp_extension.load(
         "mde_cuda_binding_check", [str(CSRC / "binding_cuda.cpp")], extra_include_paths=[str(CSRC)],
         extra_cflags=["-O0"], build_directory=str(tmp_path),
-        extra_ldflags=[*objects, f"-L{libs[0]}", "-lcudart", f"-Wl,-rpath,{libs[0]}"])
+        extra_ldflags=[*map(str, objects), f"-L{libs[0]}", "-lcudart", f"-Wl,-rpath,{libs[0]}"])
     assert {"philox4x32", "mask_tokens", "swiglu_dropout_forward", "swiglu_dropout_backward",
             "dropout_keep_mask"} <= set(dir(module))
     ids, index = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long)
