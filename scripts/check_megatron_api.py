@@ -1367,31 +1367,24 @@ class Analyzer:
                         soft = " (our access is guarded, so this silently changes behaviour)" if h.soft else ""
                         self.report(h.file, line, f"{cpath} has no attribute {a!r}{soft}")
         for h in HAND_FIELD_TYPES:
-            line = self._hand_line(h)
-            if line is None:
+            found = self._hand_target(h, h.cls, "class")
+            if found is None:
                 continue
-            cls = self.resolve_path(h.cls)
-            if cls is None or cls.kind != "class":
-                self.report(h.file, line, f"{h.cls}: no such class in the tree")
-                continue
+            line, cls = found
             ann = self._field_annotation(cls, h.field)
             self.log(h.file, line, f"hand field type {h.cls}.{h.field}: {ann}")
-            if h.unless and h.unless in (self.project / h.file).read_text():
+            if self._hand_handled(h):
                 continue
             if ann is None:
                 self.report(h.file, line, f"{h.cls} has no field {h.field!r}")
             elif h.mentions not in ann:
                 self.report(h.file, line, f"{h.cls}.{h.field} is now `{ann}`, not a {h.mentions}: {h.why}")
         for h in HAND_SOURCE_REFS:
-            line = self._hand_line(h)
-            if line is None:
+            found = self._hand_target(h, h.func, "func")
+            if found is None:
                 continue
-            fn = self.resolve_path(h.func)
-            if fn is None or fn.kind != "func":
-                self.report(h.file, line, f"{h.func}: no such function in the tree")
-                continue
-            text = (self.project / h.file).read_text()
-            if (h.unless and h.unless in text) or (h.only_if and h.only_if not in text):
+            line, fn = found
+            if self._hand_handled(h):
                 self.log(h.file, line, f"hand source reference {h.func}: handled in {h.file}")
                 continue
             roots = [fn.node]
@@ -1464,6 +1457,24 @@ class Analyzer:
         if line is None:
             self.report(h.file, 0, f"hand list stale: no line contains {h.snippet!r}")
         return line
+
+    def _hand_target(self, h, path, kind):
+        """(our line, megatron's `kind` symbol at `path`) of a hand-list entry, or None after reporting why."""
+        line = self._hand_line(h)
+        if line is None:
+            return None
+        sym = self.resolve_path(path)
+        if sym is None or sym.kind != kind:
+            self.report(h.file, line, f"{path}: no such {'function' if kind == 'func' else kind} in the tree")
+            return None
+        return line, sym
+
+    def _hand_handled(self, h) -> bool:
+        """Whether our file already handles the change the entry watches for (its `unless` text is there,
+        or its `only_if` text, what we relied on, is gone)."""
+        text = (self.project / h.file).read_text()
+        only_if = getattr(h, "only_if", "")
+        return bool((h.unless and h.unless in text) or (only_if and only_if not in text))
 
     def _find_line(self, file, snippet):
         for i, text in enumerate((self.project / file).read_text().splitlines(), 1):
