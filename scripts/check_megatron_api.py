@@ -230,7 +230,7 @@ HAND_SOURCE_REFS = [
                   "megatron.core.dist_checkpointing.serialization.save", "save_common",
                   "_check_files requires common.pt in every checkpoint; a save that no longer writes it "
                   "(the common state stored as a shard instead) makes every load fail as 'incomplete'",
-                  only_if='"common.pt"'),
+                  only_if='"common.pt"', unless="no common.pt"),
     HandSourceRef("megatron_dataeff/export/kv_cache.py", "inference_context=self._context",
                   GPT_MODEL + "._postprocess", "InferenceMode",
                   "GPTModel now applies inference behaviour (last-token-only logits) only inside "
