@@ -94,6 +94,58 @@ class ObjectiveConfig:
         return self.objective == "mdm"
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+
+
+@dataclass
+class ComputeConfig:
+    """How the model is computed: kernels, recomputation, the loss. Changes speed and memory, not the
+    model (a checkpoint written under one setting loads under any other)."""
+
+    attention_backend: str = "auto"  # see models/attention.py for the mapping
+    recompute_granularity: Optional[str] = None  # full | selective (None: keep all activations)
+    recompute_method: Optional[str] = None  # full: uniform | block
+    recompute_num_layers: Optional[int] = None  # full: layers per recompute unit (uniform) or per stage (block)
+    recompute_modules: Optional[list] = None  # selective: core_attn | mlp | layernorm (default core_attn)
+    cross_entropy_loss_fusion: bool = False  # megatron-core's fused vocab-parallel cross entropy
+    cross_entropy_fusion_impl: str = "native"  # native | te
+    cross_entropy_chunk_size: Optional[int] = None  # tokens per loss chunk; None = auto, 0 = unchunked
+    bias_swiglu_fusion: bool = True  # GPU: fused SwiGLU (megatron's jit fuser)
+    bias_dropout_fusion: bool = True  # GPU: fused residual dropout-add
+    masked_softmax_fusion: bool = True  # GPU, local attention: fused softmax when its kernel is importable
+    rope_fusion: bool = True  # GPU with transformer-engine: fused RoPE
+    gradient_accumulation_fusion: bool = True  # GPU with transformer-engine: wgrad into main_grad
+
+    def __post_init__(self):
+        _require(self.attention_backend in ATTENTION_BACKENDS,
+                 f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        g = self.recompute_granularity
+        _require(g in (None, "full", "selective"),
+                 f"--recompute-granularity must be full or selective, got {g!r}")
+        _require(self.recompute_method in (None, "uniform", "block"),
+                 f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
+        if g == "full":
+            _require(self.recompute_method is not None,
+                     "--recompute-granularity full needs --recompute-method uniform or block")
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
+            _require(self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
+        else:
+            _require(self.recompute_method is None and self.recompute_num_layers is None,
+                     "--recompute-method and --recompute-num-layers need --recompute-granularity full")
+        if self.recompute_modules is not None:
+            self.recompute_modules = list(self.recompute_modules)
+            _require(g == "selective", "--recompute-modules needs --recompute-granularity selective")
+            bad = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+            _require(not bad and self.recompute_modules,
+                     f"--recompute-modules takes {', '.join(RECOMPUTE_MODULES)}, got {self.recompute_modules}")
+        _require(self.cross_entropy_fusion_impl in ("native", "te"),
+                 f"--cross-entropy-fusion-impl must be native or te, got {self.cross_entropy_fusion_impl!r}")
+        _require(self.cross_entropy_chunk_size is None or self.cross_entropy_chunk_size >= 0,
+                 "--cross-entropy-chunk-size must be >= 0 (0: one unchunked loss)")
+
+
 @dataclass
 class DataConfig:
     """Where tokens come from and how the data-constrained training set is drawn."""
@@ -168,12 +220,20 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    sequence_parallel: bool = False  # shard norms, dropout and residuals along the sequence over TP ranks
+    overlap_grad_reduce: bool = False  # GPU: reduce gradient buckets during the backward pass
+    overlap_param_gather: bool = False  # GPU, distributed optimizer: gather updated params during forward
+    grad_reduce_in_bf16: bool = False  # reduce gradients in bf16 instead of fp32
+    ddp_bucket_size: Optional[int] = None  # parameters per gradient bucket (None: megatron's default)
     device: str = "auto"  # auto | cuda | cpu
 
     def __post_init__(self):
         _require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         _require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
         _require(self.device in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu")
+        _require(not self.overlap_param_gather or self.use_distributed_optimizer,
+                 "--overlap-param-gather needs --use-distributed-optimizer")
+        _require(self.ddp_bucket_size is None or self.ddp_bucket_size > 0, "--ddp-bucket-size must be positive")
 
 
 @dataclass
@@ -186,9 +246,11 @@ class LoggingConfig:
     run_dir: str = "runs/default"  # everything a run writes, unless given elsewhere
     log_dir: Optional[str] = None  # metrics.jsonl; None = run_dir
     tensorboard_dir: Optional[str] = None  # None = run_dir/tensorboard; "" disables
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None = from the device name
 
     def __post_init__(self):
         _require(self.log_interval > 0, "--log-interval must be positive")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops must be positive")
         _require(self.eval_interval >= 0 and self.eval_iters >= 0, "--eval-interval/--eval-iters must be >= 0")
         if self.log_dir is None:
             self.log_dir = self.run_dir
@@ -217,6 +279,7 @@ class RunConfig:
     """The whole run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -225,7 +288,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate_layout(self, world_size: int) -> int:
-        """Checks that need the process count; returns the data-parallel size."""
+        """Checks that need the process count or span sections; returns the data-parallel size."""
         m, p, o = self.model, self.parallel, self.optim
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         _require(world_size % (tp * pp) == 0,
@@ -243,6 +306,21 @@ class RunConfig:
         _require(m.make_vocab_size_divisible_by % tp == 0,
                  f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by "
                  f"{m.make_vocab_size_divisible_by}")
+        if tp == 1:
+            p.sequence_parallel = False  # nothing to split (Megatron-LM turns it off too)
+        if p.sequence_parallel:
+            _require(m.seq_length % tp == 0,
+                     f"--sequence-parallel: --tensor-model-parallel-size {tp} does not divide --seq-length "
+                     f"{m.seq_length}")
+        c = self.compute
+        _require(not c.cross_entropy_loss_fusion or o.bf16,
+                 "--cross-entropy-loss-fusion: megatron-core's fused cross entropy returns bf16 gradients; "
+                 "use it with --bf16 (the default chunked loss keeps fp32 gradients)")
+        if c.recompute_granularity == "full" and c.recompute_method == "block":
+            per_stage = m.num_layers // pp
+            _require(c.recompute_num_layers <= per_stage,
+                     f"--recompute-num-layers {c.recompute_num_layers} exceeds the {per_stage} layers of a "
+                     f"pipeline stage")
         dp = world_size // (tp * pp)
         if o.global_batch_size is None:
             o.global_batch_size = o.micro_batch_size * dp
@@ -322,6 +400,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float, default=None)
     g.add_argument("--init-method-std", type=float, default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g = p.add_argument_group("compute (speed and memory; the model is the same under every choice)")
+    g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
+                   help="auto: transformer-engine on a GPU when importable, else sdpa (torch's "
+                        "scaled_dot_product_attention: FlashAttention / memory-efficient kernels). flash, fused, "
+                        "unfused: that transformer-engine kernel; without TE flash = sdpa's flash kernel, fused = "
+                        "sdpa's cuDNN / memory-efficient kernels (GPU only), unfused = local. local: megatron-core's "
+                        "DotProductAttention (materialises [batch, heads, seq, seq]). Attention-dropout masks are "
+                        "drawn by the kernel, per tensor-parallel rank, in every backend: not keyed per sample, so "
+                        "unlike token dropout and MLP dropout they differ between TP layouts")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation recomputation (megatron-core): full = whole layers, selective = "
+                        "--recompute-modules")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="full: uniform = every layer in units of --recompute-num-layers; block = the first "
+                        "--recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="full recomputation: see --recompute-method")
+    g.add_argument("--recompute-modules", nargs="+", default=None, choices=list(RECOMPUTE_MODULES),
+                   help="selective recomputation: which parts of each layer (default core_attn)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="megatron-core's fused vocab-parallel cross entropy (bf16 gradients: needs --bf16)")
+    g.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
+                   help="with --cross-entropy-loss-fusion: megatron's native kernel or transformer-engine's")
+    g.add_argument("--cross-entropy-chunk-size", type=int, default=None,
+                   help="the loss in chunks of this many tokens, recomputing each chunk's softmax in backward "
+                        "so that no fp32 copy of the logits is kept (default: chunks of <= 512 MiB in fp32; 0: "
+                        "megatron-core's unchunked loss)")
+    for name, what in (("bias-swiglu", "SwiGLU"), ("bias-dropout", "residual dropout-add"),
+                       ("masked-softmax", "local attention's softmax"), ("rope", "RoPE (transformer-engine)"),
+                       ("gradient-accumulation", "weight-gradient accumulation (transformer-engine)")):
+        g.add_argument(f"--no-{name}-fusion", dest=f"{name.replace('-', '_')}_fusion", action="store_false",
+                       help=f"GPU: do not fuse the {what}")
     g = p.add_argument_group("regularisation")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
@@ -370,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with TP > 1, split norms, dropouts and residuals along the sequence (ignored at TP 1)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="GPU: reduce gradient buckets while the backward pass runs")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="GPU, with --use-distributed-optimizer: all-gather updated parameters during the forward")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true", help="reduce gradients in bf16 (default fp32)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None, help="parameters per gradient-reduction bucket")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -378,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-dir", default="runs/default")
     g.add_argument("--log-dir", default=None)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak TFLOP/s for MFU (default from the GPU name: H100/H200 bf16 989, "
+                        "A100 312; none on CPUs)")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -406,6 +526,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     return RunConfig(
         model=ModelConfig(**shape),
+        compute=ComputeConfig(**pick(ComputeConfig)),
         objective=ObjectiveConfig(**pick(ObjectiveConfig)),
         data=DataConfig(**pick(DataConfig)),
         optim=OptimConfig(**pick(OptimConfig)),

@@ -14,6 +14,9 @@ GPU path never calls it.  What it does, and why (measured with megatron-core 0.1
 * type strings: grad clipping and the mixed-precision optimizer check `param.type()` against
   `torch.cuda.FloatTensor` / `torch.cuda.BFloat16Tensor`; the no-argument `Tensor.type()` reports
   the `torch.cuda.` name for CPU tensors.
+* backward: a `TorchFunctionMode` is off while its own handler runs, and `Tensor.backward` /
+  `torch.autograd.backward` dispatch to it; the mode runs them with itself active, so that the
+  forwards activation recomputation replays in backward see the CPU mapping too.
 * streams: from megatron-core 0.19 DDP's grad sync waits on `torch.cuda.current_stream()` even
   without overlap; `current_stream()` returns a stream whose waits and syncs do nothing (CPU
   work is ordered already).
@@ -60,11 +63,48 @@ def _to_cpu_device(value):
     return value
 
 
+def _run_backward_in_mode(mode, func, args, kwargs):
+    """`Tensor.backward` / `torch.autograd.backward` with `mode` active while the graph runs.
+
+    A mode is off while its own `__torch_function__` runs, so a plain `func(*args)` would run the
+    whole backward pass without the CPU mapping; the forwards that activation recomputation replays
+    there create "cuda" tensors.  The engine is called directly (as megatron's schedules do)."""
+    import inspect
+
+    from torch.autograd.variable import Variable
+
+    bound = inspect.signature(func).bind(*args, **kwargs).arguments
+    if func is torch.Tensor.backward:
+        tensors, grads = (bound["self"],), (bound.get("gradient"),)
+    else:
+        tensors = bound["tensors"]
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        grads = bound.get("grad_tensors")
+        grads = (grads,) if grads is None or isinstance(grads, torch.Tensor) else tuple(grads)
+        grads = grads * len(tensors) if len(grads) == 1 and len(tensors) > 1 and grads[0] is None else grads
+    made = []
+    for t, g in zip(tensors, grads):
+        if g is None:
+            if t.numel() != 1:
+                raise RuntimeError("grad can be implicitly created only for scalar outputs")
+            g = torch.ones_like(t)
+        made.append(g)
+    create = bool(bound.get("create_graph", False))
+    retain = bound.get("retain_graph")
+    inputs = bound.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    with mode:
+        Variable._execution_engine.run_backward(tensors, tuple(made), create if retain is None else retain,
+                                                create, inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites `device=` arguments and `.to(cuda)` calls to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            return _run_backward_in_mode(self, func, args, kwargs)
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros,

@@ -1,4 +1,5 @@
-"""Two gloo processes: TP=2 and DP=2 reproduce the TP=1 loss curve (MLP dropout included); PP=2 trains.
+"""Two gloo processes: TP=2 (with and without sequence parallelism) and DP=2 reproduce the TP=1 loss
+curve (MLP dropout, sdpa vs unfused attention and the chunked loss included); PP=2 trains.
 
 Tolerance: relative 1e-5 per step (on CPU the curves agree to the last printed digit; reductions in
 another order may move the last float bits).
@@ -17,7 +18,9 @@ OBJECTIVES = {"ar": ["--objective", "ar"], "mdm": ["--objective", "mdm"],
               "ar+token_dropout": ["--objective", "ar", "--token-dropout-rate", "0.5",
                                    "--token-dropout-schedule", "uniform"],
               # MLP dropout masks are keyed by the element's place in the unsharded activation
-              "ar+mlp_dropout": ["--objective", "ar", "--mlp-dropout", "0.3"]}
+              "ar+mlp_dropout": ["--objective", "ar", "--mlp-dropout", "0.3"],
+              # megatron's unfused attention at TP=1: the reference for sdpa at TP=2
+              "mdm+unfused": ["--objective", "mdm", "--attention-backend", "local"]}
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +39,20 @@ def _assert_same_curve(a, b, rel=1e-5):
 
 
 TP2 = ["--tensor-model-parallel-size", "2"]
+SP2 = TP2 + ["--sequence-parallel"]
 DP2 = ["--use-distributed-optimizer"]  # 2 processes at TP=1 are DP=2
 
 
 @pytest.mark.parametrize("objective, layout", [
     ("ar", TP2), ("ar", DP2), ("mdm", TP2), ("mdm", DP2), ("ar+token_dropout", DP2), ("ar+mlp_dropout", TP2),
-], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2", "mlp_dropout-tp2"])
+    ("ar", SP2), ("mdm", SP2), ("mdm+unfused", TP2 + ["--attention-backend", "sdpa"]),
+    ("ar", TP2 + ["--cross-entropy-chunk-size", "16"]),
+], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2", "mlp_dropout-tp2", "ar-tp2-sp", "mdm-tp2-sp",
+        "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss"])
 def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layout):
-    """TP=2 and DP=2 (distributed optimizer) give the TP=1 train and validation losses."""
+    """TP=2 (also with sequence parallelism, with sdpa against unfused attention, with the loss in
+    16-token chunks over the vocabulary shards) and DP=2 (distributed optimizer) give the TP=1 train and
+    validation losses."""
     recs = run_pretrain(COMMON + OBJECTIVES[objective] + layout, tmp_path, nproc=2)
     _assert_same_curve(losses(baselines[objective]), losses(recs))
     _assert_same_curve(losses(baselines[objective], "valid") * 12, losses(recs, "valid") * 12)

@@ -1,36 +1,86 @@
 """Build megatron-core GPT models (one per pipeline stage) from a RunConfig.
 
-`DataEffTransformerConfig` subclasses megatron's TransformerConfig to carry `mlp_dropout`; the
-rest of the shape maps onto megatron's own fields (RMSNorm, SwiGLU, RoPE, no biases).
+`DataEffTransformerConfig` subclasses megatron's TransformerConfig to carry `mlp_dropout` and the
+loss chunking; the rest maps onto megatron's own fields (RMSNorm, SwiGLU, RoPE, no biases,
+recomputation, sequence parallelism, fusions).  `DataEffGPTModel` is megatron's GPTModel whose loss
+is the chunked vocab-parallel cross entropy (`models.cross_entropy`) unless megatron's own is asked for.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dataeff import platform
-from megatron_dataeff.config import RunConfig, padded_vocab_size
-from megatron_dataeff.models.layer_specs import build_layer_spec, transformer_engine_available
+from megatron_dataeff.config import ConfigError, RunConfig, padded_vocab_size
+from megatron_dataeff.models.attention import AttentionChoice, resolve_attention_backend
+from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
+from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
 
 
 @dataclass
 class DataEffTransformerConfig(TransformerConfig):
-    """megatron-core's TransformerConfig plus the regularisers it does not have."""
+    """megatron-core's TransformerConfig plus the regularisers and loss options it does not have."""
 
     mlp_dropout: float = 0.0
     """Dropout probability on the MLP's inner activation (input of linear_fc2)."""
 
+    cross_entropy_chunk_size: Optional[int] = None
+    """Tokens per chunk of the chunked loss; None = automatic; 0 = megatron-core's unchunked loss."""
+
+
+@functools.cache
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def gpu_fusions(cfg: RunConfig, use_te: bool) -> dict[str, bool]:
+    """TransformerConfig fusion fields on a GPU: each on when asked for (the default) and its kernel
+    exists without apex (SwiGLU and dropout-add use megatron's torch.compile fuser; the masked softmax
+    needs megatron's compiled softmax kernels; fused RoPE and weight-gradient accumulation need TE)."""
+    c = cfg.compute
+    return dict(
+        bias_activation_fusion=c.bias_swiglu_fusion,
+        bias_dropout_fusion=c.bias_dropout_fusion,
+        masked_softmax_fusion=c.masked_softmax_fusion and _importable("scaled_upper_triang_masked_softmax_cuda")
+        and _importable("scaled_masked_softmax_cuda"),
+        apply_rope_fusion=c.rope_fusion and use_te,
+        gradient_accumulation_fusion=c.gradient_accumulation_fusion
+        and (use_te or _importable("fused_weight_gradient_mlp_cuda")),
+        persist_layer_norm=False,  # apex's persistent LayerNorm; our norm is RMSNorm
+    )
+
+
+def attention_choice(cfg: RunConfig, device: str) -> AttentionChoice:
+    """What `--attention-backend` means for this run on `device`."""
+    return resolve_attention_backend(cfg.compute.attention_backend, device, transformer_engine_available(),
+                                     cfg.model.attention_dropout)
+
 
 def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:
     """The megatron TransformerConfig of a run."""
-    m, p = cfg.model, cfg.parallel
+    m, p, c = cfg.model, cfg.parallel, cfg.compute
     dtype = torch.bfloat16 if cfg.optim.bf16 else torch.float32
+    choice = attention_choice(cfg, device)
+    if c.cross_entropy_loss_fusion and c.cross_entropy_fusion_impl == "te" and choice.impl != "te":
+        raise ConfigError("--cross-entropy-fusion-impl te needs transformer-engine on a GPU")
+    if c.recompute_modules and "layernorm" in c.recompute_modules and not transformer_engine_available():
+        # megatron-core's CheckpointWithoutOutput reads transformer-engine's FP8 state unconditionally
+        # (0.16.1 to 0.19.2: NameError without TE)
+        raise ConfigError("--recompute-modules layernorm needs transformer-engine (megatron-core's norm "
+                          "recomputation uses it); use core_attn and/or mlp")
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -51,17 +101,26 @@ def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=cfg.optim.bf16,
         calculate_per_token_loss=True,  # losses are (sum, count): exact under any micro-batch split
         deallocate_pipeline_outputs=True,
+        attention_backend=AttnBackend[choice.kernel] if choice.impl == "te" else AttnBackend.local,
+        recompute_granularity=c.recompute_granularity,
+        recompute_method=c.recompute_method,
+        recompute_num_layers=c.recompute_num_layers,
+        cross_entropy_loss_fusion=c.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=c.cross_entropy_fusion_impl,
+        cross_entropy_chunk_size=c.cross_entropy_chunk_size,
     )
+    if c.recompute_modules is not None:
+        kwargs["recompute_modules"] = list(c.recompute_modules)
     if device == "cpu":
         kwargs.update(platform.cpu_config_overrides())
     else:
-        kwargs.update(bias_activation_fusion=False, apply_rope_fusion=False,
-                      gradient_accumulation_fusion=False)
+        kwargs.update(gpu_fusions(cfg, use_te=choice.impl == "te"))
     return DataEffTransformerConfig(**kwargs)
 
 
@@ -70,19 +129,36 @@ def model_vocab_size(cfg: RunConfig, num_ids: int) -> int:
     return padded_vocab_size(num_ids, cfg.model.make_vocab_size_divisible_by)
 
 
+class DataEffGPTModel(GPTModel):
+    """megatron-core's GPTModel with the chunked vocab-parallel loss (same values, no fp32 logits kept)."""
+
+    def compute_language_model_loss(self, labels, logits):
+        chunk = getattr(self.config, "cross_entropy_chunk_size", 0)
+        if self.config.cross_entropy_loss_fusion or chunk == 0:
+            return super().compute_language_model_loss(labels, logits)
+        pg = getattr(self, "pg_collection", None)
+        group = pg.tp if pg is not None else parallel_state.get_tensor_model_parallel_group()
+        # [b, s] -> [s, b], the logits' layout
+        loss = chunked_vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), chunk, group)
+        return loss.transpose(0, 1).contiguous()
+
+
 def build_model(
     cfg: RunConfig, num_ids: int, device: str, *, pre_process=None, post_process=None
 ) -> GPTModel:
-    """This pipeline stage's GPTModel (parallel state must be initialised)."""
+    """This pipeline stage's GPTModel (parallel state must be initialised).
+
+    `model.attention_choice` records which attention implementation was built and why."""
     tcfg = transformer_config(cfg, device)
-    use_te = device == "cuda" and transformer_engine_available()
+    choice = attention_choice(cfg, device)
     spec = build_layer_spec(bidirectional=cfg.objective.bidirectional, qk_layernorm=cfg.model.qk_layernorm,
-                            mlp_dropout=cfg.model.mlp_dropout, use_transformer_engine=use_te)
+                            mlp_dropout=cfg.model.mlp_dropout, attention=choice)
+    spec = build_block_spec(spec, tcfg, choice)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    model = GPTModel(
+    model = DataEffGPTModel(
         config=tcfg,
         transformer_layer_spec=spec,
         vocab_size=model_vocab_size(cfg, num_ids),
@@ -94,6 +170,7 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
     )
+    model.attention_choice = choice
     if device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model

@@ -7,7 +7,16 @@
   module becomes `models.mlp.RegularizedMLP`, which fuses SwiGLU and dropout.  Up to megatron-core
   0.17 the MLP submodule is a `ModuleSpec`; from 0.18 it is `partial(MLP.as_mlp_submodule, ...)`,
   a classmethod that builds its own class, so the partial is rebuilt on our class's classmethod.
-* transformer-engine's spec is used on GPUs when TE is importable; otherwise the local spec.
+* attention kernel (`--attention-backend`, resolved by `models.attention`): transformer-engine's
+  spec; megatron's local spec with our `SDPAttention` as its core attention; or the local spec as it
+  is (megatron's unfused `DotProductAttention`).  sdpa and local name their parameters alike, so
+  their checkpoints are interchangeable.
+* norms (local spec): `RMSNorm`, torch's RMSNorm marked for sequence parallelism.  megatron-core's
+  local spec wraps torch's norm in `WrappedTorchNorm`, which refuses `--sequence-parallel` (apex's
+  fused norm is the only local norm megatron supports there); under sequence parallelism each TP rank
+  normalises its slice of the sequence, so the weight's gradient is a partial sum that megatron's
+  `finalize_model_grads` all-reduces over the TP group for every parameter marked `sequence_parallel`.
+  The block's final norm comes from `build_block_spec`, which names this norm too.
 """
 
 from __future__ import annotations
@@ -15,9 +24,13 @@ from __future__ import annotations
 import copy
 import functools
 
+import torch
+
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_dataeff.models.attention import AttentionChoice, SDPAttention
 
 
 @functools.cache
@@ -33,20 +46,50 @@ def transformer_engine_available() -> bool:
     return True
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with megatron's norm constructor, its weight marked `sequence_parallel`."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("zero-centred RMSNorm weights are not supported")
+        super().__init__(hidden_size, eps=eps)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+
+def build_block_spec(layer_spec: ModuleSpec, config, attention: AttentionChoice):
+    """The decoder-block spec of a stage: `layer_spec` repeated, then the final norm (ours with the
+    local spec; megatron's choice, TE's norm, with transformer-engine)."""
+    if attention.impl == "te":
+        return layer_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config),
+                                      layer_norm=RMSNorm)
+
+
 def build_layer_spec(
-    *, bidirectional: bool, qk_layernorm: bool, mlp_dropout: float, use_transformer_engine: bool
+    *, bidirectional: bool, qk_layernorm: bool, mlp_dropout: float, attention: AttentionChoice
 ) -> ModuleSpec:
     """The transformer-layer spec of a dense GPT model with RMSNorm and SwiGLU."""
-    if use_transformer_engine:
+    if attention.impl == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     spec = copy.deepcopy(spec)
-    attention = spec.submodules.self_attention
-    attention.params = dict(attention.params or {})
-    attention.params["attn_mask_type"] = AttnMaskType.no_mask if bidirectional else AttnMaskType.causal
+    if attention.impl != "te":
+        layer = spec.submodules
+        layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+        attn = layer.self_attention.submodules
+        if qk_layernorm:
+            attn.q_layernorm = attn.k_layernorm = RMSNorm
+    if attention.impl == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = functools.partial(
+            SDPAttention, kernel=attention.kernel)
+    self_attention = spec.submodules.self_attention
+    self_attention.params = dict(self_attention.params or {})
+    self_attention.params["attn_mask_type"] = AttnMaskType.no_mask if bidirectional else AttnMaskType.causal
     if mlp_dropout > 0:
         from megatron_dataeff.models.mlp import RegularizedMLP
 

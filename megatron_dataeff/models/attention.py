@@ -1,0 +1,187 @@
+"""Core attention: which kernel runs it (`--attention-backend`), and our sdpa module.
+
+`--attention-backend` takes Megatron-LM's values plus `sdpa`:
+
+| value   | GPU with transformer-engine      | GPU without TE                        | CPU                          |
+|---------|----------------------------------|---------------------------------------|------------------------------|
+| auto    | TE's spec, TE picks the kernel   | sdpa, torch picks (flash, efficient)  | sdpa (flash kernel; math with dropout) |
+| flash   | TE's FlashAttention              | sdpa restricted to FlashAttention     | sdpa's CPU flash kernel (no dropout) |
+| fused   | TE's cuDNN fused attention       | sdpa restricted to cuDNN / efficient  | refused (no such CPU kernel) |
+| unfused | TE's unfused attention           | megatron's DotProductAttention        | megatron's DotProductAttention |
+| local   | megatron's DotProductAttention   | megatron's DotProductAttention        | megatron's DotProductAttention |
+| sdpa    | sdpa, torch picks                | sdpa, torch picks                     | sdpa                          |
+
+`SDPAttention` is a drop-in for megatron-core's `DotProductAttention` in the local layer spec (same
+constructor and forward contract, no parameters, so checkpoints are interchangeable with the local
+spec).  It calls `torch.nn.functional.scaled_dot_product_attention`, which keeps q, k, v, the output
+and the log-sum-exp for backward instead of the [batch, heads, seq, seq] probabilities, and skips the
+masked half of causal attention.  Grouped-query attention is passed to the kernel with `enable_gqa`
+where the kernel takes it (CPU flash, CUDA flash in fp16/bf16); elsewhere K/V are repeated as
+megatron's own attention does.
+
+Attention dropout: the kernel draws its mask from the torch generator, inside megatron's
+model-parallel RNG fork exactly where `DotProductAttention` draws its own (outside it under sequence
+parallelism).  The probability, where it applies (the attention probabilities, scaled by 1/(1-p))
+and its RNG stream are the same for every backend, so `auto` never changes what `--attention-dropout`
+means; but no backend keys it per sample: attention-dropout draws differ between TP layouts and
+micro-batch splits (as in Megatron-LM), unlike token dropout, the mdm noise and MLP dropout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_dataeff.config import ConfigError
+
+_TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """What `--attention-backend` resolved to on this machine."""
+
+    requested: str  # the flag's value
+    impl: str  # "te" (transformer-engine's spec) | "sdpa" (SDPAttention in the local spec) | "local"
+    kernel: str  # te: auto | flash | fused | unfused; sdpa: auto | flash | fused; local: unfused
+    reason: str  # why, for the start-up line
+
+    def describe(self) -> str:
+        """One phrase for the start-up line."""
+        name = {"te": f"transformer-engine ({self.kernel})", "local": "megatron local (unfused)",
+                "sdpa": "sdpa" + ("" if self.kernel == "auto" else f" ({self.kernel} kernel)")}[self.impl]
+        return f"attention {name}: {self.reason}"
+
+
+def resolve_attention_backend(requested: str, device: str, te_available: bool,
+                              attention_dropout: float = 0.0) -> AttentionChoice:
+    """The implementation `--attention-backend requested` means on `device` (see the module table)."""
+    gpu_te = device == "cuda" and te_available
+    no_te = "transformer-engine is not importable" if device == "cuda" else "on CPUs"
+    if requested == "auto":
+        if gpu_te:
+            return AttentionChoice(requested, "te", "auto", "auto: transformer-engine is importable on a GPU")
+        return AttentionChoice(requested, "sdpa", "auto", f"auto: {no_te}")
+    if requested in ("flash", "fused", "unfused") and gpu_te:
+        return AttentionChoice(requested, "te", requested, f"--attention-backend {requested}")
+    if requested == "flash":
+        if device == "cpu" and attention_dropout > 0:
+            raise ConfigError("--attention-backend flash: the CPU flash kernel has no dropout; with "
+                              "--attention-dropout use --attention-backend sdpa (or local)")
+        return AttentionChoice(requested, "sdpa", "flash", f"--attention-backend flash, {no_te}")
+    if requested == "fused":
+        if device != "cuda":
+            raise ConfigError("--attention-backend fused needs a GPU (cuDNN / memory-efficient attention); "
+                              "on CPUs use auto, sdpa, flash or local")
+        return AttentionChoice(requested, "sdpa", "fused", f"--attention-backend fused, {no_te}")
+    if requested in ("unfused", "local"):
+        why = f"--attention-backend {requested}" + (f", {no_te}" if requested == "unfused" else "")
+        return AttentionChoice(requested, "local", "unfused", why)
+    if requested == "sdpa":
+        return AttentionChoice(requested, "sdpa", "auto", "--attention-backend sdpa")
+    raise ConfigError(f"--attention-backend {requested!r} is not one of auto, flash, fused, unfused, local, sdpa")
+
+
+_KERNELS = {"flash": ("FLASH_ATTENTION",), "fused": ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")}
+
+
+def _kernel_context(kernel: str):
+    """torch's sdpa restricted to the named kernels (`auto`: torch chooses)."""
+    if kernel == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [getattr(SDPBackend, name) for name in _KERNELS[kernel] if hasattr(SDPBackend, name)]
+    return sdpa_kernel(backends)
+
+
+class SDPAttention(MegatronModule):
+    """megatron-core core attention on `torch.nn.functional.scaled_dot_product_attention`.
+
+    query [sq, b, heads/tp, d], key / value [sk, b, groups/tp, d] -> context [sq, b, heads/tp * d].
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type=None, pg_collection=None, kernel: str = "auto"):
+        super().__init__(config=config)
+        if getattr(config, "context_parallel_size", 1) != 1:
+            raise ValueError("the sdpa attention backend does not support context parallelism")
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError("the sdpa attention backend does not support sliding-window attention")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"the sdpa attention backend supports softmax_type vanilla, not {config.softmax_type}")
+        if kernel not in ("auto", "flash", "fused"):
+            raise ValueError(f"sdpa kernel must be auto, flash or fused, got {kernel!r}")
+        tp = pg_collection.tp.size() if pg_collection is not None else \
+            parallel_state.get_tensor_model_parallel_world_size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.kernel = kernel
+        self.heads_per_partition = config.num_attention_heads // tp
+        self.groups_per_partition = max(1, config.num_query_groups // tp)
+        self.head_dim = config.kv_channels
+        # apply_query_key_layer_scaling divides then multiplies by the layer number in megatron's
+        # softmax (an fp16 overflow guard): the product is the plain scale.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = float(config.attention_dropout if attention_dropout is None else attention_dropout)
+
+    def _native_gqa(self, query: torch.Tensor) -> bool:
+        """Whether the kernel torch will pick takes grouped K/V as they are (no repeat)."""
+        if not _TORCH_HAS_GQA:
+            return False
+        if query.device.type == "cpu":
+            return True
+        # CUDA: FlashAttention takes GQA (fp16/bf16, head dim <= 256); the efficient and cuDNN
+        # kernels do not, and torch would fall back to the math kernel, which materialises the scores.
+        return self.kernel in ("auto", "flash") and query.dtype in (torch.float16, torch.bfloat16) \
+            and self.head_dim <= 256
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        if packed_seq_params is not None:
+            raise NotImplementedError("the sdpa attention backend does not take packed sequences")
+        if attention_bias is not None:
+            raise NotImplementedError("the sdpa attention backend does not take an attention bias")
+        sq, b, heads, d = query.shape
+        sk = key.shape[0]
+        # [s, b, n, d] -> [b, n, s, d]: views; the kernels take these strides.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        groups = k.shape[1]
+        gqa = heads != groups
+        if gqa and not self._native_gqa(query):
+            k = k.repeat_interleave(heads // groups, dim=1)
+            v = v.repeat_interleave(heads // groups, dim=1)
+            gqa = False
+        mask, causal = None, False
+        # Like megatron's attention, the spec's mask type decides (a one-token decode step attends to
+        # every cached position; a longer query is aligned to the end of the keys).
+        if self.attn_mask_type == AttnMaskType.causal and sq > 1:
+            if sq == sk and attention_mask is None:
+                causal = True
+            else:
+                offset = sk - sq
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+        if attention_mask is not None:  # megatron's convention: True = masked out
+            keep = ~attention_mask.to(torch.bool)
+            mask = keep if mask is None else (keep & mask)
+        dropout = self.dropout_p if self.training else 0.0
+        extra = {"enable_gqa": True} if gqa else {}
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 and not self.config.sequence_parallel \
+            else contextlib.nullcontext()
+        with rng, _kernel_context(self.kernel):
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                     scale=self.softmax_scale, **extra)
+        # [b, n, sq, d] -> [sq, b, n * d]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """No parameters, nothing to checkpoint (as megatron's vanilla-softmax DotProductAttention)."""
+        return {}
