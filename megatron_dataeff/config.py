@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --cross-entropy-loss-fusion: megatron's native kernel or transformer-engine's")
     g.add_argument("--cross-entropy-chunk-size", type=int, default=None,
                    help="the loss in chunks of this many tokens, recomputing each chunk's softmax in backward "
-                        "so that no fp32 copy of the logits is kept (default: chunks of <= 512 MiB in fp32; 0: "
+                        "so that no fp32 copy of the logits is kept (default: chunks of <= 256 MiB in fp32; 0: "
                         "megatron-core's unchunked loss)")
     for name, what in (("bias-swiglu", "SwiGLU"), ("bias-dropout", "residual dropout-add"),
                        ("masked-softmax", "local attention's softmax"), ("rope", "RoPE (transformer-engine)"),

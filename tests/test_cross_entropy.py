@@ -60,9 +60,9 @@ def test_chunked_loss_keeps_no_fp32_logits(megatron_cpu):
 
 
 def test_auto_chunk_is_bounded():
-    """The automatic chunk keeps one fp32 chunk of the paper's vocabulary under 512 MiB."""
+    """The automatic chunk keeps one fp32 chunk of the paper's vocabulary under 256 MiB."""
     n = auto_chunk_tokens(151936)
-    assert 1 <= n and n * 151936 * 4 <= 512 * 2**20 and (n + 1) * 151936 * 4 > 512 * 2**20
+    assert 1 <= n and n * 151936 * 4 <= 256 * 2**20 and (n + 1) * 151936 * 4 > 256 * 2**20
 
 
 def test_chunked_and_megatron_loss_train_identically(tmp_path):

@@ -4,13 +4,15 @@ megatron-core's `vocab_parallel_cross_entropy` (and its "fused" variant) casts t
 [seq, batch, vocab/tp] to fp32 and saves the fp32 softmax for backward: for vocabulary 151,936 at
 sequence 4096 that is 2.3 GiB per sample on top of the bf16 logits.  Here the forward passes over the
 logits in chunks of tokens, keeping per token only the max logit and the sum of exponentials (fp32,
-[tokens]); the backward recomputes each chunk's softmax from the saved logits.  What is kept for
-backward is the logits tensor itself (which the output layer produced anyway) and 8 bytes per token.
+[tokens]); the backward recomputes each chunk's softmax from the saved logits and writes the gradient
+over them.  What is kept for backward is the logits tensor itself (which the output layer produced
+anyway) and 8 bytes per token; beyond that the loss needs one fp32 chunk (<= 256 MiB by default).
 
 The arithmetic is megatron's, row by row (subtract the TP-wide max, gather the target logit, exp,
 sum, all-reduce, log(sum) - target; gradient softmax - one-hot times the incoming gradient), so the
 losses and gradients equal megatron's to the last bit where torch reduces each row the same way
-(tested on CPU).  Two all-reduces per call over the tensor-parallel group, as megatron's.
+(tested on CPU).  The forward reads each chunk once (under tensor parallelism: one small max
+all-reduce per chunk, then one for the sums); the backward reads it again to rebuild the softmax.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-AUTO_CHUNK_BYTES = 512 * 2**20  # fp32 bytes of one chunk when the chunk size is automatic
+AUTO_CHUNK_BYTES = 256 * 2**20  # fp32 bytes of one chunk when the chunk size is automatic
 
 
 def auto_chunk_tokens(vocab_per_rank: int) -> int:
@@ -50,15 +52,17 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         local_target = (tgt - start).masked_fill(outside, 0)
 
         logits_max = torch.empty(n, dtype=torch.float32, device=flat.device)
-        for c in _chunks(n, chunk):
-            logits_max[c] = flat[c].float().max(dim=-1)[0]
-        if world > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-
         predicted = torch.empty(n, dtype=torch.float32, device=flat.device)
         sum_exp = torch.empty(n, dtype=torch.float32, device=flat.device)
         for c in _chunks(n, chunk):
-            x = flat[c].float() - logits_max[c].unsqueeze(-1)
+            x = flat[c].float()
+            if x.data_ptr() == flat.data_ptr() + c.start * vocab * flat.element_size():
+                x = x.clone()  # fp32 logits: .float() is the logits themselves, which must stay intact
+            mx = x.max(dim=-1)[0]
+            if world > 1:  # one small all-reduce per chunk: the chunk's rows are read once
+                dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+            logits_max[c] = mx
+            x -= mx.unsqueeze(-1)
             rows = torch.arange(x.shape[0], device=x.device)
             predicted[c] = x[rows, local_target[c]]
             sum_exp[c] = torch.exp_(x).sum(dim=-1)
@@ -80,7 +84,10 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         flat = logits.reshape(-1, vocab)
         grad_flat = grad_loss.reshape(-1).float()
         update = 1.0 - outside.float()
-        grad = torch.empty_like(flat)
+        # The gradient is written over the logits, which nothing needs after the loss's backward (the
+        # output layer's backward needs its input and weight); like megatron's loss, which overwrites its
+        # saved softmax, this backward can run once.
+        grad = flat
         for c in _chunks(flat.shape[0], ctx.chunk):
             x = flat[c].float() - logits_max[c].unsqueeze(-1)
             torch.exp_(x)

@@ -9,6 +9,7 @@ divides them by the global token count, and the megatron optimizer clips and ste
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -21,11 +22,11 @@ from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.data.corpus import embedded_corpus
 from megatron_dataeff.data.blending import build_data, parse_data_path
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
-from megatron_dataeff.models.builder import build_model, count_parameters
+from megatron_dataeff.models.builder import build_model, count_parameters, model_vocab_size
 from megatron_dataeff.objectives import build_objective
-from megatron_dataeff.training import checkpointing
+from megatron_dataeff.training import checkpointing, flops
 from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
-from megatron_dataeff.training.metrics import MetricsLogger, format_duration
+from megatron_dataeff.training.metrics import MetricsLogger, format_duration, peak_memory
 from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler
 
 
@@ -33,13 +34,23 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf."""
 
 
-def _all_reduce_sum(t: torch.Tensor, device: str, group=None) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks (NCCL needs it on the GPU); returns it on the CPU."""
+def _all_reduce(t: torch.Tensor, device: str, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce a small CPU tensor over ranks (NCCL needs it on the GPU); returns it on the CPU."""
     if dist.get_world_size() == 1:
         return t
     work = t.to("cuda") if device == "cuda" else t
-    dist.all_reduce(work, group=group)
+    dist.all_reduce(work, group=group, op=op)
     return work.cpu()
+
+
+def check_device_flags(cfg: RunConfig, device: str) -> None:
+    """Refuse, by name, what the device cannot do (before any model is built)."""
+    p = cfg.parallel
+    if device == "cpu":
+        for flag, on in (("--overlap-grad-reduce", p.overlap_grad_reduce),
+                         ("--overlap-param-gather", p.overlap_param_gather)):
+            if on:
+                raise ConfigError(f"{flag} overlaps communication on CUDA streams; it needs GPUs (running on CPUs)")
 
 
 def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
@@ -60,6 +71,17 @@ def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
     return list(cfg.data.data_path)
 
 
+def _format_speed_and_memory(rec: dict) -> str:
+    parts = [f"{rec['tflops_per_device']:.3g} TFLOP/s/device"]
+    if "mfu" in rec:
+        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    if "mem_allocated_gib" in rec:
+        parts.append(f"mem {rec['mem_allocated_gib']:.1f}/{rec['mem_reserved_gib']:.1f} GiB (allocated/reserved)")
+    elif "max_rss_gib" in rec:
+        parts.append(f"max RSS {rec['max_rss_gib']:.2f} GiB")
+    return " | ".join(parts)
+
+
 class Trainer:
     """Builds everything a run needs from a RunConfig, then trains."""
 
@@ -76,6 +98,7 @@ class Trainer:
                                   cfg.parallel.pipeline_model_parallel_size, cfg.optim.seed,
                                   cfg.parallel.device)
         rt = self.runtime
+        check_device_flags(cfg, rt.device)
         self.log = MetricsLogger(cfg.logging.log_dir, cfg.logging.tensorboard_dir or None,
                                  enabled=rt.is_logging_rank)
         d = cfg.data
@@ -116,12 +139,16 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         model = build_model(cfg, self.num_ids, rt.device)
         self.transformer_config = model.config
+        p = cfg.parallel
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,  # needs CUDA streams on CPU; a small cost on GPU
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            grad_reduce_in_fp32=not p.grad_reduce_in_bf16,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+            use_distributed_optimizer=p.use_distributed_optimizer,
+            bucket_size=p.ddp_bucket_size,
             check_for_nan_in_grad=False,
         )
+        self.attention = model.attention_choice
         self.model = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)]
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters)
@@ -132,9 +159,55 @@ class Trainer:
         n_params = count_parameters(model)
         from megatron.core import parallel_state
 
-        totals = _all_reduce_sum(torch.tensor([n_params], dtype=torch.float64), rt.device,
-                                 group=parallel_state.get_model_parallel_group())
+        totals = _all_reduce(torch.tensor([n_params], dtype=torch.float64), rt.device,
+                             group=parallel_state.get_model_parallel_group())
         self.num_parameters = int(totals.item())
+        padded_vocab = model_vocab_size(cfg, self.num_ids)
+        self.flops_per_step = flops.flops_per_step(cfg, padded_vocab)
+        name = torch.cuda.get_device_name() if rt.device == "cuda" else None
+        self.peak_tflops = cfg.logging.peak_tflops or flops.peak_tflops(name, cfg.optim.bf16)
+
+    @contextlib.contextmanager
+    def _params_synced(self):
+        """Parameters all-gathered and the overlap hooks off (evaluation, checkpoints), as Megatron-LM does
+        with --overlap-param-gather: the optimizer leaves the gather to the next forward's hooks."""
+        overlap = self.cfg.parallel.overlap_param_gather
+        if overlap:
+            for m in self.model:
+                m.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            if overlap:
+                for m in self.model:
+                    m.enable_forward_pre_hook()
+
+    def describe_compute(self) -> str:
+        """The start-up line of how the model is computed: attention, recomputation, sequence parallelism,
+        fusions, loss, gradient communication."""
+        c, p, tc = self.cfg.compute, self.cfg.parallel, self.transformer_config
+        if c.recompute_granularity == "full":
+            recompute = f"full ({c.recompute_method}, {c.recompute_num_layers} layer(s))"
+        elif c.recompute_granularity == "selective":
+            recompute = f"selective ({', '.join(tc.recompute_modules)})"
+        else:
+            recompute = "off"
+        fused = [name for name, on in (("SwiGLU", tc.bias_activation_fusion), ("dropout-add", tc.bias_dropout_fusion),
+                                       ("masked softmax", tc.masked_softmax_fusion), ("RoPE", tc.apply_rope_fusion),
+                                       ("wgrad accumulation", tc.gradient_accumulation_fusion)) if on]
+        if c.cross_entropy_loss_fusion:
+            loss = f"megatron fused cross entropy ({c.cross_entropy_fusion_impl})"
+        elif c.cross_entropy_chunk_size == 0:
+            loss = "megatron cross entropy (fp32 logits)"
+        else:
+            loss = "chunked cross entropy (" + ("auto" if c.cross_entropy_chunk_size is None
+                                                 else str(c.cross_entropy_chunk_size)) + " tokens/chunk)"
+        comm = [name for name, on in (("overlap grad reduce", p.overlap_grad_reduce),
+                                      ("overlap param gather", p.overlap_param_gather),
+                                      ("bf16 grad reduce", p.grad_reduce_in_bf16)) if on]
+        return (f"[megatron_dataeff] {self.attention.describe()} | recompute {recompute} | sequence parallel "
+                f"{'on' if p.sequence_parallel else 'off'} | fusions: {', '.join(fused) or 'none'} | loss: {loss}"
+                f" | grads: {', '.join(comm) or 'reduce after backward, fp32'}")
 
     def _write_run_record(self):
         import json
@@ -207,7 +280,7 @@ class Trainer:
                 total += out["loss"].double().cpu()
         # Every last-stage rank holds its data-parallel shard (repeated on each TP rank): summing
         # over all ranks repeats sum and count alike, so their ratio is the global loss everywhere.
-        return _all_reduce_sum(total, self.runtime.device)
+        return _all_reduce(total, self.runtime.device)
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -216,7 +289,7 @@ class Trainer:
             m.eval()
         t0 = time.time()
         total = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
+        with torch.no_grad(), self._params_synced():
             for k in range(self.cfg.logging.eval_iters):
                 total += self._run_batch(self.data.valid_batch, k, forward_only=True)
         for m in self.model:
@@ -244,6 +317,17 @@ class Trainer:
             self.scheduler.step(increment=1)
         return loss, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
 
+    def _speed_and_memory(self, seconds_per_step: float) -> dict:
+        """TFLOP/s per device (model FLOPs), MFU when the peak is known, and peak memory (max over ranks)."""
+        out = {"tflops_per_device": self.flops_per_step / max(seconds_per_step, 1e-9) / self.runtime.world_size / 1e12}
+        if self.peak_tflops:
+            out["mfu"] = out["tflops_per_device"] / self.peak_tflops
+        mem = peak_memory(self.runtime.device)
+        reduced = _all_reduce(torch.tensor(list(mem.values()), dtype=torch.float64), self.runtime.device,
+                              op=dist.ReduceOp.MAX)
+        out.update({k: float(v) for k, v in zip(mem, reduced.tolist())})
+        return out
+
     def _log_valid(self):
         res = self.evaluate()
         rec = {"iteration": self.iteration, "split": "valid", "loss": res["loss"],
@@ -267,6 +351,7 @@ class Trainer:
             f"DP {self.dp_size}) | {self.data.unique_tokens:,} unique tokens, "
             f"{self.data.samples_per_epoch:,} samples/epoch | {self.train_iters} iterations of {gbs} x {seq} "
             f"= {self.train_iters * gbs / self.data.samples_per_epoch:.2f} epochs")
+        self.log.print(self.describe_compute())
         last = {"train_loss": float("nan"), "valid_loss": float("nan")}
         interval_start, interval_tokens, interval_steps = time.time(), 0, 0
         loss_acc, loss_n = 0.0, 0
@@ -293,6 +378,7 @@ class Trainer:
                        "grad_norm": grad_norm, "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
                        "ms_per_step": ms, "epoch": epoch, "consumed_tokens": self.consumed_samples * seq,
                        "consumed_samples": self.consumed_samples}
+                rec.update(self._speed_and_memory(elapsed / interval_steps))
                 if not stepped:
                     rec["skipped"] = True
                 self.log.log(rec)
@@ -300,7 +386,7 @@ class Trainer:
                     f" iteration {self.iteration:7d}/{self.train_iters} | epoch {epoch:7.2f} | "
                     f"tokens {self.consumed_samples * seq:>12,} | loss {avg:.4f} | lr {lr:.3e} | "
                     f"grad norm {grad_norm:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {ms:.0f} ms/step | "
-                    f"ETA {format_duration(eta)}")
+                    f"{_format_speed_and_memory(rec)} | ETA {format_duration(eta)}")
                 interval_start, interval_tokens, interval_steps = time.time(), 0, 0
                 loss_acc, loss_n = 0.0, 0
             if (cfg.logging.eval_interval and cfg.logging.eval_iters
@@ -309,11 +395,13 @@ class Trainer:
             ck = cfg.checkpoint
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0 \
                     and self.iteration < self.train_iters:
-                checkpointing.save(self, ck.save)
+                with self._params_synced():
+                    checkpointing.save(self, ck.save)
         if cfg.logging.eval_iters:
             last["valid_loss"] = self._log_valid()["loss"]
         if cfg.checkpoint.save:
-            checkpointing.save(self, cfg.checkpoint.save)
+            with self._params_synced():
+                checkpointing.save(self, cfg.checkpoint.save)
         self.log.print(f"[megatron_dataeff] done: {self.iteration} iterations in "
                        f"{format_duration(time.time() - run_start)}; final train loss {last['train_loss']:.4f}, "
                        f"validation {last['valid_loss']:.4f}")

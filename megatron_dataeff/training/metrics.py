@@ -18,6 +18,19 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def peak_memory(device: str) -> dict[str, float]:
+    """This process's peak memory since start, GiB: CUDA allocated / reserved by torch's allocator, or the
+    CPU process's max resident set size."""
+    if device == "cuda":
+        import torch
+
+        return {"mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    import resource
+
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}  # Linux: kB
+
+
 class MetricsLogger:
     """One JSON object per event in `{log_dir}/metrics.jsonl`, mirrored to TensorBoard."""
 

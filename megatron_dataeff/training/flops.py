@@ -1,0 +1,59 @@
+"""Model FLOPs of a training step (Megatron-LM's formula) and the peak a device can do, for TFLOP/s and MFU.
+
+Megatron-LM's `num_floating_point_operations` for a dense GPT with grouped-query attention and
+SwiGLU, per token: 3 (forward, weight-gradient and data-gradient GEMMs) x 2 (multiply-add) x
+
+    layers x [ hidden (q + k + v) + q hidden          # QKV and output projections
+               + q seq / 2 x 2                         # QK^T and PV; causal attention counts half
+               + 3 hidden ffn ]                        # SwiGLU: up, gate, down
+    + hidden x padded_vocab                            # logits
+
+with q = heads x kv_channels and k = v = query_groups x kv_channels.  Causal attention counts half of
+the score matrix, as Megatron-LM does; masked diffusion attends both ways, so for it the core-attention
+term counts in full.  These are model FLOPs: recomputed forwards are not counted (MFU, not HFU).
+"""
+
+from __future__ import annotations
+
+from megatron_dataeff.config import RunConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().
+# The first entry whose every word occurs in the name wins, so the specific variants come first.
+PEAK_BF16_TFLOPS = (
+    (("H100", "PCIe"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H200", "NVL"), 835.0),
+    (("H100",), 989.0),  # SXM
+    (("H200",), 989.0),  # SXM
+    (("GH200",), 989.0),
+    (("H800",), 989.0),
+    (("A100",), 312.0),
+    (("A800",), 312.0),
+)
+
+
+def flops_per_token(cfg: RunConfig, padded_vocab: int) -> float:
+    """Model FLOPs (forward + backward) per trained token."""
+    m = cfg.model
+    q = m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    attention_span = m.seq_length if cfg.objective.bidirectional else m.seq_length / 2
+    per_layer = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + q * attention_span * 2 \
+        + 3 * m.hidden_size * m.ffn_hidden_size
+    return 3 * 2 * (m.num_layers * per_layer + m.hidden_size * padded_vocab)
+
+
+def flops_per_step(cfg: RunConfig, padded_vocab: int) -> float:
+    """Model FLOPs of one optimizer step (global batch x sequence length tokens)."""
+    return flops_per_token(cfg, padded_vocab) * cfg.optim.global_batch_size * cfg.model.seq_length
+
+
+def peak_tflops(device_name: str | None, bf16: bool) -> float | None:
+    """The dense bf16 peak of a GPU by name; None when unknown, for fp32 training (whose peak is another
+    figure) and on CPUs.  `--peak-tflops` overrides it."""
+    if not device_name or not bf16:
+        return None
+    for words, peak in PEAK_BF16_TFLOPS:
+        if all(w in device_name for w in words):
+            return peak
+    return None
