@@ -132,6 +132,8 @@ def model_vocab_size(cfg: RunConfig, num_ids: int) -> int:
 class DataEffGPTModel(GPTModel):
     """megatron-core's GPTModel with the chunked vocab-parallel loss (same values, no fp32 logits kept)."""
 
+    attention_choice: Optional[AttentionChoice] = None  # set by build_model: which attention and why
+
     def compute_language_model_loss(self, labels, logits):
         chunk = getattr(self.config, "cross_entropy_chunk_size", 0)
         if self.config.cross_entropy_loss_fusion or chunk == 0:
@@ -145,7 +147,7 @@ class DataEffGPTModel(GPTModel):
 
 def build_model(
     cfg: RunConfig, num_ids: int, device: str, *, pre_process=None, post_process=None
-) -> GPTModel:
+) -> DataEffGPTModel:
     """This pipeline stage's GPTModel (parallel state must be initialised).
 
     `model.attention_choice` records which attention implementation was built and why."""

@@ -1,0 +1,576 @@
+"""Per-GPU memory of a run, from its configuration alone (no model is built, torch is not imported).
+
+`estimate_memory(cfg, world_size, num_ids, device)` adds up, for the most loaded rank:
+
+* persistent state: parameters (matrices and embeddings in the parameter dtype, the RMSNorm weights in
+  fp32: they are torch's `RMSNorm`, which megatron does not cast), megatron DDP's gradient buffer
+  (fp32; bf16 for bf16 parameters with `--grad-reduce-in-bf16`) and the optimizer state (Adam's
+  exp_avg / exp_avg_sq in fp32, plus an fp32 master copy of every bf16 parameter; divided over the
+  data-parallel ranks with `--use-distributed-optimizer`);
+* what the forward pass saves for backward: every layer of the stage times the micro-batches in flight
+  (1F1B keeps up to PP - stage of them), the embedding's and the head's tensors, and on the last stage
+  the logits the loss keeps;
+* the largest transient at the moment of the peak: the start of backward (the loss gradient and its
+  fp32 chunks), the output layer's weight gradient, a layer's backward or recomputation, or the
+  optimizer step (when it outgrows the backward peak, as with a small micro-batch);
+* stated allowances for what cannot be known from the config (CUDA context, cuBLAS workspaces, NCCL
+  buffers, allocator fragmentation), kept apart from the estimate.
+
+Every per-layer term is a named storage, the way autograd keeps it: a tensor saved by two operations,
+or a view saved instead of its base (v is a view of the fused qkv output, so saving v keeps all of qkv),
+counts once under one name.  On CPUs the counts are checked against what autograd really saves
+(`tests/test_memory_estimate.py`, saved-tensor hooks over unique storages) and the total against a
+training run's peak RSS.  The CUDA differences are read from the code paths that run there: torch's
+fused RMSNorm (keeps x and rstd; the CPU composite also keeps x * rstd, in fp32), megatron's fused
+SwiGLU (keeps its input only), dropout masks as 1-byte booleans (the CPU path keeps a mask of the
+input's dtype), flash / memory-efficient sdpa keeping q, k, v, the output and the log-sum-exp.
+With transformer-engine (`impl te`) the layer is estimated as the local spec with flash attention.
+
+Shapes: s = --seq-length, b = --micro-batch-size, h = hidden, F = ffn, t = TP; T = s * b tokens;
+T' = T / t under sequence parallelism (the [s, b, h] parts), else T.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_dataeff.config import RunConfig, padded_vocab_size
+
+GiB = 2**30
+GB = 10**9
+AUTO_CHUNK_BYTES = 512 * 2**20  # models/cross_entropy.py's automatic chunk: fp32 bytes per loss chunk
+CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context + torch/cuBLAS/cuDNN kernels, outside torch's allocator
+CUDA_WORKSPACE_BYTES = 128 * 2**20  # cuBLAS(Lt) workspaces of the streams in use
+NCCL_BYTES = 1 * GiB  # NCCL communicator buffers (channels x peers x NCCL_BUFFSIZE) when world > 1
+FRAGMENTATION = 0.10  # caching-allocator slack, as a fraction of activations + transients
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers (torch-free mirrors of package facts; tests check they agree with the originals)
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a torch dtype, a name ("bf16", "float32", "torch.bfloat16") or a size."""
+    if isinstance(dtype, int):
+        return dtype
+    size = getattr(dtype, "itemsize", None)
+    if isinstance(size, int):
+        return size
+    name = str(dtype).replace("torch.", "").lower()
+    sizes = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4,
+             "float": 4, "fp64": 8, "float64": 8, "double": 8}
+    if name not in sizes:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return sizes[name]
+
+
+def attention_impl(requested: str, device: str, te_available: bool = False) -> tuple[str, str]:
+    """(impl, kernel) that `--attention-backend requested` means on `device`: the table of
+    models/attention.py (`resolve_attention_backend`), without importing torch."""
+    gpu_te = device == "cuda" and te_available
+    if requested == "auto":
+        return ("te", "auto") if gpu_te else ("sdpa", "auto")
+    if requested in ("flash", "fused", "unfused") and gpu_te:
+        return "te", requested
+    if requested in ("flash", "fused"):
+        return "sdpa", requested
+    if requested in ("unfused", "local"):
+        return "local", "unfused"
+    return "sdpa", "auto"
+
+
+def auto_chunk_tokens(vocab_per_rank: int) -> int:
+    """Tokens per chunk of the chunked loss when `--cross-entropy-chunk-size` is not given."""
+    return max(1, AUTO_CHUNK_BYTES // (4 * vocab_per_rank))
+
+
+def unfused_attention_bytes(micro_batch: int, heads_per_rank: int, seq: int, dtype, attention_dropout: float = 0.0,
+                            *, device: str = "cuda") -> int:
+    """Bytes of [b, heads, s, s] tensors megatron's DotProductAttention (`--attention-backend local`)
+    keeps for backward, per layer and micro-batch: the softmax output in fp32 (its backward needs it;
+    softmax runs in fp32), for a 16-bit dtype the probabilities cast back to it (the second bmm keeps
+    them), and with attention dropout the mask (a 1-byte bool on CUDA, the dtype on CPU) and the dropped
+    probabilities instead of the undropped ones."""
+    e = dtype_bytes(dtype)
+    n = micro_batch * heads_per_rank * seq * seq
+    kept = 4 * n  # softmax output, fp32
+    if attention_dropout > 0:
+        kept += (1 if device == "cuda" else e) * n + e * n  # mask + dropped probabilities
+    elif e != 4:
+        kept += e * n  # probabilities in the dtype (fp32: the softmax output itself)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes of one rank
+
+
+@dataclass(frozen=True)
+class _Shape:
+    s: int
+    b: int
+    h: int
+    ffn: int  # F / t
+    nq: int  # query heads / t
+    nkv: int  # key/value groups / t
+    d: int
+    vocab: int  # padded vocabulary / t
+    tp: int
+    sp: bool
+    e: int  # bytes of the parameter / activation dtype
+    device: str
+    impl: str  # sdpa | local | te
+    kernel: str
+    causal: bool
+    qk_ln: bool
+    p_attn: float
+    p_hidden: float
+    p_mlp: float
+    mlp_fused_ext: bool  # the compiled SwiGLU+dropout kernel (else its torch reference)
+
+    @property
+    def tokens(self) -> int:
+        return self.s * self.b
+
+    @property
+    def tokens_sp(self) -> int:
+        """Rows of the [s, b, h] tensors on this rank."""
+        return self.tokens // self.tp if self.sp else self.tokens
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes per element of a dropout mask."""
+        return 1 if self.device == "cuda" else self.e
+
+    @property
+    def sdpa_path(self) -> str:
+        """Which sdpa kernel runs: "flash" (keeps q, k, v as given), "efficient" (K/V repeated for GQA),
+        or "math" (CPU with dropout: the scores are materialised, in fp32)."""
+        if self.impl == "te":
+            return "flash"
+        if self.device == "cpu":
+            return "math" if self.p_attn > 0 else "flash"
+        if self.kernel in ("auto", "flash") and self.e == 2 and self.d <= 256:
+            return "flash"
+        return "efficient"
+
+
+def _shape(cfg: RunConfig, num_ids: int, device: str, te_available: bool) -> _Shape:
+    m, p = cfg.model, cfg.parallel
+    tp = p.tensor_model_parallel_size
+    impl, kernel = attention_impl(cfg.compute.attention_backend, device, te_available)
+    if device == "cpu":
+        fused_ext = importlib.util.find_spec("megatron_dataeff._C") is not None
+    else:
+        fused_ext = True  # built by `pip install -e .` where nvcc exists (csrc/README.md)
+    return _Shape(
+        s=m.seq_length, b=cfg.optim.micro_batch_size, h=m.hidden_size, ffn=m.ffn_hidden_size // tp,
+        nq=m.num_attention_heads // tp, nkv=max(1, m.num_query_groups // tp), d=m.kv_channels,
+        vocab=padded_vocab_size(num_ids, m.make_vocab_size_divisible_by) // tp, tp=tp,
+        sp=bool(p.sequence_parallel and tp > 1), e=2 if cfg.optim.bf16 else 4, device=device, impl=impl,
+        kernel=kernel, causal=not cfg.objective.bidirectional, qk_ln=m.qk_layernorm, p_attn=m.attention_dropout,
+        p_hidden=m.hidden_dropout, p_mlp=m.mlp_dropout, mlp_fused_ext=fused_ext,
+    )
+
+
+class _Saved(dict):
+    """Storages kept for backward, by name: naming one twice (two ops saving it) counts it once."""
+
+    def keep(self, name: str, nbytes: int) -> None:
+        self.setdefault(name, int(nbytes))
+
+
+def _norm(saved: _Saved, sh: _Shape, name: str, x: str, x_bytes: int, elements: int, rows: int) -> None:
+    """What RMSNorm `name` over `x` (a storage of x_bytes; `elements` of it normalised, in `rows` rows)
+    keeps.
+
+    CUDA (torch >= 2.8's fused kernel): x and rstd (fp32).  CPU (torch's composite): x upcast to fp32
+    (x itself when it is fp32; a new copy otherwise), rstd and x * rstd in fp32 (for the weight's grad)."""
+    if sh.device == "cuda":
+        saved.keep(x, x_bytes)
+    elif sh.e == 4:
+        saved.keep(x, x_bytes)
+    else:
+        saved.keep(f"{name}.fp32", 4 * elements)
+    saved.keep(f"{name}.rstd", 4 * rows)
+    if sh.device != "cuda":
+        saved.keep(f"{name}.normed", 4 * elements)
+
+
+def _core_attention(saved: _Saved, sh: _Shape, q: str, k: str, qkv_bytes: int) -> str:
+    """What core attention keeps of q [T, nq, d] (storage q), k [T, nkv, d] (storage k) and v (a view of
+    the qkv storage); returns the name of its output storage (the input linear_proj keeps)."""
+    T, e = sh.tokens, sh.e
+    dq = T * sh.nq * sh.d
+    gqa = sh.nq != sh.nkv
+    bnss = sh.b * sh.nq * sh.s * sh.s
+    if sh.impl == "local":
+        # repeat_interleave for GQA makes new K/V; baddbmm keeps q and k, the second bmm v
+        saved.keep(q, e * dq)
+        saved.keep("k.repeated" if gqa else k, e * dq)
+        saved.keep("v.repeated" if gqa else "qkv", e * dq if gqa else qkv_bytes)
+        if sh.causal:
+            saved.keep("causal_mask", sh.s * sh.s)  # masked_fill's [s, s] bool, built per call
+        saved.keep("attention.probs", unfused_attention_bytes(sh.b, sh.nq, sh.s, e, sh.p_attn, device=sh.device))
+        saved.keep("context", e * dq)  # bmm -> permute().contiguous()
+        return "context"
+    path = sh.sdpa_path
+    if path == "math":  # CPU with dropout: q * scale, k, v in fp32 (K/V repeated), scores, mask, dropped
+        saved.keep("math.q", 4 * dq)
+        saved.keep("math.k", 4 * dq)
+        if gqa or e != 4:
+            saved.keep("math.v", 4 * dq)
+        else:
+            saved.keep("qkv", qkv_bytes)
+        saved.keep("math.probs", 3 * 4 * bnss)  # softmax output, dropout noise (fp32), dropped probs
+        saved.keep("context", e * dq)  # the output, cast back to the dtype
+        return "context"
+    if path == "efficient" and gqa:  # no native GQA there: K/V repeated to every head
+        saved.keep(q, e * dq)
+        saved.keep("k.repeated", e * dq)
+        saved.keep("v.repeated", e * dq)
+    else:
+        saved.keep(q, e * dq)
+        saved.keep(k, e * T * sh.nkv * sh.d)
+        saved.keep("qkv", qkv_bytes)
+    s_lse = math.ceil(sh.s / 32) * 32 if path == "efficient" else sh.s
+    saved.keep("attention.lse", 4 * sh.b * sh.nq * s_lse)
+    saved.keep("attention.out", e * dq)  # linear_proj's input is a view of it
+    return "attention.out"
+
+
+def layer_activations(sh: _Shape, recompute_modules: Sequence[str] = ()) -> dict[str, int]:
+    """Bytes one transformer layer keeps for backward for one micro-batch, by storage (the layer's
+    input included; its output is the next layer's input).  `recompute_modules`: selective
+    recomputation (core_attn, mlp, layernorm)."""
+    saved = _Saved()
+    T, Ts, h, e, d = sh.tokens, sh.tokens_sp, sh.h, sh.e, sh.d
+    dq, dkv = sh.nq * d, sh.nkv * d
+    qkv_bytes = e * T * (dq + 2 * dkv)
+    recompute_norm = "layernorm" in recompute_modules
+    # input RMSNorm, then linear_qkv keeps its (un-gathered, under SP) input
+    _norm(saved, sh, "ln1", "x", e * Ts * h, Ts * h, Ts)
+    if not recompute_norm:  # CheckpointWithoutOutput drops the norm output and recomputes it
+        saved.keep("ln1.out", e * Ts * h)
+    # q is a copy when the qkv split cannot be a view (several groups of several heads); k, v are views
+    q_copy = sh.nkv > 1 and sh.nq // sh.nkv > 1
+    q_store, q_bytes = ("q", e * T * dq) if q_copy else ("qkv", qkv_bytes)
+    if sh.qk_ln:
+        _norm(saved, sh, "q_ln", q_store, q_bytes, T * dq, T * sh.nq)
+        _norm(saved, sh, "k_ln", "qkv", qkv_bytes, T * dkv, T * sh.nkv)
+    # RoPE keeps cos and sin ([s, 1, 1, d], the dtype) for q and for k; its outputs are new tensors
+    if sh.impl != "te":
+        saved.keep("rope.cos_sin", 4 * e * sh.s * d)
+    if "core_attn" in recompute_modules:  # checkpoint keeps the inputs: q, k after RoPE, v (a qkv view)
+        saved.keep("q.rope", e * T * dq)
+        saved.keep("k.rope", e * T * dkv)
+        saved.keep("qkv", qkv_bytes)
+        out = "context"
+        saved.keep(out, e * T * dq)
+    else:
+        out = _core_attention(saved, sh, "q.rope", "k.rope", qkv_bytes)
+    saved.keep(out, e * T * dq)  # linear_proj's input
+    if sh.p_hidden > 0:
+        saved.keep("bda1.mask", sh.mask_bytes * Ts * h)
+    _norm(saved, sh, "ln2", "r1", e * Ts * h, Ts * h, Ts)  # pre-MLP RMSNorm of the residual
+    if "mlp" in recompute_modules:  # checkpoint keeps the MLP input only (the norm output)
+        saved.keep("ln2.out", e * Ts * h)
+    else:
+        if not recompute_norm:
+            saved.keep("ln2.out", e * Ts * h)
+        F = sh.ffn
+        saved.keep("fc1.out", e * T * 2 * F)  # [T, 2F/t]: SwiGLU keeps it (its halves are views)
+        unfused = sh.device != "cuda" and sh.p_mlp == 0
+        if unfused or (sh.p_mlp > 0 and not sh.mlp_fused_ext):
+            # megatron's unfused glu: silu(a) * (b + 0): keeps silu(a) and the (b + 0) copy
+            saved.keep("swiglu.silu", e * T * F)
+            saved.keep("swiglu.up", e * T * F)
+            if sh.p_mlp > 0:  # the torch reference's dropout: its mask in the dtype and the product
+                saved.keep("swiglu.mask", e * T * F)
+                saved.keep("swiglu.product", e * T * F)
+        saved.keep("fc2.in", e * T * F)  # linear_fc2's input (the fused op's output)
+    if sh.p_hidden > 0:
+        saved.keep("bda2.mask", sh.mask_bytes * Ts * h)
+    return dict(saved)
+
+
+def layer_backward_transient(sh: _Shape) -> int:
+    """Bytes one layer's backward allocates beyond what it saved, at its largest (approximate): the
+    gradients of the MLP's [T, 2F] and [T, F] tensors, of q, k, v, and for materialised attention
+    (local, CPU math) a fp32 gradient of the scores next to the incoming probabilities' gradient."""
+    T, e = sh.tokens, sh.e
+    mlp = e * T * 3 * sh.ffn + e * 3 * sh.ffn * sh.h
+    attn = e * T * (sh.nq + 2 * sh.nkv) * sh.d * 2
+    if sh.impl == "local" or (sh.impl == "sdpa" and sh.sdpa_path == "math"):
+        attn += 8 * sh.b * sh.nq * sh.s * sh.s
+    return max(mlp, attn)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters, gradients, optimizer
+
+
+def parameter_counts(cfg: RunConfig, num_ids: int, stage: int = 0) -> tuple[int, int]:
+    """(matrix parameters, RMSNorm weights) on one TP rank of pipeline `stage`; the first are in the
+    parameter dtype, the norms in fp32.  The last stage holds the output layer: untied, or tied with
+    PP > 1 (a copy of the word embeddings, kept in sync by megatron's embedding group)."""
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    h, d = m.hidden_size, m.kv_channels
+    vocab = padded_vocab_size(num_ids, m.make_vocab_size_divisible_by) // tp
+    layers = m.num_layers // pp
+    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d // tp * h
+    proj = h * m.num_attention_heads * d // tp
+    mlp = 2 * m.ffn_hidden_size // tp * h + h * m.ffn_hidden_size // tp
+    matrices = layers * (qkv + proj + mlp)
+    norms = layers * (2 * h + (2 * d if m.qk_layernorm else 0))
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        matrices += vocab * h
+    if last:
+        norms += h
+        if m.untie_embeddings_and_output_weights or not first:
+            matrices += vocab * h
+    return matrices, norms
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on one rank of pipeline stage `stage` (every TP and DP rank of a stage is alike)."""
+
+    stage: int
+    num_stages: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    buffers: int  # megatron's global memory buffer (local attention's baddbmm input, SP all-gathers)
+    activations: int  # saved for backward at the start of backward, all micro-batches in flight
+    loss: int  # what the loss keeps (logits, their statistics); last stage only
+    transient: int  # the largest allocation beyond the saved tensors during backward
+    optimizer_step: int  # what the optimizer step allocates (the activations are gone by then)
+    peak_moment: str  # where the peak is: "loss backward", "output layer backward", "optimizer step", ...
+    allowances: dict = field(default_factory=dict)  # stated, not estimated: context, workspaces, ...
+    num_parameters: int = 0
+    micro_batches_in_flight: int = 1
+    layers: int = 0
+    per_layer: dict = field(default_factory=dict)  # one layer, one micro-batch, by storage
+    notes: list = field(default_factory=list)
+
+    @property
+    def persistent(self) -> int:
+        """Parameters + gradient buffer + optimizer state + megatron's buffers: held for the whole run."""
+        return self.parameters + self.gradients + self.optimizer_state + self.buffers
+
+    @property
+    def backward_peak(self) -> int:
+        """Bytes beyond the persistent state at the largest moment of the forward-backward pass."""
+        return self.activations + self.loss + self.transient
+
+    @property
+    def total(self) -> int:
+        """The estimated peak of allocated bytes (without the allowances)."""
+        return self.persistent + max(self.backward_peak, self.optimizer_step)
+
+    @property
+    def total_with_allowances(self) -> int:
+        """The peak a device must hold: the estimate plus the stated allowances."""
+        return self.total + sum(self.allowances.values())
+
+    def fits(self, sizes_gb: Sequence[float] = (80, 141)) -> dict[float, bool]:
+        """For each device size (in GB as vendors count them, 1e9 bytes): does the peak with the
+        allowances fit?"""
+        return {float(g): self.total_with_allowances <= g * GB for g in sizes_gb}
+
+
+def _dp_size(cfg: RunConfig, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+
+def _persistent(cfg: RunConfig, num_ids: int, stage: int, dp: int) -> tuple[int, int, int, int, int]:
+    """(parameters, gradients, optimizer state, parameter count, largest tensor's elements)."""
+    mats, norms = parameter_counts(cfg, num_ids, stage)
+    e = 2 if cfg.optim.bf16 else 4
+    params = e * mats + 4 * norms
+    # megatron DDP: one contiguous buffer per (param dtype, grad dtype); fp32 unless bf16 reduction
+    grad_e = 2 if (cfg.optim.bf16 and cfg.parallel.grad_reduce_in_bf16) else 4
+    grads = grad_e * mats + 4 * norms
+    # Adam exp_avg + exp_avg_sq (fp32) for every parameter, plus fp32 masters of the bf16 ones
+    opt = 8 * (mats + norms) + (4 * mats if cfg.optim.bf16 else 0)
+    if cfg.parallel.use_distributed_optimizer:
+        opt = math.ceil(opt / dp)
+    m = cfg.model
+    tp = cfg.parallel.tensor_model_parallel_size
+    largest = max(padded_vocab_size(num_ids, m.make_vocab_size_divisible_by) // tp * m.hidden_size,
+                  2 * m.ffn_hidden_size // tp * m.hidden_size)
+    return params, grads, opt, mats + norms, largest
+
+
+def _optimizer_step_transient(cfg: RunConfig, device: str, te_available: bool, count: int, largest: int,
+                              dp: int) -> int:
+    """Bytes the optimizer step allocates: torch's AdamW (megatron's fallback without TE / apex) runs
+    per tensor on CPUs (sqrt(v) and its quotient: two fp32 copies of the largest tensor) and as
+    foreach on CUDA (one fp32 copy of all the parameters it steps); TE's / apex's FusedAdam works in
+    place.  bf16 gradients (`--grad-reduce-in-bf16`) are cast to fp32 for the step."""
+    shard = math.ceil(count / dp) if cfg.parallel.use_distributed_optimizer else count
+    if device == "cpu":
+        step = 8 * largest
+    elif te_available:
+        step = 0
+    else:
+        step = 4 * shard
+    if cfg.optim.bf16 and cfg.parallel.grad_reduce_in_bf16:
+        step += 4 * shard
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage as a whole
+
+
+def _head(sh: _Shape) -> int:
+    """The final RMSNorm and the output layer's (un-gathered) input."""
+    saved = _Saved()
+    _norm(saved, sh, "final_ln", "y", sh.e * sh.tokens_sp * sh.h, sh.tokens_sp * sh.h, sh.tokens_sp)
+    saved.keep("final_ln.out", sh.e * sh.tokens_sp * sh.h)
+    return sum(saved.values())
+
+
+def _loss_terms(cfg: RunConfig, sh: _Shape) -> tuple[int, int, int]:
+    """(kept by the loss, its backward's transient, the output layer's backward transient).
+
+    Chunked (models/cross_entropy.py): the logits [T, V/t] in the dtype plus per token the max and sum
+    of exponentials (fp32), the local target (int64) and the outside-the-shard flag (bool); its
+    backward allocates the logits' gradient (dtype) and one chunk's fp32 softmax (two in bf16: the
+    upcast and the shifted copy).  Unchunked (`--cross-entropy-chunk-size 0`, or megatron's fused
+    loss): an fp32 softmax of the logits' size (in fp32 the logits themselves, updated in place) plus
+    the target mask and int64 targets; in bf16 its gradient is cast to a bf16 copy.  Then the output
+    layer's backward holds the logits' gradient, its weight gradient [V/t, h] in the dtype (before it
+    is added into the fp32 grad buffer) and the input gradient [T, h]."""
+    c = cfg.compute
+    T, V, e = sh.tokens, sh.vocab, sh.e
+    logits = e * T * V
+    chunk = c.cross_entropy_chunk_size
+    out_bwd = logits + e * V * sh.h + e * T * sh.h
+    if c.cross_entropy_loss_fusion or chunk == 0:
+        kept = 4 * T * V + 9 * T
+        bwd = 0 if (e == 4 and not c.cross_entropy_loss_fusion) else 2 * T * V
+        return kept, bwd, out_bwd
+    tokens = min(T, chunk if chunk else auto_chunk_tokens(V))
+    kept = logits + 17 * T
+    bwd = logits + (1 if e == 4 else 2) * 4 * tokens * V
+    return kept, bwd, out_bwd
+
+
+def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: str, te_available: bool,
+                    world_size: int) -> MemoryEstimate:
+    m, p, c = cfg.model, cfg.parallel, cfg.compute
+    pp = p.pipeline_model_parallel_size
+    sh = _shape(cfg, num_ids, device, te_available)
+    first, last = stage == 0, stage == pp - 1
+    layers = m.num_layers // pp
+    in_flight = min(pp - stage, cfg.num_microbatches(dp))
+    notes = []
+
+    selective = list(c.recompute_modules or ["core_attn"]) if c.recompute_granularity == "selective" else []
+    full_layer = layer_activations(sh)
+    per_layer = layer_activations(sh, selective)
+    a_full, a = sum(full_layer.values()), sum(per_layer.values())
+    x_in = sh.e * sh.tokens_sp * sh.h  # a layer's input, what full recomputation checkpoints
+    rotary = 4 * sh.s * sh.d  # the [s, 1, 1, d] fp32 RoPE table, an argument of every checkpoint
+    bwd_layer = layer_backward_transient(sh)
+
+    # one micro-batch's saved tensors on this stage (without the loss's)
+    edge = 0
+    if first:
+        edge += 8 * sh.tokens  # the token ids the embedding's backward needs
+        if sh.p_hidden > 0:
+            edge += sh.mask_bytes * sh.tokens_sp * sh.h  # embedding dropout
+    if last:
+        edge += _head(sh)
+    candidates = {}
+    if c.recompute_granularity == "full":
+        k = min(c.recompute_num_layers, layers)
+        if c.recompute_method == "uniform":
+            one = math.ceil(layers / k) * x_in + rotary + edge
+            candidates["recompute backward"] = in_flight * one + k * a_full + bwd_layer
+        else:  # block: the first k layers checkpointed, the rest keep everything
+            one = k * x_in + (layers - k) * a_full + rotary + edge
+            candidates["recompute backward"] = (in_flight - 1) * one + k * x_in + rotary + edge + a_full + bwd_layer
+            if layers > k:
+                candidates["layer backward"] = in_flight * one + bwd_layer
+    else:
+        one = layers * a + edge + (rotary if selective else 0)
+        recompute = a_full - a  # selective: what one layer recomputes in its backward
+        candidates["layer backward"] = in_flight * one + recompute + bwd_layer
+    activations = in_flight * one
+
+    loss = 0
+    if last:
+        kept, loss_bwd, out_bwd = _loss_terms(cfg, sh)
+        loss = kept
+        candidates["loss backward"] = activations + kept + loss_bwd
+        candidates["output layer backward"] = activations + out_bwd
+    if first:
+        candidates["embedding backward"] = (in_flight - 1) * one + sh.e * sh.vocab * sh.h
+    moment = max(candidates, key=candidates.get)
+    transient = candidates[moment] - activations - loss
+
+    params, grads, opt, count, largest = _persistent(cfg, num_ids, stage, dp)
+    step = _optimizer_step_transient(cfg, device, te_available, count, largest, dp)
+    if step > candidates[moment]:
+        moment = "optimizer step"
+
+    # megatron's global memory buffer ("mpu"): local attention's baddbmm input [b * heads, s, s] and the
+    # sequence-parallel all-gathers [s, b, h] share one buffer per dtype.  On CPUs the baddbmm input is
+    # never written (beta = 0), so its pages stay out of RSS.
+    buffers = 0
+    if sh.impl == "local" and device == "cuda":
+        buffers = sh.e * sh.b * sh.nq * sh.s * sh.s
+    if sh.sp:
+        buffers = max(buffers, sh.e * sh.tokens * sh.h)
+
+    allowances = {}
+    if device == "cuda":
+        allowances["cuda context"] = CUDA_CONTEXT_BYTES
+        allowances["cuBLAS workspaces"] = CUDA_WORKSPACE_BYTES
+        if world_size > 1:
+            allowances["NCCL buffers"] = NCCL_BYTES
+        allowances["allocator fragmentation"] = int(FRAGMENTATION * (activations + loss + max(transient, 0)))
+    if sh.impl == "te":
+        notes.append("transformer-engine layers are estimated as the local spec with flash attention")
+    if sh.sdpa_path == "math" and sh.impl == "sdpa":
+        notes.append("sdpa with attention dropout on CPUs runs the math kernel: [b, heads, s, s] in fp32")
+    return MemoryEstimate(
+        stage=stage, num_stages=pp, parameters=params, gradients=grads, optimizer_state=opt, buffers=buffers,
+        activations=activations, loss=loss, transient=transient, optimizer_step=step, peak_moment=moment,
+        allowances=allowances, num_parameters=count, micro_batches_in_flight=in_flight, layers=layers,
+        per_layer=per_layer, notes=notes,
+    )
+
+
+def estimate_stages(cfg: RunConfig, world_size: int, num_ids: int, device: str = "cuda",
+                    te_available: bool = False) -> list[MemoryEstimate]:
+    """One estimate per pipeline stage (a rank of each; TP and DP ranks of a stage are alike).
+
+    `num_ids`: ids the model embeds (the tokenizer's, mask token included, before padding);
+    `te_available`: whether transformer-engine will be importable where it runs (CUDA only)."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {device!r}")
+    cfg = copy.deepcopy(cfg)
+    dp = cfg.validate_layout(world_size)
+    te = te_available and device == "cuda"
+    return [_stage_estimate(cfg, num_ids, stage, dp, device, te, world_size)
+            for stage in range(cfg.parallel.pipeline_model_parallel_size)]
+
+
+def estimate_memory(cfg: RunConfig, world_size: int, num_ids: int, device: str = "cuda",
+                    te_available: bool = False) -> MemoryEstimate:
+    """The estimate of the most loaded rank: the pipeline stage with the largest peak (with PP > 1
+    usually the first, which holds PP micro-batches in flight, or the last, which holds the logits)."""
+    return max(estimate_stages(cfg, world_size, num_ids, device, te_available),
+               key=lambda est: est.total_with_allowances)
