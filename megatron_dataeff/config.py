@@ -95,6 +95,13 @@ class ObjectiveConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
+AUTO_CHUNK_BYTES = 256 * 2**20  # fp32 bytes of one chunk of the chunked loss when its size is automatic
+
+
+def auto_chunk_tokens(vocab_per_rank: int) -> int:
+    """Tokens per chunk of the chunked loss (`--cross-entropy-chunk-size` not given): one chunk's fp32
+    logits [tokens, vocab / TP] take at most AUTO_CHUNK_BYTES."""
+    return max(1, AUTO_CHUNK_BYTES // (4 * vocab_per_rank))
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
@@ -316,11 +323,16 @@ class RunConfig:
         _require(not c.cross_entropy_loss_fusion or o.bf16,
                  "--cross-entropy-loss-fusion: megatron-core's fused cross entropy returns bf16 gradients; "
                  "use it with --bf16 (the default chunked loss keeps fp32 gradients)")
-        if c.recompute_granularity == "full" and c.recompute_method == "block":
+        if c.recompute_granularity == "full":
             per_stage = m.num_layers // pp
             _require(c.recompute_num_layers <= per_stage,
                      f"--recompute-num-layers {c.recompute_num_layers} exceeds the {per_stage} layers of a "
                      f"pipeline stage")
+            # megatron-core's uniform recomputation walks the stage in units of N layers (an IndexError
+            # inside TransformerBlock otherwise)
+            _require(c.recompute_method != "uniform" or per_stage % c.recompute_num_layers == 0,
+                     f"--recompute-method uniform: --recompute-num-layers {c.recompute_num_layers} does not divide "
+                     f"the {per_stage} layers of a pipeline stage")
         dp = world_size // (tp * pp)
         if o.global_batch_size is None:
             o.global_batch_size = o.micro_batch_size * dp

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megatron_dataeff.config import ConfigError, build_parser, config_from_args
-from megatron_dataeff.models.attention import SDPAttention, resolve_attention_backend
+from megatron_dataeff.models.attention import SDPAttention
+from megatron_dataeff.models.attention_backends import resolve_attention_backend
 from megatron_dataeff.models.builder import build_model
 from tests.conftest import losses, run_pretrain
 

@@ -22,12 +22,14 @@ def _saved_run(tmp_path, extra=(), iters=3, nproc=1):
     return ckpt
 
 
-@pytest.mark.parametrize("objective", ["ar", "mdm"])
-def test_exact_resume_with_dropout(tmp_path, objective):
-    """2N steps == N steps, saved, resumed for N more: bit-identical losses, dropout RNG included."""
-    flags = BASE + DROPOUT + ["--objective", objective]
+@pytest.mark.parametrize("objective, extra", [("ar", []), ("mdm", []), ("mdm", ["--bf16"])],
+                         ids=["ar", "mdm", "mdm-bf16"])
+def test_exact_resume_with_dropout(tmp_path, objective, extra):
+    """2N steps == N steps, saved, resumed for N more: bit-identical losses, dropout RNG included; in bf16
+    too (bf16 weights, norms included, with fp32 master weights in the optimizer state)."""
+    flags = BASE + DROPOUT + ["--objective", objective] + extra
     full = losses(run_pretrain(flags, tmp_path / "full"))
-    ckpt = _saved_run(tmp_path, DROPOUT + ["--objective", objective])
+    ckpt = _saved_run(tmp_path, DROPOUT + ["--objective", objective] + extra)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
     resumed = losses(run_pretrain(flags + ["--load", str(ckpt)], tmp_path / "second"))
     assert resumed == full[3:]

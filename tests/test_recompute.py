@@ -73,6 +73,8 @@ def test_recompute_training_curve_is_bit_identical(tmp_path):
     (["--recompute-modules", "mlp"], "--recompute-modules needs --recompute-granularity selective"),
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "9"],
      "--recompute-num-layers 9 exceeds the 3 layers of a pipeline stage"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"],
+     "--recompute-method uniform: --recompute-num-layers 2 does not divide the 3 layers of a pipeline stage"),
 ])
 def test_recompute_flag_errors(argv, message):
     """Recompute flags that do not fit together are refused naming them."""

@@ -1,15 +1,6 @@
-"""Core attention: which kernel runs it (`--attention-backend`), and our sdpa module.
+"""Our sdpa core attention, a drop-in for megatron-core's DotProductAttention.
 
-`--attention-backend` takes Megatron-LM's values plus `sdpa`:
-
-| value   | GPU with transformer-engine      | GPU without TE                        | CPU                          |
-|---------|----------------------------------|---------------------------------------|------------------------------|
-| auto    | TE's spec, TE picks the kernel   | sdpa, torch picks (flash, efficient)  | sdpa (flash kernel; math with dropout) |
-| flash   | TE's FlashAttention              | sdpa restricted to FlashAttention     | sdpa's CPU flash kernel (no dropout) |
-| fused   | TE's cuDNN fused attention       | sdpa restricted to cuDNN / efficient  | refused (no such CPU kernel) |
-| unfused | TE's unfused attention           | megatron's DotProductAttention        | megatron's DotProductAttention |
-| local   | megatron's DotProductAttention   | megatron's DotProductAttention        | megatron's DotProductAttention |
-| sdpa    | sdpa, torch picks                | sdpa, torch picks                     | sdpa                          |
+Which implementation `--attention-backend` picks is `models.attention_backends` (torch-free).
 
 `SDPAttention` is a drop-in for megatron-core's `DotProductAttention` in the local layer spec (same
 constructor and forward contract, no parameters, so checkpoints are interchangeable with the local
@@ -31,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,54 +29,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_dataeff.config import ConfigError
-
 _TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
-
-
-@dataclass(frozen=True)
-class AttentionChoice:
-    """What `--attention-backend` resolved to on this machine."""
-
-    requested: str  # the flag's value
-    impl: str  # "te" (transformer-engine's spec) | "sdpa" (SDPAttention in the local spec) | "local"
-    kernel: str  # te: auto | flash | fused | unfused; sdpa: auto | flash | fused; local: unfused
-    reason: str  # why, for the start-up line
-
-    def describe(self) -> str:
-        """One phrase for the start-up line."""
-        name = {"te": f"transformer-engine ({self.kernel})", "local": "megatron local (unfused)",
-                "sdpa": "sdpa" + ("" if self.kernel == "auto" else f" ({self.kernel} kernel)")}[self.impl]
-        return f"attention {name}: {self.reason}"
-
-
-def resolve_attention_backend(requested: str, device: str, te_available: bool,
-                              attention_dropout: float = 0.0) -> AttentionChoice:
-    """The implementation `--attention-backend requested` means on `device` (see the module table)."""
-    gpu_te = device == "cuda" and te_available
-    no_te = "transformer-engine is not importable" if device == "cuda" else "on CPUs"
-    if requested == "auto":
-        if gpu_te:
-            return AttentionChoice(requested, "te", "auto", "auto: transformer-engine is importable on a GPU")
-        return AttentionChoice(requested, "sdpa", "auto", f"auto: {no_te}")
-    if requested in ("flash", "fused", "unfused") and gpu_te:
-        return AttentionChoice(requested, "te", requested, f"--attention-backend {requested}")
-    if requested == "flash":
-        if device == "cpu" and attention_dropout > 0:
-            raise ConfigError("--attention-backend flash: the CPU flash kernel has no dropout; with "
-                              "--attention-dropout use --attention-backend sdpa (or local)")
-        return AttentionChoice(requested, "sdpa", "flash", f"--attention-backend flash, {no_te}")
-    if requested == "fused":
-        if device != "cuda":
-            raise ConfigError("--attention-backend fused needs a GPU (cuDNN / memory-efficient attention); "
-                              "on CPUs use auto, sdpa, flash or local")
-        return AttentionChoice(requested, "sdpa", "fused", f"--attention-backend fused, {no_te}")
-    if requested in ("unfused", "local"):
-        why = f"--attention-backend {requested}" + (f", {no_te}" if requested == "unfused" else "")
-        return AttentionChoice(requested, "local", "unfused", why)
-    if requested == "sdpa":
-        return AttentionChoice(requested, "sdpa", "auto", "--attention-backend sdpa")
-    raise ConfigError(f"--attention-backend {requested!r} is not one of auto, flash, fused, unfused, local, sdpa")
 
 
 _KERNELS = {"flash": ("FLASH_ATTENTION",), "fused": ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")}

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig, padded_vocab_size
-from megatron_dataeff.models.attention import AttentionChoice, resolve_attention_backend
+from megatron_dataeff.models.attention_backends import AttentionChoice, resolve_attention_backend
 from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
 from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
 

@@ -20,12 +20,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-AUTO_CHUNK_BYTES = 256 * 2**20  # fp32 bytes of one chunk when the chunk size is automatic
+from megatron_dataeff.config import auto_chunk_tokens
 
-
-def auto_chunk_tokens(vocab_per_rank: int) -> int:
-    """Tokens per chunk so that one chunk's fp32 logits take at most AUTO_CHUNK_BYTES."""
-    return max(1, AUTO_CHUNK_BYTES // (4 * vocab_per_rank))
 
 
 def _chunks(n: int, size: int):

@@ -30,7 +30,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_dataeff.models.attention import AttentionChoice, SDPAttention
+from megatron_dataeff.models.attention import SDPAttention
+from megatron_dataeff.models.attention_backends import AttentionChoice
 
 
 @functools.cache
@@ -47,12 +48,15 @@ def transformer_engine_available() -> bool:
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """torch's RMSNorm with megatron's norm constructor, its weight marked `sequence_parallel`."""
+    """torch's RMSNorm with megatron's norm constructor, its weight marked `sequence_parallel` and in the
+    parameter dtype, like every other weight (Megatron-LM's Float16Module casts the norms too): torch
+    fuses the norm only when weight and input share a dtype, and its unfused form keeps fp32 copies of
+    the normalised tensor for backward."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
         if getattr(config, "layernorm_zero_centered_gamma", False):
             raise ValueError("zero-centred RMSNorm weights are not supported")
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
 

@@ -352,6 +352,13 @@ class Trainer:
             f"{self.data.samples_per_epoch:,} samples/epoch | {self.train_iters} iterations of {gbs} x {seq} "
             f"= {self.train_iters * gbs / self.data.samples_per_epoch:.2f} epochs")
         self.log.print(self.describe_compute())
+        if rt.device == "cuda":
+            from megatron_dataeff.models.layer_specs import transformer_engine_available
+            from megatron_dataeff.training.memory import startup_report
+
+            capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            for line in startup_report(cfg, rt.world_size, self.num_ids, capacity, transformer_engine_available()):
+                self.log.print(line)
         last = {"train_loss": float("nan"), "valid_loss": float("nan")}
         interval_start, interval_tokens, interval_steps = time.time(), 0, 0
         loss_acc, loss_n = 0.0, 0

@@ -2,8 +2,8 @@
 
 `estimate_memory(cfg, world_size, num_ids, device)` adds up, for the most loaded rank:
 
-* persistent state: parameters (matrices and embeddings in the parameter dtype, the RMSNorm weights in
-  fp32: they are torch's `RMSNorm`, which megatron does not cast), megatron DDP's gradient buffer
+* persistent state: parameters (all in the parameter dtype, the RMSNorm weights included), megatron
+  DDP's gradient buffer
   (fp32; bf16 for bf16 parameters with `--grad-reduce-in-bf16`) and the optimizer state (Adam's
   exp_avg / exp_avg_sq in fp32, plus an fp32 master copy of every bf16 parameter; divided over the
   data-parallel ranks with `--use-distributed-optimizer`);
@@ -21,9 +21,9 @@ or a view saved instead of its base (v is a view of the fused qkv output, so sav
 counts once under one name.  On CPUs the counts are checked against what autograd really saves
 (`tests/test_memory_estimate.py`, saved-tensor hooks over unique storages) and the total against a
 training run's peak RSS.  The CUDA differences are read from the code paths that run there: torch's
-fused RMSNorm (keeps x and rstd; the CPU composite also keeps x * rstd, in fp32), megatron's fused
-SwiGLU (keeps its input only), dropout masks as 1-byte booleans (the CPU path keeps a mask of the
-input's dtype), flash / memory-efficient sdpa keeping q, k, v, the output and the log-sum-exp.
+fused RMSNorm (keeps x and rstd; the CPU composite also keeps x * rstd and an fp32 copy of x), megatron's fused SwiGLU
+(keeps its input only), dropout masks as 1-byte booleans (the CPU path keeps a mask of the input's
+dtype), flash / memory-efficient sdpa keeping q, k, v, the output and the log-sum-exp.
 With transformer-engine (`impl te`) the layer is estimated as the local spec with flash attention.
 
 Shapes: s = --seq-length, b = --micro-batch-size, h = hidden, F = ffn, t = TP; T = s * b tokens;
@@ -36,21 +36,32 @@ import copy
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
-from megatron_dataeff.config import RunConfig, padded_vocab_size
+from megatron_dataeff.config import RunConfig, auto_chunk_tokens, padded_vocab_size
+from megatron_dataeff.models.attention_backends import resolve_attention_backend
 
 GiB = 2**30
-GB = 10**9
-AUTO_CHUNK_BYTES = 512 * 2**20  # models/cross_entropy.py's automatic chunk: fp32 bytes per loss chunk
+MiB = 2**20
 CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context + torch/cuBLAS/cuDNN kernels, outside torch's allocator
 CUDA_WORKSPACE_BYTES = 128 * 2**20  # cuBLAS(Lt) workspaces of the streams in use
 NCCL_BYTES = 1 * GiB  # NCCL communicator buffers (channels x peers x NCCL_BUFFSIZE) when world > 1
 FRAGMENTATION = 0.10  # caching-allocator slack, as a fraction of activations + transients
+CPU_RUNTIME_BYTES = 32 * MiB  # a CPU run's RSS beyond its tensors: library code and dataset pages faulted in,
+# malloc arenas, gloo (measured 17-40 MiB over the tensors in the tests' runs, almost all of it file pages)
+# What the driver reports for the cards sold as "80 GB" (H100 / A100) and "141 GB" (H200); other sizes
+# are taken as GiB.  The CUDA context is inside these figures, hence the context allowance.
+DEVICE_MIB = {80: 81559, 141: 143771}
+
+
+def device_capacity(size_gb: float) -> int:
+    """Bytes of a GPU sold as `size_gb` GB (as nvidia-smi reports it)."""
+    mib = DEVICE_MIB.get(int(size_gb)) if float(size_gb).is_integer() else None
+    return mib * MiB if mib else int(size_gb * GiB)
 
 
 # ----------------------------------------------------------------------------------------------
-# small helpers (torch-free mirrors of package facts; tests check they agree with the originals)
+# small helpers
 
 
 def dtype_bytes(dtype) -> int:
@@ -66,26 +77,6 @@ def dtype_bytes(dtype) -> int:
     if name not in sizes:
         raise ValueError(f"unknown dtype {dtype!r}")
     return sizes[name]
-
-
-def attention_impl(requested: str, device: str, te_available: bool = False) -> tuple[str, str]:
-    """(impl, kernel) that `--attention-backend requested` means on `device`: the table of
-    models/attention.py (`resolve_attention_backend`), without importing torch."""
-    gpu_te = device == "cuda" and te_available
-    if requested == "auto":
-        return ("te", "auto") if gpu_te else ("sdpa", "auto")
-    if requested in ("flash", "fused", "unfused") and gpu_te:
-        return "te", requested
-    if requested in ("flash", "fused"):
-        return "sdpa", requested
-    if requested in ("unfused", "local"):
-        return "local", "unfused"
-    return "sdpa", "auto"
-
-
-def auto_chunk_tokens(vocab_per_rank: int) -> int:
-    """Tokens per chunk of the chunked loss when `--cross-entropy-chunk-size` is not given."""
-    return max(1, AUTO_CHUNK_BYTES // (4 * vocab_per_rank))
 
 
 def unfused_attention_bytes(micro_batch: int, heads_per_rank: int, seq: int, dtype, attention_dropout: float = 0.0,
@@ -111,6 +102,8 @@ def unfused_attention_bytes(micro_batch: int, heads_per_rank: int, seq: int, dty
 
 @dataclass(frozen=True)
 class _Shape:
+    """What one rank computes: sizes per rank, dtype bytes and the kernels that will run."""
+
     s: int
     b: int
     h: int
@@ -131,6 +124,7 @@ class _Shape:
     p_hidden: float
     p_mlp: float
     mlp_fused_ext: bool  # the compiled SwiGLU+dropout kernel (else its torch reference)
+    swiglu_fused: bool  # megatron's fused SwiGLU (GPU, --bias-swiglu-fusion on)
 
     @property
     def tokens(self) -> int:
@@ -162,7 +156,8 @@ class _Shape:
 def _shape(cfg: RunConfig, num_ids: int, device: str, te_available: bool) -> _Shape:
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
-    impl, kernel = attention_impl(cfg.compute.attention_backend, device, te_available)
+    choice = resolve_attention_backend(cfg.compute.attention_backend, device, te_available, m.attention_dropout)
+    impl, kernel = choice.impl, choice.kernel
     if device == "cpu":
         fused_ext = importlib.util.find_spec("megatron_dataeff._C") is not None
     else:
@@ -174,6 +169,7 @@ def _shape(cfg: RunConfig, num_ids: int, device: str, te_available: bool) -> _Sh
         sp=bool(p.sequence_parallel and tp > 1), e=2 if cfg.optim.bf16 else 4, device=device, impl=impl,
         kernel=kernel, causal=not cfg.objective.bidirectional, qk_ln=m.qk_layernorm, p_attn=m.attention_dropout,
         p_hidden=m.hidden_dropout, p_mlp=m.mlp_dropout, mlp_fused_ext=fused_ext,
+        swiglu_fused=device == "cuda" and cfg.compute.bias_swiglu_fusion,
     )
 
 
@@ -188,17 +184,19 @@ def _norm(saved: _Saved, sh: _Shape, name: str, x: str, x_bytes: int, elements: 
     """What RMSNorm `name` over `x` (a storage of x_bytes; `elements` of it normalised, in `rows` rows)
     keeps.
 
-    CUDA (torch >= 2.8's fused kernel): x and rstd (fp32).  CPU (torch's composite): x upcast to fp32
-    (x itself when it is fp32; a new copy otherwise), rstd and x * rstd in fp32 (for the weight's grad)."""
-    if sh.device == "cuda":
+    On CUDA torch's fused kernel (weight and input share a dtype: our norms are in the parameter dtype)
+    and transformer-engine's norms keep x and rstd (fp32).  torch's composite (CPUs) keeps x upcast to
+    fp32 (x itself when it is fp32), rstd, and x * rstd in fp32 for the weight's gradient."""
+    if sh.device == "cuda" or sh.impl == "te":
         saved.keep(x, x_bytes)
-    elif sh.e == 4:
+        saved.keep(f"{name}.rstd", 4 * rows)
+        return
+    if sh.e == 4:
         saved.keep(x, x_bytes)
     else:
         saved.keep(f"{name}.fp32", 4 * elements)
     saved.keep(f"{name}.rstd", 4 * rows)
-    if sh.device != "cuda":
-        saved.keep(f"{name}.normed", 4 * elements)
+    saved.keep(f"{name}.normed", 4 * elements)
 
 
 def _core_attention(saved: _Saved, sh: _Shape, q: str, k: str, qkv_bytes: int) -> str:
@@ -266,6 +264,7 @@ def layer_activations(sh: _Shape, recompute_modules: Sequence[str] = ()) -> dict
     if sh.impl != "te":
         saved.keep("rope.cos_sin", 4 * e * sh.s * d)
     if "core_attn" in recompute_modules:  # checkpoint keeps the inputs: q, k after RoPE, v (a qkv view)
+        saved.keep("attn_mask_type", 4)  # and the mask type, as an int32 tensor
         saved.keep("q.rope", e * T * dq)
         saved.keep("k.rope", e * T * dkv)
         saved.keep("qkv", qkv_bytes)
@@ -284,8 +283,7 @@ def layer_activations(sh: _Shape, recompute_modules: Sequence[str] = ()) -> dict
             saved.keep("ln2.out", e * Ts * h)
         F = sh.ffn
         saved.keep("fc1.out", e * T * 2 * F)  # [T, 2F/t]: SwiGLU keeps it (its halves are views)
-        unfused = sh.device != "cuda" and sh.p_mlp == 0
-        if unfused or (sh.p_mlp > 0 and not sh.mlp_fused_ext):
+        if (sh.p_mlp == 0 and not sh.swiglu_fused) or (sh.p_mlp > 0 and not sh.mlp_fused_ext):
             # megatron's unfused glu: silu(a) * (b + 0): keeps silu(a) and the (b + 0) copy
             saved.keep("swiglu.silu", e * T * F)
             saved.keep("swiglu.up", e * T * F)
@@ -298,16 +296,61 @@ def layer_activations(sh: _Shape, recompute_modules: Sequence[str] = ()) -> dict
     return dict(saved)
 
 
-def layer_backward_transient(sh: _Shape) -> int:
-    """Bytes one layer's backward allocates beyond what it saved, at its largest (approximate): the
-    gradients of the MLP's [T, 2F] and [T, F] tensors, of q, k, v, and for materialised attention
-    (local, CPU math) a fp32 gradient of the scores next to the incoming probabilities' gradient."""
+def _scores_backward_peak(sh: _Shape) -> int:
+    """Bytes per [b, heads, s, s] element that materialised attention's backward holds beyond what the
+    layer saved, at its largest.  Walked op by op in reverse, each op allocating its input gradient
+    before its saved tensors and incoming gradient are released: bmm (probabilities' gradient; then the
+    dropped or cast probabilities go), dropout (gradient times mask; then mask and gradient go), the cast
+    of the fp32 softmax to the dtype (an fp32 gradient), softmax (its input gradient; then the fp32
+    output goes), the causal masked_fill_ (a new gradient; in fp32 the scores it filled are a view of
+    the baddbmm output, so autograd's CopySlices adds a strided copy and a clone).  CPU math sdpa keeps
+    its scores in fp32 and masks without an in-place view."""
+    local = sh.impl == "local"
+    e = sh.e if local else 4
+    dropout = sh.p_attn > 0
+    mask = (1 if sh.device == "cuda" else e) if dropout else 0
+    steps = [((e,), e if (dropout or e != 4) else 0)]  # bmm: grad of probs; frees the probs it saved
+    if dropout:
+        steps.append(((e,), mask + e))  # grad * mask; frees the mask and the incoming grad
+    if e != 4:
+        steps.append(((4,), e))  # cast back to fp32; frees the dtype grad
+    steps.append(((4,), 8))  # softmax backward; frees the fp32 output and the incoming grad
+    if local and sh.causal:
+        steps.append(((4, 4, 4) if e == 4 else (4,), 4))  # masked_fill_ (CopySlices when a view)
+    live = peak = 0
+    for allocs, freed in steps:
+        for n in allocs:
+            live += n
+            peak = max(peak, live)
+        live -= freed
+    return peak
+
+
+_AFTER_ATTENTION = ("context", "bda1.mask", "r1", "ln2.", "fc1.out", "swiglu.", "fc2.in", "bda2.mask")
+_MLP = ("fc1.out", "swiglu.", "fc2.in")
+
+
+def _part(saved: dict, prefixes: tuple) -> int:
+    return sum(v for k, v in saved.items() if k.startswith(prefixes))
+
+
+def layer_backward_transient(sh: _Shape, recompute_modules: Sequence[str] = ()) -> int:
+    """Bytes one layer's backward holds beyond what the layer saved, at its largest: the larger of
+
+    * the MLP's backward: its recomputed internals under selective `mlp`, then the gradients of the
+      [T, 2F] / [T, F] tensors and of fc1's weight;
+    * the attention's backward: its recomputed internals under selective `core_attn`, the gradients of
+      q, k, v, and for materialised attention (local, CPU math sdpa) the [b, heads, s, s] gradients
+      (`_scores_backward_peak`); by then the MLP's and the residual's saved tensors are freed."""
+    full, kept = layer_activations(sh), layer_activations(sh, recompute_modules)
     T, e = sh.tokens, sh.e
-    mlp = e * T * 3 * sh.ffn + e * 3 * sh.ffn * sh.h
-    attn = e * T * (sh.nq + 2 * sh.nkv) * sh.d * 2
+    mlp = _part(full, _MLP) - _part(kept, _MLP) + e * T * 3 * sh.ffn + e * 3 * sh.ffn * sh.h
+    after = _part(kept, _AFTER_ATTENTION)
+    recomputed = (sum(full.values()) - _part(full, _AFTER_ATTENTION)) - (sum(kept.values()) - after)
+    attn = recomputed + e * T * (sh.nq + 2 * sh.nkv) * sh.d * 2 - after
     if sh.impl == "local" or (sh.impl == "sdpa" and sh.sdpa_path == "math"):
-        attn += 8 * sh.b * sh.nq * sh.s * sh.s
-    return max(mlp, attn)
+        attn += _scores_backward_peak(sh) * sh.b * sh.nq * sh.s * sh.s
+    return max(mlp, attn, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,8 +358,8 @@ def layer_backward_transient(sh: _Shape) -> int:
 
 
 def parameter_counts(cfg: RunConfig, num_ids: int, stage: int = 0) -> tuple[int, int]:
-    """(matrix parameters, RMSNorm weights) on one TP rank of pipeline `stage`; the first are in the
-    parameter dtype, the norms in fp32.  The last stage holds the output layer: untied, or tied with
+    """(matrix parameters, RMSNorm weights) on one TP rank of pipeline `stage`, all in the parameter
+    dtype.  The last stage holds the output layer: untied, or tied with
     PP > 1 (a copy of the word embeddings, kept in sync by megatron's embedding group)."""
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -381,26 +424,21 @@ class MemoryEstimate:
         return self.total + sum(self.allowances.values())
 
     def fits(self, sizes_gb: Sequence[float] = (80, 141)) -> dict[float, bool]:
-        """For each device size (in GB as vendors count them, 1e9 bytes): does the peak with the
+        """For each device size (GB as the card is sold, `device_capacity`): does the peak with the
         allowances fit?"""
-        return {float(g): self.total_with_allowances <= g * GB for g in sizes_gb}
-
-
-def _dp_size(cfg: RunConfig, world_size: int) -> int:
-    p = cfg.parallel
-    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        return {float(g): self.total_with_allowances <= device_capacity(g) for g in sizes_gb}
 
 
 def _persistent(cfg: RunConfig, num_ids: int, stage: int, dp: int) -> tuple[int, int, int, int, int]:
     """(parameters, gradients, optimizer state, parameter count, largest tensor's elements)."""
     mats, norms = parameter_counts(cfg, num_ids, stage)
     e = 2 if cfg.optim.bf16 else 4
-    params = e * mats + 4 * norms
-    # megatron DDP: one contiguous buffer per (param dtype, grad dtype); fp32 unless bf16 reduction
+    params = e * (mats + norms)
+    # megatron DDP: one contiguous gradient buffer, fp32 unless bf16 reduction
     grad_e = 2 if (cfg.optim.bf16 and cfg.parallel.grad_reduce_in_bf16) else 4
-    grads = grad_e * mats + 4 * norms
+    grads = grad_e * (mats + norms)
     # Adam exp_avg + exp_avg_sq (fp32) for every parameter, plus fp32 masters of the bf16 ones
-    opt = 8 * (mats + norms) + (4 * mats if cfg.optim.bf16 else 0)
+    opt = (8 + (4 if cfg.optim.bf16 else 0)) * (mats + norms)
     if cfg.parallel.use_distributed_optimizer:
         opt = math.ceil(opt / dp)
     m = cfg.model
@@ -441,29 +479,30 @@ def _head(sh: _Shape) -> int:
 
 
 def _loss_terms(cfg: RunConfig, sh: _Shape) -> tuple[int, int, int]:
-    """(kept by the loss, its backward's transient, the output layer's backward transient).
+    """(kept by the loss, its backward's transient, alive beyond the activations during the output
+    layer's backward).
 
     Chunked (models/cross_entropy.py): the logits [T, V/t] in the dtype plus per token the max and sum
-    of exponentials (fp32), the local target (int64) and the outside-the-shard flag (bool); its
-    backward allocates the logits' gradient (dtype) and one chunk's fp32 softmax (two in bf16: the
-    upcast and the shifted copy).  Unchunked (`--cross-entropy-chunk-size 0`, or megatron's fused
-    loss): an fp32 softmax of the logits' size (in fp32 the logits themselves, updated in place) plus
-    the target mask and int64 targets; in bf16 its gradient is cast to a bf16 copy.  Then the output
-    layer's backward holds the logits' gradient, its weight gradient [V/t, h] in the dtype (before it
-    is added into the fp32 grad buffer) and the input gradient [T, h]."""
+    of exponentials (fp32), the local target (int64) and the outside-the-shard flag (bool); the
+    backward writes the gradient over the logits, one chunk at a time through an fp32 softmax of the
+    chunk (two in bf16: the upcast and the shifted copy).  Unchunked (`--cross-entropy-chunk-size 0`,
+    or megatron's fused loss): an fp32 softmax of the logits' size (in fp32 the logits themselves,
+    updated in place) plus the target mask and int64 targets; in bf16 its gradient becomes a bf16 copy.
+    Then the output layer's backward holds the logits' gradient, its weight gradient [V/t, h] in the
+    dtype (before it is added into the fp32 grad buffer) and the input gradient [T, h]."""
     c = cfg.compute
     T, V, e = sh.tokens, sh.vocab, sh.e
-    logits = e * T * V
+    wgrad_and_dgrad = e * V * sh.h + e * T * sh.h
     chunk = c.cross_entropy_chunk_size
-    out_bwd = logits + e * V * sh.h + e * T * sh.h
     if c.cross_entropy_loss_fusion or chunk == 0:
         kept = 4 * T * V + 9 * T
-        bwd = 0 if (e == 4 and not c.cross_entropy_loss_fusion) else 2 * T * V
-        return kept, bwd, out_bwd
+        grad = 4 * T * V if (e == 4 and not c.cross_entropy_loss_fusion) else 2 * T * V
+        bwd = 0 if grad == kept - 9 * T else grad  # a bf16 gradient is a new tensor next to the softmax
+        return kept, bwd, grad + wgrad_and_dgrad
     tokens = min(T, chunk if chunk else auto_chunk_tokens(V))
-    kept = logits + 17 * T
-    bwd = logits + (1 if e == 4 else 2) * 4 * tokens * V
-    return kept, bwd, out_bwd
+    kept = e * T * V + 17 * T
+    bwd = (1 if e == 4 else 2) * 4 * tokens * V
+    return kept, bwd, e * T * V + wgrad_and_dgrad
 
 
 def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: str, te_available: bool,
@@ -482,7 +521,7 @@ def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: s
     a_full, a = sum(full_layer.values()), sum(per_layer.values())
     x_in = sh.e * sh.tokens_sp * sh.h  # a layer's input, what full recomputation checkpoints
     rotary = 4 * sh.s * sh.d  # the [s, 1, 1, d] fp32 RoPE table, an argument of every checkpoint
-    bwd_layer = layer_backward_transient(sh)
+    bwd_layer = layer_backward_transient(sh)  # a fully recomputed layer's backward
 
     # one micro-batch's saved tensors on this stage (without the loss's)
     edge = 0
@@ -504,9 +543,8 @@ def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: s
             if layers > k:
                 candidates["layer backward"] = in_flight * one + bwd_layer
     else:
-        one = layers * a + edge + (rotary if selective else 0)
-        recompute = a_full - a  # selective: what one layer recomputes in its backward
-        candidates["layer backward"] = in_flight * one + recompute + bwd_layer
+        one = layers * a + edge
+        candidates["layer backward"] = in_flight * one + layer_backward_transient(sh, selective)
     activations = in_flight * one
 
     loss = 0
@@ -541,10 +579,15 @@ def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: s
         if world_size > 1:
             allowances["NCCL buffers"] = NCCL_BYTES
         allowances["allocator fragmentation"] = int(FRAGMENTATION * (activations + loss + max(transient, 0)))
+    else:
+        allowances["process runtime (code and data pages, malloc)"] = CPU_RUNTIME_BYTES
     if sh.impl == "te":
         notes.append("transformer-engine layers are estimated as the local spec with flash attention")
     if sh.sdpa_path == "math" and sh.impl == "sdpa":
         notes.append("sdpa with attention dropout on CPUs runs the math kernel: [b, heads, s, s] in fp32")
+    if sh.impl == "local" and device == "cuda":
+        notes.append("local attention: assumes megatron's compiled masked-softmax kernels are absent (as "
+                     "without apex), so the fp32 softmax is kept")
     return MemoryEstimate(
         stage=stage, num_stages=pp, parameters=params, gradients=grads, optimizer_state=opt, buffers=buffers,
         activations=activations, loss=loss, transient=transient, optimizer_step=step, peak_moment=moment,
@@ -574,3 +617,27 @@ def estimate_memory(cfg: RunConfig, world_size: int, num_ids: int, device: str =
     usually the first, which holds PP micro-batches in flight, or the last, which holds the logits)."""
     return max(estimate_stages(cfg, world_size, num_ids, device, te_available),
                key=lambda est: est.total_with_allowances)
+
+
+def startup_report(cfg: RunConfig, world_size: int, num_ids: int, capacity_bytes: int,
+                   te_available: bool = False) -> list[str]:
+    """The trainer's start-up lines on a GPU: the estimated peak against this device's memory, and for
+    megatron's unfused attention at sequence >= 2048 what its [b, heads, s, s] tensors will take."""
+    est = estimate_memory(cfg, world_size, num_ids, "cuda", te_available)
+    need = est.total_with_allowances
+    lines = [f"[megatron_dataeff] memory estimate per GPU: {need / GiB:.1f} GiB with allowances "
+             f"({est.total / GiB:.1f} GiB of tensors; peak at {est.peak_moment}, pipeline stage {est.stage}) of "
+             f"{capacity_bytes / GiB:.1f} GiB on this device"
+             + ("" if need <= capacity_bytes else " -- it will likely run out of memory; see tools/estimate_memory.py")]
+    choice = resolve_attention_backend(cfg.compute.attention_backend, "cuda", te_available, cfg.model.attention_dropout)
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    if choice.impl == "local" and m.seq_length >= 2048:
+        per_layer = unfused_attention_bytes(cfg.optim.micro_batch_size, m.num_attention_heads // tp, m.seq_length,
+                                            "bf16" if cfg.optim.bf16 else "fp32", m.attention_dropout)
+        layers = m.num_layers // cfg.parallel.pipeline_model_parallel_size
+        lines.append(f"[megatron_dataeff] attention local (unfused) at seq {m.seq_length}: its [batch, heads, seq, "
+                     f"seq] tensors keep {per_layer / GiB:.2f} GiB per layer per micro-batch of {cfg.optim.micro_batch_size} "
+                     f"for backward, "
+                     f"{per_layer * layers * est.micro_batches_in_flight / GiB:.1f} GiB for this stage's {layers} "
+                     f"layers; --attention-backend sdpa keeps none of them")
+    return lines

@@ -1,0 +1,65 @@
+"""`--attention-backend`: which attention implementation a run gets, and why (no torch import, so that
+the memory estimate and the command line can use it).
+
+`--attention-backend` takes Megatron-LM's values plus `sdpa`:
+
+| value   | GPU with transformer-engine      | GPU without TE                        | CPU                          |
+|---------|----------------------------------|---------------------------------------|------------------------------|
+| auto    | TE's spec, TE picks the kernel   | sdpa, torch picks (flash, efficient)  | sdpa (flash kernel; math with dropout) |
+| flash   | TE's FlashAttention              | sdpa restricted to FlashAttention     | sdpa's CPU flash kernel (no dropout) |
+| fused   | TE's cuDNN fused attention       | sdpa restricted to cuDNN / efficient  | refused (no such CPU kernel) |
+| unfused | TE's unfused attention           | megatron's DotProductAttention        | megatron's DotProductAttention |
+| local   | megatron's DotProductAttention   | megatron's DotProductAttention        | megatron's DotProductAttention |
+| sdpa    | sdpa, torch picks                | sdpa, torch picks                     | sdpa                          |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_dataeff.config import ATTENTION_BACKENDS, ConfigError
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """What `--attention-backend` resolved to on this machine."""
+
+    requested: str  # the flag's value
+    impl: str  # "te" (transformer-engine's spec) | "sdpa" (SDPAttention in the local spec) | "local"
+    kernel: str  # te: auto | flash | fused | unfused; sdpa: auto | flash | fused; local: unfused
+    reason: str  # why, for the start-up line
+
+    def describe(self) -> str:
+        """One phrase for the start-up line."""
+        name = {"te": f"transformer-engine ({self.kernel})", "local": "megatron local (unfused)",
+                "sdpa": "sdpa" + ("" if self.kernel == "auto" else f" ({self.kernel} kernel)")}[self.impl]
+        return f"attention {name}: {self.reason}"
+
+
+def resolve_attention_backend(requested: str, device: str, te_available: bool,
+                              attention_dropout: float = 0.0) -> AttentionChoice:
+    """The implementation `--attention-backend requested` means on `device` (see the module table)."""
+    gpu_te = device == "cuda" and te_available
+    no_te = "transformer-engine is not importable" if device == "cuda" else "on CPUs"
+    if requested == "auto":
+        if gpu_te:
+            return AttentionChoice(requested, "te", "auto", "auto: transformer-engine is importable on a GPU")
+        return AttentionChoice(requested, "sdpa", "auto", f"auto: {no_te}")
+    if requested in ("flash", "fused", "unfused") and gpu_te:
+        return AttentionChoice(requested, "te", requested, f"--attention-backend {requested}")
+    if requested == "flash":
+        if device == "cpu" and attention_dropout > 0:
+            raise ConfigError("--attention-backend flash: the CPU flash kernel has no dropout; with "
+                              "--attention-dropout use --attention-backend sdpa (or local)")
+        return AttentionChoice(requested, "sdpa", "flash", f"--attention-backend flash, {no_te}")
+    if requested == "fused":
+        if device != "cuda":
+            raise ConfigError("--attention-backend fused needs a GPU (cuDNN / memory-efficient attention); "
+                              "on CPUs use auto, sdpa, flash or local")
+        return AttentionChoice(requested, "sdpa", "fused", f"--attention-backend fused, {no_te}")
+    if requested in ("unfused", "local"):
+        why = f"--attention-backend {requested}" + (f", {no_te}" if requested == "unfused" else "")
+        return AttentionChoice(requested, "local", "unfused", why)
+    if requested == "sdpa":
+        return AttentionChoice(requested, "sdpa", "auto", "--attention-backend sdpa")
+    raise ConfigError(f"--attention-backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
