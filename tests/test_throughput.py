@@ -1,5 +1,6 @@
 """Throughput you can see: model FLOPs by Megatron-LM's formula, MFU against a device peak, peak memory."""
 
+import os
 import subprocess
 import sys
 
@@ -68,8 +69,11 @@ def test_train_records_carry_tflops_mfu_and_memory(tmp_path):
 
 def test_gpu_only_communication_flags_are_refused_on_cpu():
     """--overlap-grad-reduce on CPUs stops at once with a one-line error naming the flag."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
     proc = subprocess.run([sys.executable, str(ROOT / "pretrain_diffusion.py"), "--device", "cpu",
-                           "--overlap-grad-reduce", "--train-iters", "1"], capture_output=True, text=True, timeout=300)
+                           "--overlap-grad-reduce", "--train-iters", "1"], capture_output=True, text=True, timeout=300,
+                          env=env)
     assert proc.returncode == 2
     assert "--overlap-grad-reduce overlaps communication on CUDA streams; it needs GPUs" in proc.stderr
     with pytest.raises(SystemExit):  # and the param gather needs the distributed optimizer

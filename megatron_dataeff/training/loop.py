@@ -18,6 +18,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.data.corpus import embedded_corpus
 from megatron_dataeff.data.blending import build_data, parse_data_path
@@ -92,13 +93,13 @@ class Trainer:
                 raise ConfigError("--use-checkpoint-args needs --load")
             ckpt = checkpointing.resolve_checkpoint(cfg.checkpoint.load)
             cfg.adopt_checkpoint_args(checkpointing.read_metadata(ckpt))
-        # Layout errors surface before any process group or model exists.
+        # Layout errors, and flags this device cannot honour, surface before any process group or model exists.
         self.dp_size = cfg.validate_layout(world_size_from_env())
+        check_device_flags(cfg, platform.resolve_device(cfg.parallel.device))
         self.runtime = initialize(cfg.parallel.tensor_model_parallel_size,
                                   cfg.parallel.pipeline_model_parallel_size, cfg.optim.seed,
                                   cfg.parallel.device)
         rt = self.runtime
-        check_device_flags(cfg, rt.device)
         self.log = MetricsLogger(cfg.logging.log_dir, cfg.logging.tensorboard_dir or None,
                                  enabled=rt.is_logging_rank)
         d = cfg.data
