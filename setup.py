@@ -7,9 +7,10 @@ megatron_dataeff._C (CPU kernels) is built whenever torch is importable at build
 megatron_dataeff._C_cuda is built when torch is a CUDA build and nvcc is found; MEGATRON_DATAEFF_CUDA=0/1
 forces it off/on.  On a build machine without a visible GPU (a container build, a login node), the
 CUDA architectures come from TORCH_CUDA_ARCH_LIST, or default to the data-centre GPUs this toolkit
-supports (A100, H100/H200, B200 and PTX for later ones).  A failing extension build never fails the
+supports (A100, H100/H200, B200 and PTX for later ones).  A failing extension build does not fail the
 install: it prints a warning, and megatron_dataeff.ops falls back to the plain-torch reference (and
-says so at import).
+says so at import) -- except that with MEGATRON_DATAEFF_CUDA=1 (asked for) a failing _C_cuda fails the
+build.
 """
 
 import os
@@ -30,6 +31,11 @@ NVCC_FLAGS = ["-O3"]
 def _warn(msg: str) -> None:
     print(f"\n*** megatron_dataeff: {msg}\n*** The plain-torch reference kernels will be used.\n",
           file=sys.stderr, flush=True)
+
+
+def _cuda_required() -> bool:
+    """MEGATRON_DATAEFF_CUDA=1: the CUDA extension was asked for, so its failure is an error."""
+    return os.environ.get("MEGATRON_DATAEFF_CUDA", "").strip() == "1"
 
 
 def _want_cuda(torch, cuda_home) -> bool:
@@ -102,6 +108,8 @@ def _extensions_and_cmdclass():
             try:
                 super().build_extensions()
             except Exception as exc:  # noqa: BLE001 - e.g. torch's compiler / CUDA version checks
+                if _cuda_required():
+                    raise
                 _warn(f"building the extensions failed ({type(exc).__name__}: {exc})")
                 self._failed = {ext.name for ext in self.extensions}
 
@@ -109,6 +117,8 @@ def _extensions_and_cmdclass():
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - compile/link errors of one extension
+                if _cuda_required() and ext.name.endswith("_C_cuda"):
+                    raise
                 _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
                 self._failed.add(ext.name)
 

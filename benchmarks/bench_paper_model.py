@@ -1,18 +1,20 @@
 """The paper's model on one device: qwen3-0.6b at sequence 4096 in bf16, the largest micro-batch that fits,
-with and without recomputation; tokens/s, TFLOP/s, MFU and peak memory from our real trainer.
+for each attention backend with and without recomputation; tokens/s, TFLOP/s, MFU and peak memory from
+our real trainer.
 
     python benchmarks/bench_paper_model.py                                # on a GPU (H200: goal MFU >= 45%)
-    python benchmarks/bench_paper_model.py --recompute none,selective,full --micro-batch-sizes 2,4,8
+    python benchmarks/bench_paper_model.py --attention-backends sdpa --recompute none,selective,full
     python benchmarks/bench_paper_model.py --quick                        # CPU smoke run of the same flow
 
-Each recompute variant runs in its own process: it tries micro-batch sizes from the largest candidate
+Each (attention backend, recompute) variant runs in its own process: it tries micro-batch sizes from the largest candidate
 down (default: the memory estimate's largest that fits in 92% of the device, and twice that) and keeps
 the first that trains without running out of memory.  A run is `--accumulation` micro-batches per
 optimizer step on a random-token dataset (NullTokenizer, vocabulary padded to Qwen3's 151,936), the
 first `--warmup` steps untimed (torch.compile of the fusions, cuDNN/cuBLAS autotuning).  The figures
 are the trainer's own `metrics.jsonl` fields (model FLOPs by Megatron-LM's formula; MFU against
 `--peak-tflops` or the device's dense bf16 peak; CUDA peak allocated / reserved).  Prints a markdown
-table and one JSON line (also --json-out).
+table and one JSON line; --json-out writes the rows and the figures ({name, value, goal, pass}; the
+best MFU is judged against --mfu-goal).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ RECOMPUTE = {
 QUICK = dict(preset="tiny", seq_length=256, vocab_rows=1024, steps=2, warmup=1, accumulation=2)
 
 
-def _trainer_argv(a, mbs: int, data: str, run_dir: str, recompute: str) -> list[str]:
+def _trainer_argv(a, mbs: int, data: str, run_dir: str, variant: str) -> list[str]:
+    backend, recompute = variant.split(":")
     from megatron_dataeff.data.synthetic import null_tokenizer_vocab
 
     argv = ["--model-preset", a.preset, "--seq-length", str(a.seq_length), "--micro-batch-size", str(mbs),
@@ -42,7 +45,7 @@ def _trainer_argv(a, mbs: int, data: str, run_dir: str, recompute: str) -> list[
             "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "0", "--lr", "3e-4",
             "--tokenizer-type", "NullTokenizer", "--vocab-size", str(null_tokenizer_vocab(a.vocab_rows)),
             "--data-path", data, "--run-dir", run_dir, "--tensorboard-dir", "", "--device", a.device,
-            "--attention-backend", a.attention_backend, *RECOMPUTE[recompute]]
+            "--attention-backend", backend, *RECOMPUTE[recompute]]
     if a.bf16:
         argv.append("--bf16")
     if a.peak_tflops:
@@ -50,7 +53,7 @@ def _trainer_argv(a, mbs: int, data: str, run_dir: str, recompute: str) -> list[
     return argv
 
 
-def _estimated_fit(a, recompute: str) -> int | None:
+def _estimated_fit(a, variant: str) -> int | None:
     """The largest power-of-two micro-batch the memory estimate fits in 92% of the device, if it can say."""
     try:
         import torch
@@ -64,7 +67,7 @@ def _estimated_fit(a, recompute: str) -> int | None:
     capacity = torch.cuda.get_device_properties(0).total_memory * 0.92
     best = None
     for mbs in (1, 2, 4, 8, 16, 32, 64):
-        cfg = config_from_args(build_parser().parse_args(_trainer_argv(a, mbs, "x", "x", recompute)))
+        cfg = config_from_args(build_parser().parse_args(_trainer_argv(a, mbs, "x", "x", variant)))
         cfg.validate_layout(1)
         if estimate_memory(cfg, 1, a.vocab_rows, "cuda").total > capacity:
             break
@@ -112,12 +115,14 @@ def child(a) -> dict:
             vals = [r[key] for r in timed if key in r]
             return sum(vals) / len(vals) if vals else None
 
-        return {"recompute": a.child, "micro_batch_size": mbs, "tokens_per_s": mean("tokens_per_s"),
+        backend, recompute = a.child.split(":")
+        return {"attention": backend, "recompute": recompute, "micro_batch_size": mbs, "tokens_per_s": mean("tokens_per_s"),
                 "tflops_per_device": mean("tflops_per_device"), "mfu": mean("mfu"),
                 "mem_allocated_gib": timed[-1].get("mem_allocated_gib"),
                 "mem_reserved_gib": timed[-1].get("mem_reserved_gib"), "max_rss_gib": timed[-1].get("max_rss_gib"),
                 "ms_per_step": mean("ms_per_step"), "loss": timed[-1]["loss"], "tried": tried}
-    return {"recompute": a.child, "micro_batch_size": None, "tried": tried}
+    backend, recompute = a.child.split(":")
+    return {"attention": backend, "recompute": recompute, "micro_batch_size": None, "tried": tried}
 
 
 def main(argv=None) -> int:
@@ -127,7 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-rows", type=int, default=QWEN3_ROWS, help="padded vocabulary of the model")
     p.add_argument("--recompute", default="none,selective", help=f"comma-separated: {', '.join(RECOMPUTE)}")
     p.add_argument("--micro-batch-sizes", default="auto", help="candidates, e.g. 2,4,8 (auto: from the estimate)")
-    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--attention-backends", default="sdpa,local", help="comma-separated --attention-backend values")
+    p.add_argument("--mfu-goal", type=float, default=0.45, help="the best variant's MFU must reach this")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     p.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step")
@@ -151,9 +157,11 @@ def main(argv=None) -> int:
         print("BENCH_PAPER_MODEL " + json.dumps(child(a)), flush=True)
         return 0
     rows = []
-    for variant in a.recompute.split(","):
-        if variant not in RECOMPUTE:
-            p.error(f"--recompute: {variant!r} is not one of {', '.join(RECOMPUTE)}")
+    for recompute in a.recompute.split(","):
+        if recompute not in RECOMPUTE:
+            p.error(f"--recompute: {recompute!r} is not one of {', '.join(RECOMPUTE)}")
+    variants = [f"{b}:{r}" for b in a.attention_backends.split(",") for r in a.recompute.split(",")]
+    for variant in variants:
         if a.micro_batch_sizes != "auto":
             candidates = [int(x) for x in a.micro_batch_sizes.split(",")]
         else:
@@ -166,28 +174,45 @@ def main(argv=None) -> int:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_PAPER_MODEL ")]
         if proc.returncode != 0 or not lines:
             print(f"{variant}: the run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            rows.append({"recompute": variant, "error": proc.stderr[-500:]})
+            backend, recompute = variant.split(":")
+            rows.append({"attention": backend, "recompute": recompute, "error": proc.stderr[-500:]})
             continue
         row = json.loads(lines[-1][len("BENCH_PAPER_MODEL "):])
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
-    print(f"{a.preset}, seq {a.seq_length}, {'bf16' if a.bf16 else 'fp32'}, {a.device}, attention "
-          f"{a.attention_backend}, {a.accumulation} micro-batches per step")
-    print("| recompute | micro-batch | tokens/s | TFLOP/s | MFU | peak allocated GiB | peak reserved GiB | tried |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"{a.preset}, seq {a.seq_length}, {'bf16' if a.bf16 else 'fp32'}, {a.device}, "
+          f"{a.accumulation} micro-batches per step")
+    print("| attention | recompute | micro-batch | tokens/s | TFLOP/s | MFU | peak allocated GiB | peak reserved GiB | "
+          "tried |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("micro_batch_size") is None:
-            print(f"| {r['recompute']} | - | - | - | - | - | - | {r.get('tried') or r.get('error')} |")
+            print(f"| {r['attention']} | {r['recompute']} | - | - | - | - | - | - | {r.get('tried') or r.get('error')} |")
             continue
 
         def f(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
 
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        print(f"| {r['recompute']} | {r['micro_batch_size']} | {f('tokens_per_s', ',.0f')} | "
+        print(f"| {r['attention']} | {r['recompute']} | {r['micro_batch_size']} | {f('tokens_per_s', ',.0f')} | "
               f"{f('tflops_per_device', '.1f')} | {mfu} | {f('mem_allocated_gib', '.1f')} | "
               f"{f('mem_reserved_gib', '.1f')} | {', '.join(str(t['micro_batch_size']) + ': OOM' for t in r['tried'])} |")
-    summary = {"preset": a.preset, "seq_length": a.seq_length, "device": a.device, "rows": rows}
+    figures = []
+    for r in rows:
+        label = f"{a.preset} seq {a.seq_length} {r['attention']} recompute {r['recompute']}"
+        if r.get("micro_batch_size") is None:
+            figures.append({"name": f"{label}: trains at some micro-batch", "value": False, "goal": "trains",
+                            "pass": False, "unit": ""})
+            continue
+        for key, unit in (("micro_batch_size", ""), ("tokens_per_s", "tokens/s"), ("tflops_per_device", "TFLOP/s"),
+                          ("mfu", ""), ("mem_allocated_gib", "GiB"), ("mem_reserved_gib", "GiB")):
+            if r.get(key) is not None:
+                figures.append({"name": f"{label}: {key}", "value": r[key], "goal": None, "pass": None, "unit": unit})
+    mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
+    if mfus:
+        figures.append({"name": f"{a.preset} seq {a.seq_length}: best MFU", "value": max(mfus),
+                        "goal": f">= {a.mfu_goal}", "pass": max(mfus) >= a.mfu_goal, "unit": ""})
+    summary = {"preset": a.preset, "seq_length": a.seq_length, "device": a.device, "rows": rows, "figures": figures}
     print(json.dumps(summary))
     if a.json_out:
         with open(a.json_out, "w") as fh:

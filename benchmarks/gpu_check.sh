@@ -1,56 +1,108 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, as one script for a lent GPU machine (no network there):
-#   bash scripts/fetch_gpu_wheels.sh          # beforehand, where pip can reach the registry
+# Every check that needs a GPU, as one script for a lent GPU machine (no network there; about 8 minutes):
+#   bash scripts/fetch_gpu_wheels.sh          # beforehand, where pip can reach the registry (megatron-core, psutil)
 #   bash benchmarks/gpu_check.sh [OUT_DIR]    # on the GPU machine, with .gpu_wheels carried along
-# 1. installs the carried wheels that are missing (into .gpu_site, on PYTHONPATH; nothing system-wide);
-# 2. builds megatron_dataeff._C and _C_cuda in place;
-# 3. benchmarks/gpu_check.py: CUDA kernels vs the CPU kernels / references, bit for bit; HBM bandwidth;
-# 4. the kernel tests on the device (pytest, CUDA parametrisations), bench_masking / bench_mlp_dropout on cuda;
-# 5. benchmarks/gpu_train_check.py: bf16 training, run-to-run and resume differences, GPU vs CPU.
-# Each step's output goes to OUT_DIR (default $OUT, else /tmp/gpu_check); the script goes on after a
-# failed step and exits 1 at the end if any failed.  STEPS="1 2 3" runs a subset.
+# Steps (STEPS="1 2 3" runs a subset; step 0 always runs):
+#   0. a GPU must be visible (else exit 2 with the reason);
+#   1. install the carried wheels the image lacks (into .gpu_site, on PYTHONPATH; nothing system-wide);
+#   2. build megatron_dataeff._C and _C_cuda in place for this GPU's architecture only, then a hard check:
+#      _C_cuda imports and the dispatcher uses it, else the build log's tail and exit 1;
+#   3. benchmarks/gpu_check.py: kernels bit-exact vs the references; masking vs the measured copy bandwidth;
+#   4. the kernel tests on the device (pytest -rs: a skipped CUDA case fails the step), bench_masking and
+#      bench_mlp_dropout on cuda;
+#   5. benchmarks/gpu_train_check.py: bf16 training (ar, token dropout, mdm), exact resume, device vs CPU;
+#   6. benchmarks/bench_paper_model.py: qwen3-0.6b at seq 4096, sdpa vs unfused, with/without selective
+#      recomputation: tokens/s, TFLOP/s, MFU (goal >= 45%), peak memory, largest micro-batch.
+# What comes back (at most 8 files, two folders deep): OUT_DIR/gpu_summary.json (every figure with its goal
+# and pass/fail, every step's exit status and time), OUT_DIR/gpu_check.log (everything printed) and
+# OUT_DIR/gpu_check_runs.tar.gz (step logs, figure files, run records). Run folders live under /tmp.
+# Exit status: 0 when every step ran and every judged figure met its goal, 1 otherwise, 2 without a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT_DIR="${1:-${OUT:-/tmp/gpu_check}}"
-STEPS="${STEPS:-1 2 3 4 5}"
-mkdir -p "$OUT_DIR"
-FAILED=()
-step() {  # step N NAME COMMAND...: run, tee to OUT_DIR/NAME.txt, record a failure
+OUT_DIR="${1:-${OUT:-/tmp/gpu_check_out}}"
+WORK="${GPU_CHECK_WORK:-/tmp/gpu_check_work}"
+STEPS="${STEPS:-1 2 3 4 5 6}"
+mkdir -p "$OUT_DIR" "$WORK"
+: > "$WORK/steps.tsv"
+exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
+export PYTHONPATH="$PWD/.gpu_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+
+step() {  # step N NAME COMMAND...: run it, its output to WORK/NAME.txt and the log, its status to steps.tsv
     local n="$1" name="$2"; shift 2
     [[ " $STEPS " == *" $n "* ]] || return 0
     echo "=== $n. $name: $*"
     local t0=$SECONDS
-    "$@" 2>&1 | tee "$OUT_DIR/$name.txt"
+    "$@" 2>&1 | tee "$WORK/$name.txt"
     local rc=${PIPESTATUS[0]}
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$WORK/steps.tsv"
     echo "=== $n. $name: exit $rc in $((SECONDS - t0)) s"
-    [ "$rc" = 0 ] || FAILED+=("$name")
 }
+
+finish() {
+    tar czf "$OUT_DIR/gpu_check_runs.tar.gz" -C "$WORK" --exclude='*/checkpoints' --exclude='resume_ckpt' . \
+        2>/dev/null || true
+    "$PY" benchmarks/gpu_summary.py "$WORK" --out "$OUT_DIR/gpu_summary.json"
+    exit $?
+}
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no GPU visible (torch.cuda.is_available() is False, or torch is missing): nothing was checked"
+    exit 2
+fi
+(nvidia-smi; nvcc --version; "$PY" --version) > "$WORK/machine.txt" 2>&1
 
 install_wheels() {
-    python -c "import numpy" 2>/dev/null || python -m pip install -q --no-index --no-deps --target .gpu_site .gpu_wheels/numpy-*.whl
     local missing=()
-    for pair in megatron.core:megatron_core einops:einops safetensors:safetensors sentencepiece:sentencepiece \
-                tokenizers:tokenizers psutil:psutil packaging:packaging pytest:pytest pluggy:pluggy iniconfig:iniconfig; do
-        python -c "import ${pair%%:*}" 2>/dev/null || missing+=(.gpu_wheels/"${pair##*:}"-*.whl)
+    for pair in megatron.core:megatron_core psutil:psutil einops:einops safetensors:safetensors \
+                sentencepiece:sentencepiece tokenizers:tokenizers pytest:pytest; do
+        "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=(.gpu_wheels/"${pair##*:}"-*.whl)
     done
     if [ ${#missing[@]} -gt 0 ]; then
-        [ -d .gpu_wheels ] || { echo "missing modules and no .gpu_wheels: run scripts/fetch_gpu_wheels.sh"; return 1; }
-        python -m pip install -q --no-index --no-deps --target .gpu_site "${missing[@]}"
+        [ -d .gpu_wheels ] || { echo "missing ${missing[*]} and no .gpu_wheels: run scripts/fetch_gpu_wheels.sh"; return 1; }
+        "$PY" -m pip install -q --no-index --no-deps --target .gpu_site "${missing[@]}" || return 1
     fi
-    python -c "import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    "$PY" -c "import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 }
-export PYTHONPATH="$PWD/.gpu_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-(nvidia-smi; nvcc --version; python --version) > "$OUT_DIR/machine.txt" 2>&1
+build() {
+    local arch
+    arch="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
+    echo "building for sm_${arch/./} only"
+    TORCH_CUDA_ARCH_LIST="$arch" MEGATRON_DATAEFF_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" \
+        "$PY" setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1
+    local rc=$?
+    if ! "$PY" -c "
+import sys
+from megatron_dataeff.ops import _extension
+impl = _extension.implementation('cuda')
+print('dispatcher: cuda ->', impl, '| cpu ->', _extension.implementation('cpu'))
+sys.exit(0 if impl == 'cuda' else 1)"; then
+        echo "megatron_dataeff._C_cuda is not in use after the build (setup.py exit $rc); build log tail:"
+        tail -n 40 "$WORK/build.log"
+        return 1
+    fi
+}
+
+kernel_tests() {
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_masking_kernel.py tests/test_swiglu_dropout.py \
+        tests/test_philox.py > "$WORK/kernel_tests.log" 2>&1
+    local rc=$?
+    cat "$WORK/kernel_tests.log"
+    if grep -E "^SKIPPED .*(_C_cuda|GPU|cuda)" "$WORK/kernel_tests.log"; then
+        echo "CUDA test cases were skipped: the device was not tested"
+        return 1
+    fi
+    return $rc
+}
+
 step 1 install install_wheels
-step 2 build env MEGATRON_DATAEFF_CUDA=1 python setup.py -q build_ext --inplace
-step 3 kernels python benchmarks/gpu_check.py
-step 4 kernel_tests python -m pytest -q -p no:cacheprovider tests/test_masking_kernel.py tests/test_swiglu_dropout.py tests/test_philox.py
-step 4 bench_masking python benchmarks/bench_masking.py --device cuda --shapes 8x4096,64x8192,256x32768 --json
-step 4 bench_mlp_dropout python benchmarks/bench_mlp_dropout.py --device cuda --dtype bfloat16 --tokens 16384 --ffn 14336
-step 5 train python benchmarks/gpu_train_check.py --out "$OUT_DIR/train_runs"
-cp "$OUT_DIR/train_runs/gpu_train_check.json" "$OUT_DIR/" 2>/dev/null || true
-rm -rf "$OUT_DIR/train_runs"/*/checkpoints "$OUT_DIR/train_runs/resume_ckpt"
-
-if [ ${#FAILED[@]} -gt 0 ]; then echo "FAILED: ${FAILED[*]}"; exit 1; fi
-echo "all GPU checks passed"
+step 2 build build
+step 3 kernels "$PY" benchmarks/gpu_check.py --json "$WORK/kernels.json"
+step 4 kernel_tests kernel_tests
+step 4 bench_masking "$PY" benchmarks/bench_masking.py --device cuda --shapes 8x4096,64x8192,256x32768 --json
+step 4 bench_mlp_dropout "$PY" benchmarks/bench_mlp_dropout.py --device cuda --dtype bfloat16 --tokens 16384 --ffn 14336
+step 5 train "$PY" benchmarks/gpu_train_check.py --out "$WORK/train_runs" --json "$WORK/train.json"
+step 6 paper_model "$PY" benchmarks/bench_paper_model.py --attention-backends sdpa,local --recompute none,selective \
+    --steps 3 --warmup 1 --accumulation 2 --json-out "$WORK/paper_model.json"
+finish

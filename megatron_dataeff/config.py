@@ -123,6 +123,7 @@ class ComputeConfig:
     masked_softmax_fusion: bool = True  # GPU, local attention: fused softmax when its kernel is importable
     rope_fusion: bool = True  # GPU with transformer-engine: fused RoPE
     gradient_accumulation_fusion: bool = True  # GPU with transformer-engine: wgrad into main_grad
+    use_cpu_initialization: bool = False  # GPU: initialise weights on the CPU (the CPU run's exact weights)
 
     def __post_init__(self):
         _require(self.attention_backend in ATTENTION_BACKENDS,
@@ -443,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("gradient-accumulation", "weight-gradient accumulation (transformer-engine)")):
         g.add_argument(f"--no-{name}-fusion", dest=f"{name.replace('-', '_')}_fusion", action="store_false",
                        help=f"GPU: do not fuse the {what}")
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="GPU: initialise the weights on the CPU from the CPU generator, as a CPU run does (the "
+                        "same start on both; CPU runs always do this)")
     g = p.add_argument_group("regularisation")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Wheels that a lent GPU machine (Python 3.12, a CUDA build of torch, no network) needs to run
-# benchmarks/gpu_check.sh: megatron-core and this package's pure dependencies, plus pytest.
-#   bash scripts/fetch_gpu_wheels.sh                  # -> .gpu_wheels/ (git-ignored; about 30 MB)
+# Wheels that a lent GPU machine needs to run benchmarks/gpu_check.sh: only what its image lacks. The image
+# (Python 3.12, torch 2.11 + CUDA 13.0) has pytest, numpy, einops, tokenizers, sentencepiece, safetensors,
+# transformers and ninja; it lacks megatron-core and psutil (which megatron-core's checkpointing imports).
+#   bash scripts/fetch_gpu_wheels.sh                  # -> .gpu_wheels/ (git-ignored; about 3 MB)
+#   EXTRA="einops pytest" bash scripts/fetch_gpu_wheels.sh   # for an image with less in it
 #   PYTHON_VERSION=3.11 bash scripts/fetch_gpu_wheels.sh
 # Then carry .gpu_wheels with the working tree (the device tool's `carry`); gpu_check.sh installs them.
 set -euo pipefail
@@ -10,7 +12,6 @@ DEST="${DEST:-$ROOT/.gpu_wheels}"
 mkdir -p "$DEST"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYTHON_VERSION:-3.12}" \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-    -d "$DEST" "megatron-core==0.16.1" einops safetensors sentencepiece tokenizers psutil numpy packaging \
-    pytest pluggy iniconfig
+    -d "$DEST" "megatron-core==0.16.1" psutil ${EXTRA:-}
 ls -l "$DEST" >&2
 du -sh "$DEST" >&2

@@ -120,7 +120,7 @@ def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:
     if device == "cpu":
         kwargs.update(platform.cpu_config_overrides())
     else:
-        kwargs.update(gpu_fusions(cfg, use_te=choice.impl == "te"))
+        kwargs.update(gpu_fusions(cfg, use_te=choice.impl == "te"), use_cpu_initialization=c.use_cpu_initialization)
     return DataEffTransformerConfig(**kwargs)
 
 

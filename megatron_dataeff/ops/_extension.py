@@ -97,6 +97,11 @@ def cuda_module():
     return _C_cuda
 
 
+def load_error(device: str = "cuda") -> Exception | None:
+    """Why the extension of `device` ("cuda" or "cpu") did not load (None when it did)."""
+    return _C_CUDA_ERROR if torch.device(device).type == "cuda" else _C_ERROR
+
+
 def cuda_stream(device: torch.device) -> int:
     """The raw cudaStream_t of the current stream of `device`, for the _C_cuda launchers."""
     return torch.cuda.current_stream(device).cuda_stream

@@ -25,6 +25,7 @@ from megatron_dataeff.data.blending import build_data, parse_data_path
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
 from megatron_dataeff.models.builder import build_model, count_parameters, model_vocab_size
 from megatron_dataeff.objectives import build_objective
+from megatron_dataeff.ops import _extension
 from megatron_dataeff.training import checkpointing, flops
 from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
 from megatron_dataeff.training.metrics import MetricsLogger, format_duration, peak_memory
@@ -228,6 +229,9 @@ class Trainer:
             "num_parameters": self.num_parameters,
             "world_size": self.runtime.world_size,
             "data_parallel_size": self.dp_size,
+            "compute": {"device": self.runtime.device, "attention": self.attention.describe(),
+                        "kernels": _extension.implementation(self.runtime.device),
+                        "flops_per_step": self.flops_per_step, "peak_tflops": self.peak_tflops},
         }
         checkpointing.write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"),
                                         json.dumps(record, indent=2))
