@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_dataeff.models.presets import PRESETS
+from megatron_dataeff.training.exits import EXIT_SIGNALS
 
 
 class ConfigError(ValueError):
@@ -268,7 +269,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Saving and resuming."""
+    """Saving, resuming and exiting early."""
 
     save: Optional[str] = None  # directory for checkpoints
     load: Optional[str] = None  # directory to resume from
@@ -276,10 +277,25 @@ class CheckpointConfig:
     keep_last: Optional[int] = None  # keep only the newest K checkpoints
     finetune: bool = False  # --load the weights only: iteration 0, fresh optimizer and schedule
     use_checkpoint_args: bool = False  # take the model shape and tokenizer from the --load checkpoint
+    override_opt_param_scheduler: bool = False  # resume with this command line's schedule (extend a run)
+    use_checkpoint_opt_param_scheduler: bool = False  # resume with the checkpoint's schedule
+    exit_signal_handler: bool = False  # on --exit-signal: save at the next step boundary, exit 0
+    exit_signal: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # signals the handler catches
+    exit_duration_in_mins: Optional[float] = None  # save and exit once this many minutes have passed
+    exit_interval: Optional[int] = None  # save and exit after every iteration divisible by this
 
     def __post_init__(self):
         _require(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
         _require(self.keep_last is None or self.keep_last > 0, "--keep-last must be positive")
+        _require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+                 "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
+        self.exit_signal = list(self.exit_signal)
+        bad = [s for s in self.exit_signal if s not in EXIT_SIGNALS]
+        _require(self.exit_signal and not bad,
+                 f"--exit-signal takes {', '.join(EXIT_SIGNALS)}, got {self.exit_signal}")
+        _require(self.exit_duration_in_mins is None or self.exit_duration_in_mins > 0,
+                 "--exit-duration-in-mins must be positive")
+        _require(self.exit_interval is None or self.exit_interval > 0, "--exit-interval must be positive")
 
 
 @dataclass
@@ -524,6 +540,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model shape and tokenizer from the --load checkpoint (e.g. one made by "
                         "tools/import_hf.py) instead of the flags")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="resuming: use this command line's schedule (iterations, lr, min-lr, warmup, decay, "
+                        "weight decay) where it differs from the checkpoint's, e.g. to extend a run with a larger "
+                        "--train-iters. Without this or --use-checkpoint-opt-param-scheduler a difference is an "
+                        "error naming both values")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="resuming: keep the checkpoint's schedule whatever the command line says")
+    g = p.add_argument_group("exiting early (each saves a checkpoint to --save and exits 0; resume with --load)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="catch --exit-signal: finish the step in flight, agree over all ranks, save, exit 0")
+    g.add_argument("--exit-signal", nargs="+", default=["SIGTERM", "SIGUSR1"], choices=list(EXIT_SIGNALS),
+                   help="signals --exit-signal-handler catches (SIGTERM: preemption; SIGUSR1: what SLURM's "
+                        "--signal=USR1@SECONDS sends before the time limit)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once this many minutes have passed since the trainer started")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit after the first iteration divisible by this")
     return p
 
 

@@ -97,6 +97,7 @@ def _metadata(trainer) -> dict:
         "consumed_samples": trainer.consumed_samples,
         "epoch": trainer.data.epoch_of(trainer.consumed_samples),
         "scheduler": trainer.scheduler.state_dict(),
+        "schedule": trainer.schedule,
         "config": trainer.cfg.to_dict(),
         "tokenizer": trainer.tokenizer.metadata(),
         "mask_token_id": trainer.mask_token_id,
@@ -244,12 +245,46 @@ def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = 
         trainer.log.print(f" loaded weights of {ckpt} (model only: iteration 0, fresh optimizer)")
         return {**meta, "iteration": 0, "consumed_samples": 0}
     trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(meta["scheduler"])
+    load_schedule(trainer, ckpt, meta)
     if with_rng:
         _restore_rng(trainer, state["rng_state"])
     trainer.log.print(f" loaded checkpoint {ckpt} (iteration {meta['iteration']}, epoch {meta['epoch']:.2f}"
                       f"{'' if with_rng else ', saved at another layout: RNG reseeded'})")
     return meta
+
+
+def check_schedule(trainer, ckpt: str, meta: dict) -> list[str]:
+    """The schedule differences between a checkpoint and this run; an error unless the command line says
+    which to follow (Megatron-LM's --override-opt-param-scheduler / --use-checkpoint-opt-param-scheduler)."""
+    from megatron_dataeff.training.optimizer import schedule_differences, schedule_from_scheduler_state
+
+    saved = meta.get("schedule") or schedule_from_scheduler_state(meta.get("scheduler", {}))
+    diffs = schedule_differences(saved, trainer.schedule, trainer.cfg)
+    ck = trainer.cfg.checkpoint
+    if diffs and not (ck.override_opt_param_scheduler or ck.use_checkpoint_opt_param_scheduler):
+        raise CheckpointError(
+            f"{ckpt}: its schedule differs from this command line's:\n  " + "\n  ".join(diffs) +
+            "\npass --override-opt-param-scheduler to follow the command line (e.g. to extend the run) or "
+            "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+    return diffs
+
+
+def load_schedule(trainer, ckpt: str, meta: dict) -> None:
+    """Continue the schedule at the checkpoint's step, following the command line or the checkpoint."""
+    from megatron_dataeff.training.optimizer import build_scheduler
+
+    diffs = check_schedule(trainer, ckpt, meta)
+    if diffs and trainer.cfg.checkpoint.use_checkpoint_opt_param_scheduler and meta.get("schedule"):
+        trainer.schedule = dict(meta["schedule"])
+        trainer.scheduler = build_scheduler(trainer.cfg, trainer.optimizer, trainer.train_iters, trainer.schedule)
+    elif diffs and trainer.cfg.checkpoint.use_checkpoint_opt_param_scheduler:
+        trainer.scheduler.override_opt_param_scheduler = False
+        trainer.scheduler.use_checkpoint_opt_param_scheduler = True
+    trainer.scheduler.load_state_dict(meta["scheduler"])
+    if diffs:
+        which = ("the checkpoint's" if trainer.cfg.checkpoint.use_checkpoint_opt_param_scheduler
+                 else "this command line's")
+        trainer.log.print(f" schedule: following {which} where they differ ({'; '.join(diffs)})")
 
 
 def resolve_checkpoint(path: str, iteration: int | None = None) -> str:

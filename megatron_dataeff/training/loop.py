@@ -27,9 +27,10 @@ from megatron_dataeff.models.builder import build_model, count_parameters, model
 from megatron_dataeff.objectives import build_objective
 from megatron_dataeff.ops import _extension
 from megatron_dataeff.training import checkpointing, flops
+from megatron_dataeff.training.exits import ExitConditions
 from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
 from megatron_dataeff.training.metrics import MetricsLogger, format_duration, peak_memory
-from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler
+from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler, schedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,6 +89,7 @@ class Trainer:
     """Builds everything a run needs from a RunConfig, then trains."""
 
     def __init__(self, cfg: RunConfig):
+        self.start_time = time.time()  # --exit-duration-in-mins counts from here
         self.cfg = cfg
         if cfg.checkpoint.use_checkpoint_args:
             if not cfg.checkpoint.load:
@@ -103,6 +105,10 @@ class Trainer:
         rt = self.runtime
         self.log = MetricsLogger(cfg.logging.log_dir, cfg.logging.tensorboard_dir or None,
                                  enabled=rt.is_logging_rank)
+        ck = cfg.checkpoint
+        self.exits = ExitConditions(ck.exit_signal_handler, ck.exit_signal, ck.exit_duration_in_mins,
+                                    ck.exit_interval, self.start_time,
+                                    lambda t: _all_reduce(t, rt.device, op=dist.ReduceOp.MAX))
         d = cfg.data
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file,
                                          merge_file=d.merge_file, vocab_size=d.vocab_size)
@@ -153,7 +159,8 @@ class Trainer:
         self.attention = model.attention_choice
         self.model = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)]
         self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters)
+        self.schedule = schedule(cfg, self.train_iters)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters, self.schedule)
         tc = self.transformer_config
         tc.no_sync_func = self.model[0].no_sync
         tc.finalize_model_grads_func = finalize_model_grads
@@ -364,11 +371,24 @@ class Trainer:
             capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             for line in startup_report(cfg, rt.world_size, self.num_ids, capacity, transformer_engine_available()):
                 self.log.print(line)
+        ck = cfg.checkpoint
+        if (ck.exit_signal_handler or ck.exit_duration_in_mins or ck.exit_interval) and not ck.save:
+            self.log.print("[megatron_dataeff] warning: an --exit-* condition without --save stops the run "
+                           "without saving it")
         last = {"train_loss": float("nan"), "valid_loss": float("nan")}
-        interval_start, interval_tokens, interval_steps = time.time(), 0, 0
-        loss_acc, loss_n = 0.0, 0
         run_start = time.time()
         start_iteration = self.iteration
+        self.exits.install()
+        try:
+            return self._train_loop(last, run_start, start_iteration)
+        finally:
+            self.exits.restore()
+
+    def _train_loop(self, last: dict, run_start: float, start_iteration: int) -> dict:
+        cfg = self.cfg
+        gbs, seq = cfg.optim.global_batch_size, cfg.model.seq_length
+        interval_start, interval_tokens, interval_steps = time.time(), 0, 0
+        loss_acc, loss_n = 0.0, 0
         while self.iteration < self.train_iters:
             loss, grad_norm, stepped = self.train_step(self.iteration)
             self.iteration += 1
@@ -405,10 +425,22 @@ class Trainer:
                     and self.iteration % cfg.logging.eval_interval == 0 and self.iteration < self.train_iters):
                 last["valid_loss"] = self._log_valid()["loss"]
             ck = cfg.checkpoint
+            saved = False
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0 \
                     and self.iteration < self.train_iters:
                 with self._params_synced():
                     checkpointing.save(self, ck.save)
+                saved = True
+            reason = self.exits.check(self.iteration) if self.iteration < self.train_iters else None
+            if reason:
+                if ck.save and not saved:
+                    with self._params_synced():
+                        checkpointing.save(self, ck.save)
+                self.log.print(f"[megatron_dataeff] exiting after iteration {self.iteration}/{self.train_iters}: "
+                               f"{reason}; " + (f"resume with --load {ck.save}" if ck.save
+                                                else "nothing saved (no --save)"))
+                last["exit_reason"] = reason
+                return last
         if cfg.logging.eval_iters:
             last["valid_loss"] = self._log_valid()["loss"]
         if cfg.checkpoint.save:

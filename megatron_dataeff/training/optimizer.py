@@ -28,27 +28,64 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
     return get_megatron_optimizer(opt_cfg, model_chunks)
 
 
-def build_scheduler(cfg: RunConfig, optimizer, train_iters: int) -> OptimizerParamScheduler:
-    """LR warmup then constant / linear / cosine / WSD decay, stepped once per iteration."""
+def schedule(cfg: RunConfig, train_iters: int) -> dict:
+    """The schedule a run follows, as effective values keyed by the flag that sets each (what a resume
+    compares with the checkpoint's; None where a value does not apply). --train-iters itself is not part of
+    it: stopping a run early or letting it go on changes no lr or weight decay unless the decay length
+    follows it (no --lr-decay-iters), and then --lr-decay-iters differs."""
     o = cfg.optim
     decay_iters = o.lr_decay_iters or train_iters
-    wsd_iters = None
-    if o.lr_decay_style == "WSD":
-        wsd_iters = o.lr_wsd_decay_iters or max(1, int(0.1 * decay_iters))
+    wsd = o.lr_decay_style == "WSD"
+    return {
+        "--lr": o.lr,
+        "--min-lr": o.min_lr,
+        "--lr-warmup-iters": o.lr_warmup_iters,
+        "--lr-decay-style": o.lr_decay_style,
+        "--lr-decay-iters": decay_iters,
+        "--lr-wsd-decay-iters": (o.lr_wsd_decay_iters or max(1, int(0.1 * decay_iters))) if wsd else None,
+        "--lr-wsd-decay-style": o.lr_wsd_decay_style if wsd else None,
+        "--weight-decay": o.weight_decay,
+    }
+
+
+def schedule_from_scheduler_state(state: dict) -> dict:
+    """The part of `schedule` a megatron scheduler state holds (checkpoints written before `schedule` was
+    recorded)."""
+    return {"--lr": state.get("max_lr"), "--min-lr": state.get("min_lr"),
+            "--lr-warmup-iters": state.get("lr_warmup_steps"), "--lr-decay-style": state.get("lr_decay_style"),
+            "--weight-decay": state.get("start_wd")}
+
+
+def schedule_differences(saved: dict, now: dict, cfg: RunConfig) -> list[str]:
+    """'--flag: checkpoint X, this run Y' for every value both record and that differ."""
+    defaulted = {"--lr-decay-iters": cfg.optim.lr_decay_iters is None,
+                 "--lr-wsd-decay-iters": cfg.optim.lr_wsd_decay_iters is None}
+    notes = {"--lr-decay-iters": " (not given: --train-iters)", "--lr-wsd-decay-iters": " (not given: 10% of decay)"}
+    return [f"{k}{notes[k] if defaulted.get(k) else ''}: checkpoint {saved[k]!r}, this run {now[k]!r}" for k in now
+            if k in saved and saved[k] is not None and saved[k] != now[k]]
+
+
+def build_scheduler(cfg: RunConfig, optimizer, train_iters: int, values: dict | None = None) -> OptimizerParamScheduler:
+    """LR warmup then constant / linear / cosine / WSD decay, stepped once per iteration; `values` (a
+    `schedule` dict, e.g. a checkpoint's) replaces the command line's."""
+    v = values or schedule(cfg, train_iters)
+    warmup = v["--lr-warmup-iters"]
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if o.lr_warmup_iters > 0 else o.lr,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_iters,
-        lr_decay_steps=max(decay_iters, o.lr_warmup_iters + 1),
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
+        init_lr=0.0 if warmup > 0 else v["--lr"],
+        max_lr=v["--lr"],
+        min_lr=v["--min-lr"],
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(v["--lr-decay-iters"], warmup + 1),
+        lr_decay_style=v["--lr-decay-style"],
+        start_wd=v["--weight-decay"],
+        end_wd=v["--weight-decay"],
         wd_incr_steps=max(1, train_iters),
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
-        wsd_decay_steps=wsd_iters,
-        lr_wsd_decay_style=o.lr_wsd_decay_style if o.lr_decay_style == "WSD" else None,
+        # Differences from the checkpoint are settled before loading (checkpointing.load_schedule); the
+        # scheduler built here is the one to follow.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+        wsd_decay_steps=v["--lr-wsd-decay-iters"],
+        lr_wsd_decay_style=v["--lr-wsd-decay-style"],
     )
