@@ -112,6 +112,7 @@ class ComputeConfig:
     model (a checkpoint written under one setting loads under any other)."""
 
     attention_backend: str = "auto"  # see models/attention.py for the mapping
+    transformer_impl: str = "transformer_engine"  # transformer_engine: TE layers when importable; local: never
     recompute_granularity: Optional[str] = None  # full | selective (None: keep all activations)
     recompute_method: Optional[str] = None  # full: uniform | block
     recompute_num_layers: Optional[int] = None  # full: layers per recompute unit (uniform) or per stage (block)
@@ -127,6 +128,8 @@ class ComputeConfig:
     use_cpu_initialization: bool = False  # GPU: initialise weights on the CPU (the CPU run's exact weights)
 
     def __post_init__(self):
+        _require(self.transformer_impl in ("transformer_engine", "local"),
+                 f"--transformer-impl must be transformer_engine or local, got {self.transformer_impl!r}")
         _require(self.attention_backend in ATTENTION_BACKENDS,
                  f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         g = self.recompute_granularity
@@ -161,7 +164,7 @@ class DataConfig:
 
     data_path: list = field(default_factory=list)  # [weight] prefix ...; empty = embedded corpus
     split: str = "98,2,0"  # train,valid,test weights over documents
-    tokenizer_type: str = "ByteTokenizer"  # see data/tokenizers.py
+    tokenizer_type: Optional[str] = None  # see data/tokenizers.py; None: GPT2BPETokenizer with --vocab-file/--merge-file, else ByteTokenizer
     tokenizer_model: Optional[str] = None  # tokenizer file or directory
     vocab_file: Optional[str] = None  # GPT2BPETokenizer vocab.json
     merge_file: Optional[str] = None  # GPT2BPETokenizer merges.txt
@@ -171,6 +174,12 @@ class DataConfig:
     data_cache_dir: Optional[str] = None  # where the embedded corpus is cached
 
     def __post_init__(self):
+        from megatron_dataeff.data.tokenizers import TOKENIZER_TYPES
+
+        if self.tokenizer_type is None:  # Megatron-LM: a vocab/merge pair means GPT-2 BPE
+            self.tokenizer_type = "GPT2BPETokenizer" if (self.vocab_file or self.merge_file) else "ByteTokenizer"
+        _require(self.tokenizer_type in TOKENIZER_TYPES,
+                 f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {self.tokenizer_type!r}")
         try:
             weights = [float(x) for x in self.split.replace("/", ",").split(",")]
         except ValueError as exc:
@@ -188,16 +197,25 @@ class DataConfig:
         return [x / sum(w) for x in w]
 
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+LR_WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+
+
 @dataclass
 class OptimConfig:
     """Optimizer, schedule and batch."""
 
     micro_batch_size: int = 4  # samples per forward pass per data-parallel rank
     global_batch_size: Optional[int] = None  # samples per optimizer step; None = micro x DP
-    train_iters: Optional[int] = None  # optimizer steps (or set --epochs)
+    train_iters: Optional[int] = None  # optimizer steps (or set --epochs / --train-samples)
+    train_samples: Optional[int] = None  # samples to train on: train_iters = this // global batch; schedule in samples
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 0.0  # final learning rate
     lr_warmup_iters: int = 0  # linear warmup steps
+    lr_warmup_fraction: Optional[float] = None  # warmup as a fraction of the decay length
+    lr_warmup_samples: int = 0  # --train-samples: linear warmup samples
+    lr_decay_samples: Optional[int] = None  # --train-samples: decay length in samples (None = train_samples)
+    lr_wsd_decay_samples: Optional[int] = None  # --train-samples, WSD: samples of the final decay
     lr_decay_style: str = "cosine"  # constant | linear | cosine | WSD
     lr_decay_iters: Optional[int] = None  # None = train_iters
     lr_wsd_decay_iters: Optional[int] = None  # WSD: steps of the final decay (default 10% of decay)
@@ -214,12 +232,29 @@ class OptimConfig:
     def __post_init__(self):
         _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
         _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "need 0 <= --min-lr <= --lr and --lr > 0")
-        _require(self.lr_decay_style in ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
-                 f"--lr-decay-style must be constant, linear, cosine or WSD, got {self.lr_decay_style!r}")
+        _require(self.lr_decay_style in LR_DECAY_STYLES,
+                 f"--lr-decay-style must be one of {', '.join(LR_DECAY_STYLES)}, got {self.lr_decay_style!r}")
+        _require(self.lr_wsd_decay_style in LR_WSD_DECAY_STYLES,
+                 f"--lr-wsd-decay-style must be one of {', '.join(LR_WSD_DECAY_STYLES)}, got {self.lr_wsd_decay_style!r}")
         _require(self.weight_decay >= 0, "--weight-decay must be >= 0")
         _require(self.clip_grad >= 0, "--clip-grad must be >= 0")
         _require(0 <= self.seed < 2**63, "--seed must be in [0, 2**63)")
         _require(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
+        _require(self.train_samples is None or self.train_samples > 0, "--train-samples must be positive")
+        _require(self.train_samples is None or self.train_iters is None,
+                 "give --train-iters or --train-samples, not both")
+        if self.train_samples is None:
+            _require(not self.lr_warmup_samples and self.lr_decay_samples is None and self.lr_wsd_decay_samples is None,
+                     "--lr-warmup-samples, --lr-decay-samples and --lr-wsd-decay-samples need --train-samples "
+                     "(with --train-iters use the *-iters flags)")
+        else:
+            _require(not self.lr_warmup_iters and self.lr_decay_iters is None and self.lr_wsd_decay_iters is None,
+                     "--lr-warmup-iters, --lr-decay-iters and --lr-wsd-decay-iters need --train-iters (with "
+                     "--train-samples use the *-samples flags)")
+        _require(self.lr_warmup_fraction is None or 0.0 <= self.lr_warmup_fraction < 1.0,
+                 "--lr-warmup-fraction must be in [0, 1)")
+        _require(self.lr_warmup_fraction is None or not (self.lr_warmup_iters or self.lr_warmup_samples),
+                 "--lr-warmup-fraction excludes --lr-warmup-iters / --lr-warmup-samples")
 
 
 @dataclass
@@ -235,8 +270,10 @@ class ParallelConfig:
     grad_reduce_in_bf16: bool = False  # reduce gradients in bf16 instead of fp32
     ddp_bucket_size: Optional[int] = None  # parameters per gradient bucket (None: megatron's default)
     device: str = "auto"  # auto | cuda | cpu
+    distributed_timeout_minutes: int = 30  # collective timeout (a rank waiting longer fails)
 
     def __post_init__(self):
+        _require(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
         _require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         _require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
         _require(self.device in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu")
@@ -283,8 +320,12 @@ class CheckpointConfig:
     exit_signal: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # signals the handler catches
     exit_duration_in_mins: Optional[float] = None  # save and exit once this many minutes have passed
     exit_interval: Optional[int] = None  # save and exit after every iteration divisible by this
+    ckpt_format: str = "torch_dist"  # megatron-core dist_checkpointing, the only format written
 
     def __post_init__(self):
+        _require(self.ckpt_format == "torch_dist",
+                 f"--ckpt-format {self.ckpt_format}: checkpoints are megatron-core torch_dist (resharding across "
+                 f"TP/PP/DP); other formats are not written")
         _require(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
         _require(self.keep_last is None or self.keep_last > 0, "--keep-last must be positive")
         _require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
@@ -356,6 +397,9 @@ class RunConfig:
         _require(o.global_batch_size % (o.micro_batch_size * dp) == 0,
                  f"--global-batch-size {o.global_batch_size} is not divisible by --micro-batch-size "
                  f"{o.micro_batch_size} x data-parallel size {dp}")
+        _require(o.train_samples is None or self.data.epochs is None, "give --train-samples or --epochs, not both")
+        _require(o.train_samples is None or o.train_samples >= o.global_batch_size,
+                 f"--train-samples {o.train_samples} is less than one global batch ({o.global_batch_size})")
         return dp
 
     def adopt_checkpoint_args(self, meta: dict) -> None:
@@ -460,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("gradient-accumulation", "weight-gradient accumulation (transformer-engine)")):
         g.add_argument(f"--no-{name}-fusion", dest=f"{name.replace('-', '_')}_fusion", action="store_false",
                        help=f"GPU: do not fuse the {what}")
+    g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
+                   help="transformer_engine: transformer-engine's layers when TE is importable on a GPU (otherwise "
+                        "megatron-core's local layers, said at start-up); local: never TE")
     g.add_argument("--use-cpu-initialization", action="store_true",
                    help="GPU: initialise the weights on the CPU from the CPU generator, as a CPU run does (the "
                         "same start on both; CPU runs always do this)")
@@ -477,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=[], help="[weight] prefix ...; none = embedded corpus")
     g.add_argument("--split", default="98,2,0")
-    g.add_argument("--tokenizer-type", default="ByteTokenizer")
+    g.add_argument("--tokenizer-type", default=None,
+                   help="default: GPT2BPETokenizer when --vocab-file/--merge-file are given (as Megatron-LM), "
+                        "else ByteTokenizer")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
@@ -492,12 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
-                   default="cosine")
+    g.add_argument("--lr-decay-style", choices=list(LR_DECAY_STYLES), default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
-    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
-                   default="linear")
+    g.add_argument("--lr-wsd-decay-style", choices=list(LR_WSD_DECAY_STYLES), default="linear")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train on this many samples instead of --train-iters: iterations = samples // "
+                        "--global-batch-size, and the schedule counts samples (Megatron-LM)")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup length as a fraction of the decay length (--lr-decay-iters/-samples)")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="--train-samples: warmup in samples")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="--train-samples: decay length in samples (default --train-samples)")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
+                   help="--train-samples, WSD: samples of the final decay (default 10%% of the decay)")
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -520,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-reduce-in-bf16", action="store_true", help="reduce gradients in bf16 (default fp32)")
     g.add_argument("--ddp-bucket-size", type=int, default=None, help="parameters per gradient-reduction bucket")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30,
+                   help="timeout of collectives: a rank waiting longer fails instead of hanging")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=100)
@@ -540,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model shape and tokenizer from the --load checkpoint (e.g. one made by "
                         "tools/import_hf.py) instead of the flags")
+    g.add_argument("--ckpt-format", default="torch_dist",
+                   help="torch_dist only (megatron-core dist_checkpointing; loads at any TP/PP/DP layout)")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="resuming: use this command line's schedule (iterations, lr, min-lr, warmup, decay, "
                         "weight decay) where it differs from the checkpoint's, e.g. to extend a run with a larger "
@@ -557,11 +618,73 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save and exit once this many minutes have passed since the trainer started")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save and exit after the first iteration divisible by this")
+    _add_megatron_descriptive_flags(p)
     return p
+
+
+# Megatron-LM flags that describe the one model family built here (dense GPT, RMSNorm, SwiGLU, RoPE, no
+# biases, per-token loss): accepted where they say what is built, refused by name where they ask for
+# something else.  (flag, argparse kind, accepted values or None for a switch, what is built instead)
+_ALWAYS = "always so here"
+MEGATRON_DESCRIPTIVE = (
+    ("--use-mcore-models", "on", None, _ALWAYS),
+    ("--swiglu", "on", None, "the MLP is always SwiGLU"),
+    ("--disable-bias-linear", "on", None, "linear layers never have biases"),
+    ("--group-query-attention", "on", None, "--num-query-groups sets the key/value heads"),
+    ("--log-throughput", "on", None, "every train record has tokens/s, TFLOP/s and MFU"),
+    ("--calculate-per-token-loss", "on", None, "the loss is always a mean over the global batch's tokens"),
+    ("--attention-softmax-in-fp32", "on", None, "attention softmax accumulates in fp32"),
+    ("--no-position-embedding", "on", None, "no learned position embedding: RoPE"),
+    ("--fp16", "off", None, "fp16 with loss scaling is not supported: use --bf16"),
+    ("--apply-layernorm-1p", "off", None, "norms are plain RMSNorm"),
+    ("--normalization", "value", ("RMSNorm",), "norms are RMSNorm"),
+    ("--position-embedding-type", "value", ("rope",), "positions are RoPE"),
+    ("--rotary-percent", "value", (1.0,), "RoPE covers the whole head dimension"),
+    ("--context-parallel-size", "value", (1,), "context parallelism is not supported (TP, PP, DP, SP are)"),
+    ("--distributed-backend", "value", ("nccl", "gloo"), "NCCL on GPUs, gloo on CPUs"),
+    ("--rampup-batch-size", "value", (), "batch-size ramp-up is not supported: the global batch is fixed"),
+    ("--num-layers-per-virtual-pipeline-stage", "value", (), "interleaved pipeline schedules are not supported"),
+)
+
+
+def _add_megatron_descriptive_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Megatron-LM flags that describe what is built (accepted as they are; refused "
+                             "where they ask for something else)")
+    for flag, kind, allowed, what in MEGATRON_DESCRIPTIVE:
+        dest = "megatron_" + flag[2:].replace("-", "_")
+        if kind in ("on", "off"):
+            help_ = f"accepted: {what}" if kind == "on" else f"refused: {what}"
+            g.add_argument(flag, dest=dest, action="store_true", help=help_)
+        else:
+            typ = type(allowed[0]) if allowed else str
+            nargs = "+" if flag == "--rampup-batch-size" else None
+            shown = ", ".join(str(a) for a in allowed) or "nothing"
+            g.add_argument(flag, dest=dest, type=typ, nargs=nargs, default=None,
+                           help=f"accepts {shown}: {what}")
+    g.add_argument("--use-flash-attn", dest="megatron_use_flash_attn", action="store_true",
+                   help="Megatron-LM's older spelling of --attention-backend flash")
+
+
+def check_megatron_descriptive_flags(args: argparse.Namespace) -> None:
+    """Refuse, by name, a Megatron-LM flag that asks for something this framework does not build."""
+    for flag, kind, allowed, what in MEGATRON_DESCRIPTIVE:
+        value = getattr(args, "megatron_" + flag[2:].replace("-", "_"), None)
+        if kind == "off" and value:
+            raise ConfigError(f"{flag}: {what}")
+        if kind == "value" and value is not None and value not in allowed:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ConfigError(f"{flag} {shown}: {what}" + (f" (accepted: {', '.join(map(str, allowed))})"
+                                                            if allowed else ""))
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """A validated RunConfig from parsed flags (preset values fill shape flags not given)."""
+    check_megatron_descriptive_flags(args)
+    if getattr(args, "megatron_use_flash_attn", False):
+        if args.attention_backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn asks for --attention-backend flash, but --attention-backend "
+                              f"{args.attention_backend} is given")
+        args.attention_backend = "flash"
     preset = dict(PRESETS[args.model_preset])
     shape = {}
     for f in dataclasses.fields(ModelConfig):

@@ -323,3 +323,20 @@ def bin_memmap(info: IndexInfo) -> np.ndarray:
     if info.num_tokens == 0:
         return np.zeros(0, dtype=info.dtype)
     return np.memmap(info.prefix + ".bin", dtype=info.dtype, mode="r")
+
+
+def check_token_ids(prefix: str, num_ids: int, chunk: int = 1 << 26) -> None:
+    """Refuse a dataset holding a token id >= num_ids (the tokenizer's ids), naming the file, the id and its
+    position.  Skipped when the dtype cannot hold such an id; otherwise one pass over the `.bin`."""
+    info = validate_indexed(prefix)
+    if np.iinfo(info.dtype).max < num_ids:
+        return
+    tokens = bin_memmap(info)
+    for start in range(0, tokens.size, chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        if part.size and int(part.max()) >= num_ids:
+            where = start + int(np.argmax(part >= num_ids))
+            raise IndexedFormatError(
+                f"{prefix}.bin: token id {int(tokens[where])} at token {where} is outside the vocabulary of "
+                f"{num_ids} ids of this tokenizer (--tokenizer-type/--tokenizer-model/--vocab-size); was the "
+                f"dataset made with another tokenizer?")

@@ -37,10 +37,17 @@ class AttentionChoice:
 
 
 def resolve_attention_backend(requested: str, device: str, te_available: bool,
-                              attention_dropout: float = 0.0) -> AttentionChoice:
-    """The implementation `--attention-backend requested` means on `device` (see the module table)."""
-    gpu_te = device == "cuda" and te_available
-    no_te = "transformer-engine is not importable" if device == "cuda" else "on CPUs"
+                              attention_dropout: float = 0.0, transformer_impl: str = "transformer_engine"
+                              ) -> AttentionChoice:
+    """The implementation `--attention-backend requested` means on `device` (see the module table);
+    `--transformer-impl local` never takes transformer-engine."""
+    gpu_te = device == "cuda" and te_available and transformer_impl != "local"
+    if device != "cuda":
+        no_te = "on CPUs"
+    elif transformer_impl == "local":
+        no_te = "--transformer-impl local"
+    else:
+        no_te = "transformer-engine is not importable"
     if requested == "auto":
         if gpu_te:
             return AttentionChoice(requested, "te", "auto", "auto: transformer-engine is importable on a GPU")
@@ -63,3 +70,10 @@ def resolve_attention_backend(requested: str, device: str, te_available: bool,
     if requested == "sdpa":
         return AttentionChoice(requested, "sdpa", "auto", "--attention-backend sdpa")
     raise ConfigError(f"--attention-backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoice:
+    """What a RunConfig's --attention-backend / --transformer-impl mean on `device` (trainer and memory
+    estimate alike)."""
+    return resolve_attention_backend(cfg.compute.attention_backend, device, te_available,
+                                     cfg.model.attention_dropout, cfg.compute.transformer_impl)

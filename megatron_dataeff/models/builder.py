@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig, padded_vocab_size
-from megatron_dataeff.models.attention_backends import AttentionChoice, resolve_attention_backend
+from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
 from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
 from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
 
@@ -65,8 +65,7 @@ def gpu_fusions(cfg: RunConfig, use_te: bool) -> dict[str, bool]:
 
 def attention_choice(cfg: RunConfig, device: str) -> AttentionChoice:
     """What `--attention-backend` means for this run on `device`."""
-    return resolve_attention_backend(cfg.compute.attention_backend, device, transformer_engine_available(),
-                                     cfg.model.attention_dropout)
+    return attention_for_config(cfg, device, transformer_engine_available())
 
 
 def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:

@@ -68,7 +68,8 @@ def initialize(tp: int, pp: int, seed: int, device_flag: str = "auto", timeout_m
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                 pipeline_model_parallel_size=pp)
+                                                 pipeline_model_parallel_size=pp,
+                                                 distributed_timeout_minutes=timeout_minutes)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed + 100 * pp_rank)
     np.random.seed((seed + 100 * pp_rank) % 2**32)

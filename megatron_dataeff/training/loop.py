@@ -22,6 +22,7 @@ from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.data.corpus import embedded_corpus
 from megatron_dataeff.data.blending import build_data, parse_data_path
+from megatron_dataeff.data.indexed import IndexedFormatError, check_token_ids
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
 from megatron_dataeff.models.builder import build_model, count_parameters, model_vocab_size
 from megatron_dataeff.objectives import build_objective
@@ -30,7 +31,7 @@ from megatron_dataeff.training import checkpointing, flops
 from megatron_dataeff.training.exits import ExitConditions
 from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
 from megatron_dataeff.training.metrics import MetricsLogger, format_duration, peak_memory
-from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler, schedule
+from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler, schedule, scheduler_increment
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +75,16 @@ def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
     return list(cfg.data.data_path)
 
 
+def check_vocabulary(data_path: list[str], num_ids: int) -> None:
+    """Every dataset's token ids fit the tokenizer (before any model is built)."""
+    prefixes, _ = parse_data_path(list(data_path))
+    for prefix in prefixes:
+        try:
+            check_token_ids(prefix, num_ids)
+        except IndexedFormatError as exc:
+            raise ConfigError(f"--data-path {exc}") from exc
+
+
 def _format_speed_and_memory(rec: dict) -> str:
     parts = [f"{rec['tflops_per_device']:.3g} TFLOP/s/device"]
     if "mfu" in rec:
@@ -101,7 +112,7 @@ class Trainer:
         check_device_flags(cfg, platform.resolve_device(cfg.parallel.device))
         self.runtime = initialize(cfg.parallel.tensor_model_parallel_size,
                                   cfg.parallel.pipeline_model_parallel_size, cfg.optim.seed,
-                                  cfg.parallel.device)
+                                  cfg.parallel.device, timeout_minutes=cfg.parallel.distributed_timeout_minutes)
         rt = self.runtime
         self.log = MetricsLogger(cfg.logging.log_dir, cfg.logging.tensorboard_dir or None,
                                  enabled=rt.is_logging_rank)
@@ -113,15 +124,19 @@ class Trainer:
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file,
                                          merge_file=d.merge_file, vocab_size=d.vocab_size)
         self.mask_token_id, self.num_ids = resolve_mask_token(self.tokenizer)
-        self.data = build_data(resolve_data_path(cfg, self.tokenizer, rt), cfg.model.seq_length,
-                               d.split_weights, cfg.optim.seed, unique_tokens=d.unique_tokens)
+        data_path = resolve_data_path(cfg, self.tokenizer, rt)
+        check_vocabulary(data_path, self.tokenizer.vocab_size)
+        self.data = build_data(data_path, cfg.model.seq_length, d.split_weights, cfg.optim.seed,
+                               unique_tokens=d.unique_tokens)
         gbs = cfg.optim.global_batch_size
         if cfg.optim.train_iters is not None:
             self.train_iters = cfg.optim.train_iters
+        elif cfg.optim.train_samples is not None:
+            self.train_iters = cfg.optim.train_samples // gbs  # Megatron-LM: whole global batches
         elif d.epochs is not None:
             self.train_iters = max(1, math.ceil(d.epochs * self.data.samples_per_epoch / gbs))
         else:
-            raise ConfigError("give --train-iters or --epochs")
+            raise ConfigError("give --train-iters, --train-samples or --epochs")
         self.objective = build_objective(cfg, self.mask_token_id)
         self.num_microbatches = cfg.num_microbatches(self.dp_size)
         self._build_model_and_optimizer()
@@ -326,7 +341,7 @@ class Trainer:
             return loss, float("nan"), False
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
-            self.scheduler.step(increment=1)
+            self.scheduler.step(increment=scheduler_increment(self.schedule, self.cfg.optim.global_batch_size))
         return loss, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
 
     def _speed_and_memory(self, seconds_per_step: float) -> dict:

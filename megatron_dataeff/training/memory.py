@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from megatron_dataeff.config import RunConfig, auto_chunk_tokens, padded_vocab_size
-from megatron_dataeff.models.attention_backends import resolve_attention_backend
+from megatron_dataeff.models.attention_backends import attention_for_config
 
 GiB = 2**30
 MiB = 2**20
@@ -156,7 +156,7 @@ class _Shape:
 def _shape(cfg: RunConfig, num_ids: int, device: str, te_available: bool) -> _Shape:
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
-    choice = resolve_attention_backend(cfg.compute.attention_backend, device, te_available, m.attention_dropout)
+    choice = attention_for_config(cfg, device, te_available)
     impl, kernel = choice.impl, choice.kernel
     if device == "cpu":
         fused_ext = importlib.util.find_spec("megatron_dataeff._C") is not None
@@ -629,7 +629,7 @@ def startup_report(cfg: RunConfig, world_size: int, num_ids: int, capacity_bytes
              f"({est.total / GiB:.1f} GiB of tensors; peak at {est.peak_moment}, pipeline stage {est.stage}) of "
              f"{capacity_bytes / GiB:.1f} GiB on this device"
              + ("" if need <= capacity_bytes else " -- it will likely run out of memory; see tools/estimate_memory.py")]
-    choice = resolve_attention_backend(cfg.compute.attention_backend, "cuda", te_available, cfg.model.attention_dropout)
+    choice = attention_for_config(cfg, "cuda", te_available)
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     if choice.impl == "local" and m.seq_length >= 2048:
         per_layer = unfused_attention_bytes(cfg.optim.micro_batch_size, m.num_attention_heads // tp, m.seq_length,

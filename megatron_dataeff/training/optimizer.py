@@ -30,62 +30,87 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
 
 def schedule(cfg: RunConfig, train_iters: int) -> dict:
     """The schedule a run follows, as effective values keyed by the flag that sets each (what a resume
-    compares with the checkpoint's; None where a value does not apply). --train-iters itself is not part of
-    it: stopping a run early or letting it go on changes no lr or weight decay unless the decay length
-    follows it (no --lr-decay-iters), and then --lr-decay-iters differs."""
+    compares with the checkpoint's; None where a value does not apply).  Lengths count iterations, or
+    samples with --train-samples (as Megatron-LM; the scheduler then steps by the global batch).
+
+    --train-iters itself is not part of it: stopping a run early or letting it go on changes no lr or
+    weight decay unless the decay length follows it (no --lr-decay-iters), and then --lr-decay-iters differs.
+    """
     o = cfg.optim
-    decay_iters = o.lr_decay_iters or train_iters
+    if o.train_samples is not None:
+        unit, total, warmup, decay, wsd_given = "samples", o.train_samples, o.lr_warmup_samples, \
+            o.lr_decay_samples, o.lr_wsd_decay_samples
+    else:
+        unit, total, warmup, decay, wsd_given = "iterations", train_iters, o.lr_warmup_iters, o.lr_decay_iters, \
+            o.lr_wsd_decay_iters
+    decay = decay or total
+    if o.lr_warmup_fraction is not None:
+        warmup = o.lr_warmup_fraction * decay  # Megatron-LM: a fraction of the decay steps, not rounded
     wsd = o.lr_decay_style == "WSD"
+    suffix = "samples" if unit == "samples" else "iters"
     return {
+        "unit": unit,
         "--lr": o.lr,
         "--min-lr": o.min_lr,
-        "--lr-warmup-iters": o.lr_warmup_iters,
+        f"--lr-warmup-{suffix}": warmup,
         "--lr-decay-style": o.lr_decay_style,
-        "--lr-decay-iters": decay_iters,
-        "--lr-wsd-decay-iters": (o.lr_wsd_decay_iters or max(1, int(0.1 * decay_iters))) if wsd else None,
+        f"--lr-decay-{suffix}": decay,
+        f"--lr-wsd-decay-{suffix}": (wsd_given or max(1, int(0.1 * decay))) if wsd else None,
         "--lr-wsd-decay-style": o.lr_wsd_decay_style if wsd else None,
         "--weight-decay": o.weight_decay,
+        "wd_incr_steps": max(1, total),
     }
+
+
+def scheduler_increment(values: dict, global_batch_size: int) -> int:
+    """Scheduler steps per iteration: 1, or the global batch when the schedule counts samples."""
+    return global_batch_size if values.get("unit") == "samples" else 1
 
 
 def schedule_from_scheduler_state(state: dict) -> dict:
     """The part of `schedule` a megatron scheduler state holds (checkpoints written before `schedule` was
     recorded)."""
-    return {"--lr": state.get("max_lr"), "--min-lr": state.get("min_lr"),
+    return {"--lr": state.get("max_lr"), "--min-lr": state.get("min_lr"), "unit": "iterations",
             "--lr-warmup-iters": state.get("lr_warmup_steps"), "--lr-decay-style": state.get("lr_decay_style"),
             "--weight-decay": state.get("start_wd")}
 
 
 def schedule_differences(saved: dict, now: dict, cfg: RunConfig) -> list[str]:
     """'--flag: checkpoint X, this run Y' for every value both record and that differ."""
-    defaulted = {"--lr-decay-iters": cfg.optim.lr_decay_iters is None,
-                 "--lr-wsd-decay-iters": cfg.optim.lr_wsd_decay_iters is None}
-    notes = {"--lr-decay-iters": " (not given: --train-iters)", "--lr-wsd-decay-iters": " (not given: 10% of decay)"}
-    return [f"{k}{notes[k] if defaulted.get(k) else ''}: checkpoint {saved[k]!r}, this run {now[k]!r}" for k in now
-            if k in saved and saved[k] is not None and saved[k] != now[k]]
+    o = cfg.optim
+    notes = {"--lr-decay-iters": " (not given: --train-iters)" if o.lr_decay_iters is None else "",
+             "--lr-decay-samples": " (not given: --train-samples)" if o.lr_decay_samples is None else "",
+             "--lr-wsd-decay-iters": " (not given: 10% of decay)" if o.lr_wsd_decay_iters is None else "",
+             "--lr-wsd-decay-samples": " (not given: 10% of decay)" if o.lr_wsd_decay_samples is None else ""}
+    if o.lr_warmup_fraction is not None:
+        notes["--lr-warmup-iters"] = notes["--lr-warmup-samples"] = " (from --lr-warmup-fraction)"
+    names = {"unit": "schedule unit (--train-iters or --train-samples)"}
+    return [f"{names.get(k, k)}{notes.get(k, '')}: checkpoint {saved[k]!r}, this run {now[k]!r}" for k in now
+            if k in saved and k != "wd_incr_steps" and saved[k] is not None and saved[k] != now[k]]
 
 
 def build_scheduler(cfg: RunConfig, optimizer, train_iters: int, values: dict | None = None) -> OptimizerParamScheduler:
-    """LR warmup then constant / linear / cosine / WSD decay, stepped once per iteration; `values` (a
-    `schedule` dict, e.g. a checkpoint's) replaces the command line's."""
+    """LR warmup then constant / linear / cosine / WSD decay, stepped by `scheduler_increment` per iteration;
+    `values` (a `schedule` dict, e.g. a checkpoint's) replaces the command line's."""
     v = values or schedule(cfg, train_iters)
-    warmup = v["--lr-warmup-iters"]
+    suffix = "samples" if v["unit"] == "samples" else "iters"
+    warmup = v[f"--lr-warmup-{suffix}"]
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup > 0 else v["--lr"],
         max_lr=v["--lr"],
         min_lr=v["--min-lr"],
         lr_warmup_steps=warmup,
-        lr_decay_steps=max(v["--lr-decay-iters"], warmup + 1),
+        lr_decay_steps=max(v[f"--lr-decay-{suffix}"], warmup + 1),
         lr_decay_style=v["--lr-decay-style"],
         start_wd=v["--weight-decay"],
         end_wd=v["--weight-decay"],
-        wd_incr_steps=max(1, train_iters),
+        wd_incr_steps=v["wd_incr_steps"],
         wd_incr_style="constant",
         # Differences from the checkpoint are settled before loading (checkpointing.load_schedule); the
         # scheduler built here is the one to follow.
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,
-        wsd_decay_steps=v["--lr-wsd-decay-iters"],
+        wsd_decay_steps=v[f"--lr-wsd-decay-{suffix}"],
         lr_wsd_decay_style=v["--lr-wsd-decay-style"],
     )
