@@ -118,6 +118,10 @@ class HandCall:
 
 
 HAND_ATTRS = [
+    # training/optimizer.py: the distributed optimizer's parameter-state copy (a load without apex / TE)
+    HandAttr("megatron_dataeff/training/optimizer.py", 'getattr(dist_opt, "model_param_group_index_map"',
+             "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
+             ["_set_main_param_and_optimizer_states", "model_param_group_index_map"], soft=True),
     # export/kv_cache.py: the model, its layers and the static inference context
     HandAttr("megatron_dataeff/export/kv_cache.py", "model.pre_process and model.post_process", GPT_MODEL,
              ["pre_process", "post_process", "decoder"]),
@@ -243,6 +247,12 @@ HAND_SOURCE_REFS = [
                   "DDP grad sync calls torch.cuda.current_stream() unconditionally; enable_cpu_support() does "
                   "not stub it, so every CPU training step fails with 'Torch not compiled with CUDA enabled'",
                   present=False, toplevel=True, unless="current_stream"),
+    HandSourceRef("megatron_dataeff/training/optimizer.py", "def _skip_step_in_param_state_copy",
+                  "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",
+                  "dst_tensors",
+                  "the distributed optimizer's per-parameter state copy no longer walks the live keys "
+                  "(dst_tensors, `step` among them): recheck whether _skip_step_in_param_state_copy is still needed",
+                  only_if="def _skip_step_in_param_state_copy"),
     HandSourceRef("tests/test_tokenizers.py", "(1001, 1000)",
                   "megatron.core.tokenizers.text.libraries.null_tokenizer.NullTokenizer.__init__",
                   "_vocab_size_without_eod",

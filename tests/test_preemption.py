@@ -48,7 +48,7 @@ def _train_iterations(run_dir: Path) -> int:
 def test_sigterm_to_one_rank_saves_and_resumes_bit_identically(tmp_path):
     """SIGTERM to rank 1 only (the rank that logs nothing) mid-run: both ranks stop at the same step boundary,
     the checkpoint is written, the job exits 0; resuming gives the uninterrupted run's losses exactly."""
-    iters = 80
+    iters = 50
     flags = BASE + ["--train-iters", str(iters), "--lr-decay-iters", str(iters)]
     full = losses(run_pretrain(flags, tmp_path / "full", nproc=2))
 
@@ -81,20 +81,36 @@ def test_sigterm_to_one_rank_saves_and_resumes_bit_identically(tmp_path):
     assert resumed == full[stopped:]
 
 
-def test_exit_interval_and_duration_save_and_exit_zero(tmp_path):
-    """--exit-interval 2 stops after iteration 2 with a checkpoint (resume: the rest of the run, exactly);
-    --exit-duration-in-mins spent during start-up stops after the first step."""
-    flags = BASE + ["--train-iters", "5", "--lr-decay-iters", "5"]
-    full = losses(run_pretrain(flags, tmp_path / "full"))
+def test_exit_interval_saves_and_exits_zero(tmp_path):
+    """--exit-interval 2: iterations 1-2, a checkpoint at 2, status.json says it exited (resumable)."""
     ckpt = tmp_path / "ckpt"
-    first = losses(run_pretrain(flags + ["--save", str(ckpt), "--exit-interval", "2"], tmp_path / "first"))
-    assert first == full[:2]
+    recs = run_pretrain(BASE + ["--train-iters", "5", "--save", str(ckpt), "--exit-interval", "2"], tmp_path / "run")
+    assert [r["iteration"] for r in recs if r["split"] == "train"] == [1, 2]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
-    rest = losses(run_pretrain(flags + ["--load", str(ckpt)], tmp_path / "rest"))
-    assert rest == full[2:]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "exited" and status["reason"] == "--exit-interval 2 reached"
 
-    ckpt2 = tmp_path / "ckpt2"
-    timed = losses(run_pretrain(flags + ["--save", str(ckpt2), "--exit-duration-in-mins", "0.0001"],
-                                tmp_path / "timed"))
-    assert timed == full[:1]
-    assert (ckpt2 / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+def test_exit_conditions_agree_and_report_why():
+    """The decision itself: a duration spent, a recorded signal (whichever rank saw it: MAX), an interval."""
+    import torch
+
+    from megatron_dataeff.training.exits import ExitConditions
+
+    seen_by_other_rank = lambda t: torch.maximum(t, torch.tensor([signal.SIGUSR1, 0]))  # noqa: E731
+    quiet = lambda t: t  # noqa: E731
+    assert ExitConditions(False, ["SIGTERM"], 1.0, None, time.time(), quiet).check(5) is None
+    assert ExitConditions(False, ["SIGTERM"], 1.0, None, time.time() - 61, quiet).check(5) == \
+        "--exit-duration-in-mins 1 reached"
+    assert ExitConditions(True, ["SIGTERM", "SIGUSR1"], None, None, time.time(), seen_by_other_rank).check(5) == \
+        "received SIGUSR1"
+    assert ExitConditions(False, ["SIGTERM"], None, 3, time.time(), quiet).check(6) == "--exit-interval 3 reached"
+    assert ExitConditions(False, ["SIGTERM"], None, 3, time.time(), quiet).check(7) is None
+    handler = ExitConditions(True, ["SIGUSR1"], None, None, time.time(), quiet)
+    handler.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # a real signal to this process: recorded, not fatal
+        assert handler.check(1) == "received SIGUSR1"
+    finally:
+        handler.restore()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL

@@ -258,6 +258,20 @@ class Trainer:
         checkpointing.write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"),
                                         json.dumps(record, indent=2))
 
+    def _write_status(self, state: str, reason: str) -> None:
+        """run_dir/status.json: how the last launch ended (finished, or exited early and resumable), for job
+        scripts that requeue (examples/slurm/pretrain.sbatch)."""
+        import json
+
+        if not self.runtime.is_logging_rank:
+            return
+        ck = self.cfg.checkpoint.save
+        status = {"state": state, "reason": reason, "iteration": self.iteration, "train_iters": self.train_iters,
+                  "checkpoint": os.path.join(ck, checkpointing.checkpoint_name(self.iteration)) if ck else None,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        checkpointing.write_text_atomic(os.path.join(self.cfg.logging.run_dir, "status.json"),
+                                        json.dumps(status, indent=2))
+
     # ------------------------------------------------------------------------------------------
     def _microbatches(self, batch_fn, step: int):
         """This rank's micro-batches of global batch `step`."""
@@ -455,12 +469,14 @@ class Trainer:
                                f"{reason}; " + (f"resume with --load {ck.save}" if ck.save
                                                 else "nothing saved (no --save)"))
                 last["exit_reason"] = reason
+                self._write_status("exited", reason)
                 return last
         if cfg.logging.eval_iters:
             last["valid_loss"] = self._log_valid()["loss"]
         if cfg.checkpoint.save:
             with self._params_synced():
                 checkpointing.save(self, cfg.checkpoint.save)
+        self._write_status("finished", f"--train-iters {self.train_iters} reached")
         self.log.print(f"[megatron_dataeff] done: {self.iteration} iterations in "
                        f"{format_duration(time.time() - run_start)}; final train loss {last['train_loss']:.4f}, "
                        f"validation {last['valid_loss']:.4f}")

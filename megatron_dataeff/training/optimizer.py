@@ -25,7 +25,42 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         decoupled_weight_decay=True,
     )
-    return get_megatron_optimizer(opt_cfg, model_chunks)
+    optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
+    if cfg.parallel.use_distributed_optimizer:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            _skip_step_in_param_state_copy(opt)
+    return optimizer
+
+
+def _skip_step_in_param_state_copy(dist_opt) -> None:
+    """Let megatron-core's distributed optimizer load a checkpoint with torch's Adam (no apex / TE).
+
+    Its `load_state_dict` first puts the checkpoint's `step` into every parameter's torch Adam state, then
+    copies each saved parameter state into the live one key by key, over the live keys: `step` is among
+    them but not among the saved tensors (megatron keeps it per group), a KeyError. The copy here leaves
+    `step` out of that key walk and puts it back after, one tensor per parameter (megatron sets one shared
+    tensor, which torch's Adam would then increment once per parameter per step); every other key is copied
+    as before.
+    """
+    import torch
+
+    original = getattr(dist_opt, "_set_main_param_and_optimizer_states", None)
+    index = getattr(dist_opt, "model_param_group_index_map", None)
+    if original is None or index is None or not isinstance(getattr(dist_opt, "optimizer", None), torch.optim.Adam):
+        return
+
+    def set_states(model_param, tensors):
+        group, order = index[model_param]
+        state = dist_opt.optimizer.state[dist_opt.optimizer.param_groups[group]["params"][order]]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step.clone()  # megatron gives every parameter one shared tensor; Adam
+                # increments each parameter's step in place, so they must not share it
+
+    dist_opt._set_main_param_and_optimizer_states = set_states
 
 
 def schedule(cfg: RunConfig, train_iters: int) -> dict:
