@@ -2,12 +2,14 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from megatron_dataeff.config import build_parser, config_from_args
-from tests.conftest import losses, run_pretrain
+from tests.conftest import ROOT, losses, run_pretrain
 
 SMALL = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--num-layers", "2"]
@@ -29,6 +31,14 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["mask_token_id"] == 257 and run["config"]["objective"]["objective"] == "mdm"
+    # tools/plot_runs.py on the run directory: the table, and the run's own train + validation loss curves
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_runs.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    png = tmp_path / "report" / "loss_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "finished" and status["iteration"] == 6
 
 
 def test_epochs_set_the_iterations(tmp_path):

@@ -4,6 +4,7 @@ the best, rise after the best, task accuracy, Muennighoff's R*; mean ± std over
 
     python tools/plot_runs.py runs/tiny_grid                       # writes into runs/tiny_grid/report/
     python tools/plot_runs.py runs/g1 runs/g2 --output docs/results --prefix tiny_grid_
+    python tools/plot_runs.py runs/quickstart      # one run: also its train + validation loss_curve.png
 
 R* is fitted per method against the fresh-data reference runs (ar_fresh, mdm_fresh) of the grid;
 see megatron_dataeff/evaluation/effective_data.py for exactly what is fitted.
@@ -22,7 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="where to write (default: DIR/report of the first DIR)")
     p.add_argument("--prefix", default="", help="file name prefix, e.g. tiny_grid_")
     args = p.parse_args(argv)
-    from megatron_dataeff.evaluation.report import find_runs, markdown_table, plot_runs, summarise, write_csv
+    from megatron_dataeff.evaluation.report import (find_runs, markdown_table, plot_loss_curve, plot_runs, summarise,
+                                                    write_csv)
 
     runs = find_runs(args.dirs)
     if not runs:
@@ -37,6 +39,10 @@ def main(argv=None) -> int:
         f.write(table)
     write_csv(rows, os.path.join(out, args.prefix + "summary.csv"))
     pngs = plot_runs(runs, out, args.prefix)
+    single = [d for d in args.dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
+    for d in single:  # a run directory given directly: its own train + validation loss curve too
+        name = "loss_curve.png" if len(single) == 1 else os.path.basename(os.path.normpath(d)) + "_loss_curve.png"
+        pngs.append(plot_loss_curve(d, os.path.join(out, args.prefix + name)))
     print(table)
     print("wrote " + ", ".join([md, os.path.join(out, args.prefix + "summary.csv"), *pngs]))
     return 0

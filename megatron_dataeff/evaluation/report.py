@@ -227,3 +227,37 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_loss_curve(run_dir: str, path: str) -> str:
+    """One run's PNG: training loss and validation loss (AR: NLL; mdm: ELBO) against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    curves = {}
+    for split in ("train", "valid"):
+        by_iter = {r["iteration"]: (r["epoch"], r["loss"]) for r in records
+                   if r.get("split") == split and r.get("loss") is not None and math.isfinite(r["loss"])}
+        curves[split] = [by_iter[k] for k in sorted(by_iter)]
+    if not curves["train"] and not curves["valid"]:
+        raise ValueError(f"{run_dir}/metrics.jsonl: no train or validation losses to plot")
+    run = load_run(run_dir)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for split, label, style in (("train", "train loss", dict(lw=1.0, alpha=0.7)),
+                                ("valid", "validation " + ("ELBO" if run and run.objective == "mdm" else "NLL"),
+                                 dict(lw=1.8, marker="o", ms=3))):
+        if curves[split]:
+            ax.plot([p[0] for p in curves[split]], [p[1] for p in curves[split]], label=label, **style)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats / token")
+    ax.set_title(os.path.basename(os.path.normpath(run_dir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
