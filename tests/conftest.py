@@ -38,12 +38,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pretrain(args: list[str], run_dir: Path, nproc: int = 1, timeout: int = 600) -> list[dict]:
-    """Run pretrain_diffusion.py (under torchrun when nproc > 1); return its metrics.jsonl records."""
-    # The in-process fixture sets torch.distributed's variables; a child must not inherit them.
+def child_env(**extra: str) -> dict:
+    """The environment of a child process of a test: without torch.distributed's variables (the in-process
+    fixture sets them; a child must not inherit them), with this checkout importable, one thread."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_pretrain(args: list[str], run_dir: Path, nproc: int = 1, timeout: int = 600) -> list[dict]:
+    """Run pretrain_diffusion.py (under torchrun when nproc > 1); return its metrics.jsonl records."""
+    env = child_env()
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]

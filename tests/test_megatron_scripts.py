@@ -4,7 +4,6 @@ arithmetic; a dataset with an id outside the vocabulary is refused with the file
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 from megatron_dataeff.config import ConfigError, build_parser, config_from_args, parse_config
 from megatron_dataeff.data.indexed import IndexedDatasetWriter
 from megatron_dataeff.data.tokenizers import build_tokenizer
-from tests.conftest import ROOT, run_pretrain
+from tests.conftest import ROOT, child_env, run_pretrain
 
 BPE = ROOT / "tests" / "assets" / "tokenizers" / "bpe"
 
@@ -123,11 +122,10 @@ def test_dataset_with_an_id_outside_the_vocabulary_is_refused(tmp_path):
     with IndexedDatasetWriter(str(prefix), vocab_size=65535) as w:
         for k in range(40):
             w.add_document(list(np.arange(64) % 200) + ([300] if k == 33 else []) + [256])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
     proc = subprocess.run([sys.executable, str(ROOT / "pretrain_diffusion.py"), "--data-path", str(prefix),
                            "--train-iters", "2", "--seq-length", "32", "--run-dir", str(tmp_path / "r"),
                            "--device", "cpu"], capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHONPATH": str(ROOT)})
+                          env=child_env())
     assert proc.returncode == 2
     assert f"{prefix}.bin: token id 300 at token" in proc.stderr
     assert "outside the vocabulary of 258 ids" in proc.stderr

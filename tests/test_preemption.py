@@ -9,17 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port, losses, run_pretrain
+from tests.conftest import ROOT, child_env, free_port, losses, run_pretrain
 
 BASE = ["--log-interval", "1", "--eval-iters", "0", "--micro-batch-size", "2", "--global-batch-size", "4",
         "--seq-length", "32", "--num-layers", "2", "--mlp-dropout", "0.2", "--hidden-dropout", "0.1"]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return env
 
 
 def _worker_pid(run_dir: Path, rank: int) -> int | None:
@@ -56,7 +49,7 @@ def test_sigterm_to_one_rank_saves_and_resumes_bit_identically(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "pretrain_diffusion.py"), *flags, "--save", str(ckpt), "--exit-signal-handler",
            "--run-dir", str(run_dir), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         deadline = time.time() + 300

@@ -1,13 +1,12 @@
 """Resume semantics of the schedule: a checkpoint whose schedule differs from the command line is refused with
 both values named, unless --override-opt-param-scheduler (extend a run) or --use-checkpoint-opt-param-scheduler."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_pretrain
+from tests.conftest import ROOT, child_env, run_pretrain
 
 BASE = ["--log-interval", "1", "--eval-iters", "0", "--micro-batch-size", "2", "--global-batch-size", "4",
         "--seq-length", "32", "--num-layers", "2", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2"]
@@ -26,11 +25,9 @@ def six_steps(tmp_path_factory):
 
 
 def test_longer_train_iters_is_refused_naming_both_values(six_steps, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
-    env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, str(ROOT / "pretrain_diffusion.py"), *BASE, "--train-iters", "12",
                            "--min-lr", "2e-4", "--load", str(six_steps), "--run-dir", str(tmp_path / "r"),
-                           "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+                           "--device", "cpu"], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--lr-decay-iters (not given: --train-iters): checkpoint 6, this run 12" in proc.stderr
     assert "--min-lr: checkpoint 0.0001, this run 0.0002" in proc.stderr

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, child_env, free_port
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # one task: drop srun's options, run the rest with SLURM's task variables
@@ -30,12 +30,10 @@ def _launch(tmp_path: Path, run_dir: Path) -> subprocess.CompletedProcess:
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{env['PATH']}", PYTHONPATH=str(ROOT),
-               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT),
-               RUN_DIR=str(run_dir), OVERLAP="0", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
-               FAKE_SLURM_LOG=str(tmp_path / "scontrol.log"))
+    env = child_env(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+                    SLURM_JOB_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT),
+                    RUN_DIR=str(run_dir), OVERLAP="0", MASTER_PORT=str(free_port()),
+                    FAKE_SLURM_LOG=str(tmp_path / "scontrol.log"))
     small = ["--model-preset", "tiny", "--seq-length", "32", "--no-bf16", "--device", "cpu", "--train-iters", "4",
              "--micro-batch-size", "2", "--global-batch-size", "4", "--unique-tokens", "20000", "--lr-warmup-iters",
              "0", "--lr-decay-iters", "4", "--eval-iters", "0", "--log-interval", "1", "--exit-interval", "2"]

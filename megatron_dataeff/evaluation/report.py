@@ -29,6 +29,7 @@ class Run:
     seed: int
     unique_tokens: int
     valid: list = field(default_factory=list)  # [(epoch, tokens, loss)] sorted, one per iteration
+    train: list = field(default_factory=list)  # [(epoch, tokens, loss)] of the train log records, likewise
     downstream: list = field(default_factory=list)  # [{epoch, cloze_acc, ...}]
     objective: str = "ar"
 
@@ -60,15 +61,17 @@ def load_run(path: str) -> Optional[Run]:
     m = re.fullmatch(r"(.+)_s(\d+)", name)
     method, seed = (m.group(1), int(m.group(2))) if m else (name, int(info.get("config", {}).get("optim", {})
                                                                       .get("seed", 0)))
-    by_iter = {}
-    for r in metrics:  # a resumed run repeats iterations after its last checkpoint: the last one wins
-        if r.get("split") == "valid" and r.get("loss") is not None and math.isfinite(r["loss"]):
-            by_iter[r["iteration"]] = (r["epoch"], r.get("consumed_tokens", 0), r["loss"])
-    valid = [by_iter[k] for k in sorted(by_iter)]
+    def curve(split):
+        by_iter = {}
+        for r in metrics:  # a resumed run repeats iterations after its last checkpoint: the last one wins
+            if r.get("split") == split and r.get("loss") is not None and math.isfinite(r["loss"]):
+                by_iter[r["iteration"]] = (r["epoch"], r.get("consumed_tokens", 0), r["loss"])
+        return [by_iter[k] for k in sorted(by_iter)]
+
     downstream = sorted((d for d in _read_jsonl(os.path.join(path, "downstream.jsonl")) if "epoch" in d),
                         key=lambda d: d["epoch"])
     return Run(path=path, method=method, seed=seed, unique_tokens=int(info.get("unique_tokens", 0)),
-               valid=valid, downstream=downstream,
+               valid=curve("valid"), train=curve("train"), downstream=downstream,
                objective=info.get("config", {}).get("objective", {}).get("objective", "ar"))
 
 
@@ -236,21 +239,15 @@ def plot_loss_curve(run_dir: str, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    curves = {}
-    for split in ("train", "valid"):
-        by_iter = {r["iteration"]: (r["epoch"], r["loss"]) for r in records
-                   if r.get("split") == split and r.get("loss") is not None and math.isfinite(r["loss"])}
-        curves[split] = [by_iter[k] for k in sorted(by_iter)]
-    if not curves["train"] and not curves["valid"]:
-        raise ValueError(f"{run_dir}/metrics.jsonl: no train or validation losses to plot")
     run = load_run(run_dir)
+    if run is None or not (run.train or run.valid):
+        raise ValueError(f"{run_dir}/metrics.jsonl: no train or validation losses to plot")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for split, label, style in (("train", "train loss", dict(lw=1.0, alpha=0.7)),
-                                ("valid", "validation " + ("ELBO" if run and run.objective == "mdm" else "NLL"),
-                                 dict(lw=1.8, marker="o", ms=3))):
-        if curves[split]:
-            ax.plot([p[0] for p in curves[split]], [p[1] for p in curves[split]], label=label, **style)
+    for points, label, style in ((run.train, "train loss", dict(lw=1.0, alpha=0.7)),
+                                 (run.valid, "validation " + ("ELBO" if run.objective == "mdm" else "NLL"),
+                                  dict(lw=1.8, marker="o", ms=3))):
+        if points:
+            ax.plot([p[0] for p in points], [p[2] for p in points], label=label, **style)
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats / token")
     ax.set_title(os.path.basename(os.path.normpath(run_dir)))

@@ -77,29 +77,11 @@ def _restore_rng(trainer, state) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _materialise_adam_state(optimizer) -> None:
-    """Give a fresh torch Adam zero state (its `step` included) before a load.
-
-    megatron-core's distributed optimizer reads the per-parameter Adam state, `step` included, while it
-    builds the state dict to load into; without apex / transformer-engine a fresh torch Adam has none and
-    megatron fails on an assertion. The load overwrites these zeros.
-    """
-    import torch
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam):  # AdamW derives from Adam
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-
-
 def _sharded_state(trainer, is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
     if is_loading and with_optimizer and trainer.cfg.parallel.use_distributed_optimizer:
-        _materialise_adam_state(trainer.optimizer)
+        from megatron_dataeff.training.optimizer import materialise_adam_state
+
+        materialise_adam_state(trainer.optimizer)
     model_sd = trainer.model[0].module.sharded_state_dict()
     out = {"model": model_sd}
     if with_rng:

@@ -75,14 +75,23 @@ def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
     return list(cfg.data.data_path)
 
 
-def check_vocabulary(data_path: list[str], num_ids: int) -> None:
-    """Every dataset's token ids fit the tokenizer (before any model is built)."""
-    prefixes, _ = parse_data_path(list(data_path))
-    for prefix in prefixes:
+def check_vocabulary(data_path: list[str], num_ids: int, runtime: Runtime) -> None:
+    """Every dataset's token ids fit the tokenizer (before any model is built). Rank 0 reads the `.bin`
+    files once and tells every rank, so a job does not read its data set once per process."""
+    error = ""
+    if runtime.rank == 0:
+        prefixes, _ = parse_data_path(list(data_path))
         try:
-            check_token_ids(prefix, num_ids)
-        except IndexedFormatError as exc:
-            raise ConfigError(f"--data-path {exc}") from exc
+            for prefix in prefixes:
+                check_token_ids(prefix, num_ids)
+        except (IndexedFormatError, OSError) as exc:  # every rank must hear of it, or the others would wait
+            error = f"--data-path {exc}"
+    if dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ConfigError(error)
 
 
 def _format_speed_and_memory(rec: dict) -> str:
@@ -125,7 +134,7 @@ class Trainer:
                                          merge_file=d.merge_file, vocab_size=d.vocab_size)
         self.mask_token_id, self.num_ids = resolve_mask_token(self.tokenizer)
         data_path = resolve_data_path(cfg, self.tokenizer, rt)
-        check_vocabulary(data_path, self.tokenizer.vocab_size)
+        check_vocabulary(data_path, self.tokenizer.vocab_size, rt)
         self.data = build_data(data_path, cfg.model.seq_length, d.split_weights, cfg.optim.seed,
                                unique_tokens=d.unique_tokens)
         gbs = cfg.optim.global_batch_size
@@ -190,6 +199,11 @@ class Trainer:
         self.flops_per_step = flops.flops_per_step(cfg, padded_vocab)
         name = torch.cuda.get_device_name() if rt.device == "cuda" else None
         self.peak_tflops = cfg.logging.peak_tflops or flops.peak_tflops(name, cfg.optim.bf16)
+
+    def _save_checkpoint(self) -> None:
+        """Save to --save with the parameters all-gathered (see `_params_synced`)."""
+        with self._params_synced():
+            checkpointing.save(self, self.cfg.checkpoint.save)
 
     @contextlib.contextmanager
     def _params_synced(self):
@@ -457,14 +471,12 @@ class Trainer:
             saved = False
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0 \
                     and self.iteration < self.train_iters:
-                with self._params_synced():
-                    checkpointing.save(self, ck.save)
+                self._save_checkpoint()
                 saved = True
             reason = self.exits.check(self.iteration) if self.iteration < self.train_iters else None
             if reason:
                 if ck.save and not saved:
-                    with self._params_synced():
-                        checkpointing.save(self, ck.save)
+                    self._save_checkpoint()
                 self.log.print(f"[megatron_dataeff] exiting after iteration {self.iteration}/{self.train_iters}: "
                                f"{reason}; " + (f"resume with --load {ck.save}" if ck.save
                                                 else "nothing saved (no --save)"))
@@ -474,8 +486,7 @@ class Trainer:
         if cfg.logging.eval_iters:
             last["valid_loss"] = self._log_valid()["loss"]
         if cfg.checkpoint.save:
-            with self._params_synced():
-                checkpointing.save(self, cfg.checkpoint.save)
+            self._save_checkpoint()
         self._write_status("finished", f"--train-iters {self.train_iters} reached")
         self.log.print(f"[megatron_dataeff] done: {self.iteration} iterations in "
                        f"{format_duration(time.time() - run_start)}; final train loss {last['train_loss']:.4f}, "

@@ -27,9 +27,40 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
     )
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
     if cfg.parallel.use_distributed_optimizer:
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for opt, _ in _torch_adams(optimizer):
             _skip_step_in_param_state_copy(opt)
     return optimizer
+
+
+# megatron-core's distributed optimizer over torch's Adam (no apex / transformer-engine: CPUs, and GPU images
+# without them) cannot load a checkpoint as it stands; the two functions below make it, and nothing else
+# changes.
+
+def _torch_adams(optimizer):
+    """(megatron optimizer, its inner torch Adam) for every part of a (chained) megatron optimizer that has one."""
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):  # AdamW derives from Adam
+            yield opt, inner
+
+
+def materialise_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam zero state (its `step` included) before a load.
+
+    The distributed optimizer reads the per-parameter Adam state, `step` included, while it builds the state
+    dict to load into; a fresh torch Adam has none and megatron fails on an assertion. The load overwrites
+    these zeros.
+    """
+    import torch
+
+    for _, inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _skip_step_in_param_state_copy(dist_opt) -> None:
@@ -42,11 +73,9 @@ def _skip_step_in_param_state_copy(dist_opt) -> None:
     tensor, which torch's Adam would then increment once per parameter per step); every other key is copied
     as before.
     """
-    import torch
-
     original = getattr(dist_opt, "_set_main_param_and_optimizer_states", None)
     index = getattr(dist_opt, "model_param_group_index_map", None)
-    if original is None or index is None or not isinstance(getattr(dist_opt, "optimizer", None), torch.optim.Adam):
+    if original is None or index is None:
         return
 
     def set_states(model_param, tensors):
