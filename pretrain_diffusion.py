@@ -17,24 +17,27 @@ import warnings
 def main(argv=None) -> int:
     # megatron-core warns at import about optional accelerators; we report what we use ourselves.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    from megatron_dataeff.config import ConfigError, parse_config
+    from megatron_dataeff.config import ConfigError
+    from megatron_dataeff.arguments import parse_config
     from megatron_dataeff.training.checkpointing import CheckpointError
     from megatron_dataeff.training.distributed import shutdown
     from megatron_dataeff.training.loop import NonFiniteLossError, Trainer
 
     cfg = parse_config(argv)
     trainer = None
+    rc = 1  # an exception that escapes leaves this: the W&B run is marked failed
     try:
         trainer = Trainer(cfg)
         trainer.train()
+        rc = 0
     except (ConfigError, CheckpointError, NonFiniteLossError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        rc = 2
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close(rc)
         shutdown()
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

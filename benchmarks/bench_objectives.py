@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = p.parse_args()
 
-    from megatron_dataeff.config import build_parser, config_from_args
+    from megatron_dataeff.arguments import build_parser, config_from_args
     from megatron_dataeff.training.loop import Trainer
 
     tmp = tempfile.mkdtemp(prefix="bench_objectives_")

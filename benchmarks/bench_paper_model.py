@@ -58,7 +58,7 @@ def _estimated_fit(a, variant: str) -> int | None:
     try:
         import torch
 
-        from megatron_dataeff.config import build_parser, config_from_args
+        from megatron_dataeff.arguments import build_parser, config_from_args
         from megatron_dataeff.training.memory import estimate_memory
     except ImportError:
         return None
@@ -81,7 +81,7 @@ def child(a) -> dict:
 
     import torch
 
-    from megatron_dataeff.config import build_parser, config_from_args
+    from megatron_dataeff.arguments import build_parser, config_from_args
     from megatron_dataeff.data.synthetic import null_tokenizer_vocab, write_random_dataset
     from megatron_dataeff.training.loop import Trainer
 

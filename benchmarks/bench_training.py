@@ -85,7 +85,7 @@ def _parse_args(argv=None):
 
 
 def _backend_flag_available() -> bool:
-    from megatron_dataeff.config import build_parser
+    from megatron_dataeff.arguments import build_parser
 
     return "--attention-backend" in build_parser().format_help()
 
@@ -104,7 +104,7 @@ def _trainer_argv(a, seq: int, mbs: int, data_prefix: str, run_dir: str, backend
 
 
 def _build_trainer(argv):
-    from megatron_dataeff.config import build_parser, config_from_args
+    from megatron_dataeff.arguments import build_parser, config_from_args
     from megatron_dataeff.training.loop import Trainer
 
     return Trainer(config_from_args(build_parser().parse_args(argv)))

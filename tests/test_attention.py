@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_dataeff.config import build_parser, config_from_args
+from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.models.builder import build_model
 
 

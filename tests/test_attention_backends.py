@@ -4,7 +4,8 @@ without keeping the [batch, heads, seq, seq] probabilities (real megatron-core G
 import pytest
 import torch
 
-from megatron_dataeff.config import ConfigError, build_parser, config_from_args
+from megatron_dataeff.config import ConfigError
+from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.models.attention import SDPAttention
 from megatron_dataeff.models.attention_backends import resolve_attention_backend
 from megatron_dataeff.models.builder import build_model

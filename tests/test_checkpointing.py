@@ -35,13 +35,33 @@ def test_exact_resume_with_dropout(tmp_path, objective, extra):
     assert resumed == full[3:]
 
 
-def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
-    """SIGKILL while iteration 4's shards are written but unpublished: --load picks iteration 2."""
+def test_async_save_resumes_exactly(tmp_path):
+    """--async-save on 2 processes: background saves at 2 and 4, an --exit-interval stop at 4 that waits for
+    its publication, then a resume whose losses equal an uninterrupted run's bit for bit."""
+    flags = BASE + DROPOUT
+    full = losses(run_pretrain(flags, tmp_path / "full", nproc=2))
+    ckpt = tmp_path / "ckpt"
+    save = ["--save", str(ckpt), "--save-interval", "2", "--async-save"]
+    first = run_pretrain(flags + save + ["--exit-interval", "4"], tmp_path / "first", nproc=2)
+    assert [r["iteration"] for r in first if r["split"] == "train"] == [1, 2, 3, 4]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "iter_0000004",
+                                                       "latest_checkpointed_iteration.txt"]
+    resumed = losses(run_pretrain(flags + save + ["--load", str(ckpt)], tmp_path / "second", nproc=2))
+    assert resumed == full[4:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "6"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):
+    """SIGKILL while iteration 4's shards are written but unpublished (with --async-save: written by the
+    background writer, publication pending): --load picks iteration 2."""
     ckpt = tmp_path / "ckpt"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), MEGATRON_DATAEFF_TEST_SAVE_PAUSE="4:120", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_diffusion.py"), *BASE, "--save", str(ckpt),
+    extra = ["--async-save"] if mode == "async" else []
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_diffusion.py"), *BASE, *extra, "--save", str(ckpt),
                              "--save-interval", "2", "--run-dir", str(tmp_path / "killed"), "--device", "cpu"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     tmp_ckpt = ckpt / "iter_0000004.tmp"

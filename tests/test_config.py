@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from megatron_dataeff.config import ConfigError, RunConfig, parse_config, config_from_args, build_parser
+from megatron_dataeff.config import ConfigError, RunConfig
+from megatron_dataeff.arguments import parse_config, config_from_args, build_parser
 from tests.conftest import ROOT
 
 

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from megatron_dataeff.config import build_parser, config_from_args
+from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.data.tokenizers import ByteTokenizer
 from megatron_dataeff.export import hf_export
 from megatron_dataeff.export.hf_export import export_checkpoint, export_model

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_dataeff.config import build_parser, config_from_args
+from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.models.builder import gpu_fusions, transformer_config
 from megatron_dataeff.models.layer_specs import transformer_engine_available
 

@@ -23,7 +23,7 @@ def _env():
 def test_grid_covers_the_paper_conditions():
     """The grid has the paper's 15 conditions (wd 0.1 is the AR baseline, so 14 runs) + 2 fresh-data
     references; every run's flags parse as a RunConfig."""
-    from megatron_dataeff.config import parse_config
+    from megatron_dataeff.arguments import parse_config
 
     assert len(PAPER_METHODS) == 14 and len(METHODS) == 16
     for method in METHODS:

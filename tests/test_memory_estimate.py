@@ -21,7 +21,7 @@ CHILD_TAG = "MEMORY_CHILD "
 
 
 def _cfg(*argv, world_size: int = 1):
-    from megatron_dataeff.config import build_parser, config_from_args
+    from megatron_dataeff.arguments import build_parser, config_from_args
 
     cfg = config_from_args(build_parser().parse_args(["--device", "cpu", *argv]))
     cfg.validate_layout(world_size)
@@ -291,7 +291,7 @@ def child(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from megatron_dataeff.config import build_parser, config_from_args
+    from megatron_dataeff.arguments import build_parser, config_from_args
     from megatron_dataeff.training.loop import Trainer
 
     def rss(field: str) -> int:
@@ -438,7 +438,7 @@ def layout_child(flags: list[str]) -> None:
     """Under torchrun: this rank's parameter count and what one of its layers saves, as one JSON line."""
     import torch.distributed as dist
 
-    from megatron_dataeff.config import build_parser, config_from_args
+    from megatron_dataeff.arguments import build_parser, config_from_args
     from megatron_dataeff.models.builder import build_model, count_parameters
     from megatron_dataeff.training.distributed import initialize
 

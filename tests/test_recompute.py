@@ -4,7 +4,8 @@ and gradients are bit-identical with and without it."""
 import pytest
 import torch
 
-from megatron_dataeff.config import ConfigError, build_parser, config_from_args
+from megatron_dataeff.config import ConfigError
+from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.models.builder import build_model
 from tests.conftest import losses, run_pretrain
 

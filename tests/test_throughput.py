@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from megatron_dataeff.config import build_parser, config_from_args
+from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.training import flops
 from tests.conftest import ROOT, run_pretrain
 
@@ -77,6 +77,6 @@ def test_gpu_only_communication_flags_are_refused_on_cpu():
     assert proc.returncode == 2
     assert "--overlap-grad-reduce overlaps communication on CUDA streams; it needs GPUs" in proc.stderr
     with pytest.raises(SystemExit):  # and the param gather needs the distributed optimizer
-        from megatron_dataeff.config import parse_config
+        from megatron_dataeff.arguments import parse_config
 
         parse_config(["--overlap-param-gather"])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from megatron_dataeff.config import build_parser, config_from_args
+from megatron_dataeff.arguments import build_parser, config_from_args
 from tests.conftest import ROOT, losses, run_pretrain
 
 SMALL = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1",

@@ -16,7 +16,8 @@ import argparse
 import os
 import sys
 
-from megatron_dataeff.config import ConfigError, build_parser, config_from_args
+from megatron_dataeff.config import ConfigError
+from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.training.memory import GiB, MemoryEstimate, device_capacity, estimate_stages
 
 QWEN3_IDS = 151_670  # Qwen3's tokenizer: 151,669 ids (len(tokenizer)), plus the mask token the trainer appends

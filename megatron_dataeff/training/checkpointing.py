@@ -9,14 +9,17 @@ A checkpoint is written under a temporary name (`iter_0000100.tmp`), published b
 every rank has finished, and only then is the `latest` marker replaced (write + rename).  A
 process killed during a save leaves the previous checkpoint as `latest`.  `megatron_dataeff.json`
 holds the iteration, the sample position, the scheduler state, the run config and the tokenizer /
-mask-token metadata as plain JSON.
+mask-token metadata as plain JSON.  With `--async-save` the shards are written by a background process
+and the same publication (metadata, rename, `latest`) runs once every rank's writer has finished.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import time
 
 import torch.distributed as dist
 
@@ -122,39 +125,60 @@ def checkpoint_versions() -> dict:
     return {"megatron_core": megatron.core.__version__, "torch": torch.__version__}
 
 
-def save(trainer, save_dir: str) -> str:
-    """Save the trainer's state as DIR/iter_N (collective: every rank calls it)."""
+def save(trainer, save_dir: str, async_queue=None) -> str:
+    """Save the trainer's state as DIR/iter_N (collective: every rank calls it).
+
+    With `async_queue` (megatron-core's AsyncCallsQueue, `--async-save`) the shards are written by a
+    forked process after the state is staged, and the checkpoint is published by the queue's finalisation
+    once every rank's writer is done; otherwise it is written and published before this returns.  Either
+    way the metadata is taken now, so it describes the state that was staged."""
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
     final = os.path.join(save_dir, checkpoint_name(trainer.iteration))
     tmp = final + ".tmp"
+    start = time.time()
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp)
+    request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp,
+                                      async_sharded_save=async_queue is not None)
+    publish = functools.partial(_publish, save_dir, tmp, final, trainer.iteration,
+                                json.dumps(_metadata(trainer), indent=2), trainer.cfg.checkpoint.keep_last,
+                                trainer.log.print, start)
+    if request is None:
+        dist.barrier()
+        publish()
+    else:
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
+        trainer.log.print(f" checkpoint of iteration {trainer.iteration}: writing {tmp} in the background "
+                          f"(training held {time.time() - start:.2f} s)")
+    return final
+
+
+def _publish(save_dir: str, tmp: str, final: str, iteration: int, metadata: str, keep_last: int | None,
+             print_fn, start: float) -> None:
+    """Every rank's shards are in `tmp`: rank 0 adds our metadata, renames it to `final` and advances the
+    `latest` marker (collective: every rank calls it)."""
     dist.barrier()
-    # Fault-injection hook for the kill-during-save test ("ITERATION:SECONDS"): the shards of that
+    # Fault-injection hook for the kill-during-save tests ("ITERATION:SECONDS"): the shards of that
     # iteration are written but not yet published when the process sleeps.
     hook = os.environ.get("MEGATRON_DATAEFF_TEST_SAVE_PAUSE", "")
-    if hook and int(hook.split(":")[0]) == trainer.iteration:
-        import time
-
+    if hook and int(hook.split(":")[0]) == iteration:
         time.sleep(float(hook.split(":")[1]))
-    if rank == 0:
-        write_text_atomic(os.path.join(tmp, METADATA), json.dumps(_metadata(trainer), indent=2))
+    if dist.get_rank() == 0:
+        write_text_atomic(os.path.join(tmp, METADATA), metadata)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        write_text_atomic(os.path.join(save_dir, LATEST), str(trainer.iteration))
-        keep = trainer.cfg.checkpoint.keep_last
-        if keep:
-            _prune(save_dir, keep)
-        trainer.log.print(f" saved checkpoint {final}")
+        write_text_atomic(os.path.join(save_dir, LATEST), str(iteration))
+        if keep_last:
+            _prune(save_dir, keep_last)
+        print_fn(f" saved checkpoint {final} ({time.time() - start:.2f} s)")
     dist.barrier()
-    return final
 
 
 def _prune(save_dir: str, keep: int) -> None:

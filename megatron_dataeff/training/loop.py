@@ -30,7 +30,7 @@ from megatron_dataeff.ops import _extension
 from megatron_dataeff.training import checkpointing, flops
 from megatron_dataeff.training.exits import ExitConditions
 from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
-from megatron_dataeff.training.metrics import MetricsLogger, format_duration, peak_memory
+from megatron_dataeff.training.metrics import MetricsLogger, check_wandb, format_duration, peak_memory
 from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler, schedule, scheduler_increment
 
 
@@ -119,13 +119,22 @@ class Trainer:
         # Layout errors, and flags this device cannot honour, surface before any process group or model exists.
         self.dp_size = cfg.validate_layout(world_size_from_env())
         check_device_flags(cfg, platform.resolve_device(cfg.parallel.device))
+        check_wandb(cfg.logging.wandb_project)
         self.runtime = initialize(cfg.parallel.tensor_model_parallel_size,
                                   cfg.parallel.pipeline_model_parallel_size, cfg.optim.seed,
                                   cfg.parallel.device, timeout_minutes=cfg.parallel.distributed_timeout_minutes)
         rt = self.runtime
-        self.log = MetricsLogger(cfg.logging.log_dir, cfg.logging.tensorboard_dir or None,
-                                 enabled=rt.is_logging_rank)
+        lg = cfg.logging
+        wandb = None if lg.wandb_project is None else dict(
+            project=lg.wandb_project, name=lg.wandb_exp_name or os.path.basename(os.path.normpath(lg.run_dir)),
+            save_dir=lg.wandb_save_dir, config=cfg.to_dict())
+        self.log = MetricsLogger(lg.log_dir, lg.tensorboard_dir or None, enabled=rt.is_logging_rank, wandb=wandb)
         ck = cfg.checkpoint
+        self.async_saves = None  # --async-save: megatron-core's queue of background checkpoint writes
+        if ck.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_saves = AsyncCallsQueue()
         self.exits = ExitConditions(ck.exit_signal_handler, ck.exit_signal, ck.exit_duration_in_mins,
                                     ck.exit_interval, self.start_time,
                                     lambda t: _all_reduce(t, rt.device, op=dist.ReduceOp.MAX))
@@ -200,10 +209,19 @@ class Trainer:
         name = torch.cuda.get_device_name() if rt.device == "cuda" else None
         self.peak_tflops = cfg.logging.peak_tflops or flops.peak_tflops(name, cfg.optim.bf16)
 
-    def _save_checkpoint(self) -> None:
-        """Save to --save with the parameters all-gathered (see `_params_synced`)."""
+    def _save_checkpoint(self, blocking: bool = True) -> None:
+        """Save to --save with the parameters all-gathered (see `_params_synced`); with --async-save and not
+        `blocking`, in the background.  A background save still in flight is finished first, so that
+        checkpoints are published in order."""
+        self._finish_async_saves(blocking=True)
         with self._params_synced():
-            checkpointing.save(self, self.cfg.checkpoint.save)
+            checkpointing.save(self, self.cfg.checkpoint.save, None if blocking else self.async_saves)
+
+    def _finish_async_saves(self, blocking: bool) -> None:
+        """Publish the background saves whose writers have finished on every rank (all of them when
+        `blocking`).  Collective while one is in flight; every rank has the same queue, so all call it."""
+        if self.async_saves is not None and self.async_saves.get_num_unfinalized_calls():
+            self.async_saves.maybe_finalize_async_calls(blocking=blocking)
 
     @contextlib.contextmanager
     def _params_synced(self):
@@ -469,14 +487,16 @@ class Trainer:
                 last["valid_loss"] = self._log_valid()["loss"]
             ck = cfg.checkpoint
             saved = False
+            self._finish_async_saves(blocking=False)
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0 \
                     and self.iteration < self.train_iters:
-                self._save_checkpoint()
+                self._save_checkpoint(blocking=not ck.async_save)
                 saved = True
             reason = self.exits.check(self.iteration) if self.iteration < self.train_iters else None
             if reason:
                 if ck.save and not saved:
                     self._save_checkpoint()
+                self._finish_async_saves(blocking=True)
                 self.log.print(f"[megatron_dataeff] exiting after iteration {self.iteration}/{self.train_iters}: "
                                f"{reason}; " + (f"resume with --load {ck.save}" if ck.save
                                                 else "nothing saved (no --save)"))
@@ -493,6 +513,11 @@ class Trainer:
                        f"validation {last['valid_loss']:.4f}")
         return last
 
-    def close(self):
-        """Flush logs."""
-        self.log.close()
+    def close(self, exit_code: int = 0):
+        """Flush logs (exit_code not 0: the run failed).  A background save still unpublished after a failure
+        is abandoned (its writer killed): the previous checkpoint stays `latest`."""
+        if getattr(self, "async_saves", None) is not None:
+            for call in self.async_saves.async_calls:
+                call.async_caller.close(abort=True)
+            self.async_saves.async_calls.clear()
+        self.log.close(exit_code)

@@ -1,0 +1,193 @@
+"""The pretrain_diffusion.py command line, generated from the config dataclasses (Megatron-LM's names).
+
+Every field of a section in `megatron_dataeff/config.py` is one flag: `--` + its name with dashes, its
+docstring as the `--help` text, its `Literal` choices as the flag's choices and its dataclass default as
+the flag's default (shown in `--help`).  Booleans that default off are switches (`--bf16`); those that
+default on are turned off by `--no-NAME` (Megatron-LM's `--no-bias-swiglu-fusion`).  The shape flags of
+`ModelConfig` take the `--model-preset` value when not given.  Beside them, Megatron-LM flags that
+describe what this framework always builds are accepted, or refused by name where they ask for
+something else (`MEGATRON_DESCRIPTIVE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from megatron_dataeff.config import (REGULARISATION, CheckpointConfig, ComputeConfig, ConfigError, DataConfig,
+                                     FieldSpec, LoggingConfig, ModelConfig, ObjectiveConfig, OptimConfig,
+                                     ParallelConfig, RunConfig, field_specs)
+from megatron_dataeff.models.presets import PRESETS
+
+# The RunConfig attribute of each section, in --help order, with the title of its --help group.
+SECTIONS = (
+    ("model", ModelConfig, "model (--model-preset fills these; a flag given wins)"),
+    ("objective", ObjectiveConfig, "objective"),
+    ("data", DataConfig, "data"),
+    ("optim", OptimConfig, "optimization"),
+    ("compute", ComputeConfig, "compute (speed and memory; the model is the same under every choice)"),
+    ("parallel", ParallelConfig, "parallelism"),
+    ("logging", LoggingConfig, "logging"),
+    ("checkpoint", CheckpointConfig, "checkpointing"),
+)
+GROUP_TITLES = {
+    REGULARISATION: "regularisation",
+    "exits": "exiting early (each saves a checkpoint to --save and exits 0; resume with --load)",
+}
+_PRESET_FILLED = ModelConfig  # its flags default to None so that the preset (then the dataclass) fills them
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
+
+
+def _help(spec: FieldSpec, preset_filled: bool) -> str:
+    text = spec.doc.rstrip(".")
+    in_preset = preset_filled and any(spec.name in p for p in PRESETS.values())
+    if in_preset:
+        text += " (or the --model-preset value"
+        if spec.default is not None:
+            text += f"; else {('on' if spec.default else 'off') if spec.base is bool else _shown(spec.default)}"
+        text += ")"
+    elif spec.base is bool:
+        if spec.default and not spec.cli.get("negatable"):
+            text += " (on by default; --no-" + spec.flag[2:] + " turns it off)"
+    elif spec.default is not None and spec.default != []:
+        text += f" (default: {_shown(spec.default)})"
+    return text.replace("%", "%%")
+
+
+def _add_field(group, spec: FieldSpec, preset_filled: bool) -> None:
+    """One flag from one field."""
+    kwargs = {"dest": spec.name, "help": _help(spec, preset_filled)}
+    default = None if preset_filled else spec.default
+    if spec.base is bool:
+        if spec.cli.get("negatable"):
+            group.add_argument(spec.flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        elif spec.default:
+            group.add_argument("--no-" + spec.flag[2:], action="store_false", default=True, **kwargs)
+        else:
+            group.add_argument(spec.flag, action="store_true", default=None if preset_filled else False, **kwargs)
+        return
+    if spec.is_list:
+        kwargs["nargs"] = "*" if spec.default == [] else "+"
+    if spec.choices is not None:
+        kwargs["choices"] = list(spec.choices)
+    group.add_argument(spec.flag, type=spec.base, default=default, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The pretrain_diffusion.py command line: one flag per config field, plus --model-preset and the
+    Megatron-LM descriptive flags."""
+    p = argparse.ArgumentParser(
+        prog="pretrain_diffusion.py",
+        usage="%(prog)s [--model-preset NAME] [--FLAG VALUE ...]   (torchrun --nproc-per-node N %(prog)s ... "
+              "for several processes)",
+        description="Train AR, token-dropout and masked-diffusion GPT models on megatron-core. Every flag below "
+                    "is a field of megatron_dataeff/config.py.",
+    )
+    groups = {}
+    for attr, cls, title in SECTIONS:
+        g = groups[attr] = p.add_argument_group(title)
+        if cls is ModelConfig:
+            g.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny",
+                           help="named model shape (models/presets.py) that fills the shape flags not given "
+                                "(default: tiny)")
+    for key, title in GROUP_TITLES.items():
+        groups[key] = p.add_argument_group(title)
+    for attr, cls, _ in SECTIONS:
+        for spec in field_specs(cls):
+            _add_field(groups[spec.cli.get("group", attr)], spec, cls is _PRESET_FILLED)
+    _add_megatron_descriptive_flags(p)
+    return p
+
+
+# Megatron-LM flags that describe the one model family built here (dense GPT, RMSNorm, SwiGLU, RoPE, no
+# biases, per-token loss): accepted where they say what is built, refused by name where they ask for
+# something else.  (flag, argparse kind, accepted values or None for a switch, what is built instead)
+_ALWAYS = "always so here"
+MEGATRON_DESCRIPTIVE = (
+    ("--use-mcore-models", "on", None, _ALWAYS),
+    ("--swiglu", "on", None, "the MLP is always SwiGLU"),
+    ("--disable-bias-linear", "on", None, "linear layers never have biases"),
+    ("--group-query-attention", "on", None, "--num-query-groups sets the key/value heads"),
+    ("--log-throughput", "on", None, "every train record has tokens/s, TFLOP/s and MFU"),
+    ("--calculate-per-token-loss", "on", None, "the loss is always a mean over the global batch's tokens"),
+    ("--attention-softmax-in-fp32", "on", None, "attention softmax accumulates in fp32"),
+    ("--no-position-embedding", "on", None, "no learned position embedding: RoPE"),
+    ("--fp16", "off", None, "fp16 with loss scaling is not supported: use --bf16"),
+    ("--apply-layernorm-1p", "off", None, "norms are plain RMSNorm"),
+    ("--normalization", "value", ("RMSNorm",), "norms are RMSNorm"),
+    ("--position-embedding-type", "value", ("rope",), "positions are RoPE"),
+    ("--rotary-percent", "value", (1.0,), "RoPE covers the whole head dimension"),
+    ("--context-parallel-size", "value", (1,), "context parallelism is not supported (TP, PP, DP, SP are)"),
+    ("--distributed-backend", "value", ("nccl", "gloo"), "NCCL on GPUs, gloo on CPUs"),
+    ("--rampup-batch-size", "value", (), "batch-size ramp-up is not supported: the global batch is fixed"),
+    ("--num-layers-per-virtual-pipeline-stage", "value", (), "interleaved pipeline schedules are not supported"),
+)
+
+
+def _add_megatron_descriptive_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Megatron-LM flags that describe what is built (accepted as they are; refused "
+                             "where they ask for something else)")
+    for flag, kind, allowed, what in MEGATRON_DESCRIPTIVE:
+        dest = "megatron_" + flag[2:].replace("-", "_")
+        if kind in ("on", "off"):
+            help_ = f"accepted: {what}" if kind == "on" else f"refused: {what}"
+            g.add_argument(flag, dest=dest, action="store_true", help=help_)
+        else:
+            typ = type(allowed[0]) if allowed else str
+            nargs = "+" if flag == "--rampup-batch-size" else None
+            shown = ", ".join(str(a) for a in allowed) or "nothing"
+            g.add_argument(flag, dest=dest, type=typ, nargs=nargs, default=None, metavar=flag[2:].upper().replace("-", "_"),
+                           help=f"accepts {shown}: {what}")
+    g.add_argument("--use-flash-attn", dest="megatron_use_flash_attn", action="store_true",
+                   help="Megatron-LM's older spelling of --attention-backend flash")
+
+
+def check_megatron_descriptive_flags(args: argparse.Namespace) -> None:
+    """Refuse, by name, a Megatron-LM flag that asks for something this framework does not build."""
+    for flag, kind, allowed, what in MEGATRON_DESCRIPTIVE:
+        value = getattr(args, "megatron_" + flag[2:].replace("-", "_"), None)
+        if kind == "off" and value:
+            raise ConfigError(f"{flag}: {what}")
+        if kind == "value" and value is not None and value not in allowed:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ConfigError(f"{flag} {shown}: {what}" + (f" (accepted: {', '.join(map(str, allowed))})"
+                                                            if allowed else ""))
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A validated RunConfig from parsed flags (preset values fill shape flags not given)."""
+    check_megatron_descriptive_flags(args)
+    if getattr(args, "megatron_use_flash_attn", False):
+        if args.attention_backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn asks for --attention-backend flash, but --attention-backend "
+                              f"{args.attention_backend} is given")
+        args.attention_backend = "flash"
+    preset = PRESETS[getattr(args, "model_preset", "tiny")]
+    sections = {}
+    for attr, cls, _ in SECTIONS:
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(args, f.name, None)
+            if value is None and cls is _PRESET_FILLED:
+                if f.name in preset:
+                    values[f.name] = preset[f.name]
+                continue  # the dataclass default
+            if hasattr(args, f.name):
+                values[f.name] = value
+        sections[attr] = cls(**values)
+    return RunConfig(**sections)
+
+
+def parse_config(argv=None) -> RunConfig:
+    """Parse a command line into a RunConfig; bad values exit with the flag named."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))

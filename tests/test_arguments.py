@@ -1,0 +1,106 @@
+"""The command line is generated from the config dataclasses: every flag described, one set of defaults
+and choices, and the same validation whether a config comes from flags, from code or from a checkpoint."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_dataeff.arguments import SECTIONS, build_parser, config_from_args, parse_config
+from megatron_dataeff.config import (LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, CheckpointConfig, ComputeConfig,
+                                     ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, field_specs)
+from tests.conftest import ROOT
+
+
+def _actions():
+    return {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+
+
+def test_every_field_is_a_flag_with_its_docstring_as_help():
+    """Each field of each section has a docstring, and the flag named after it shows that text in --help."""
+    actions = _actions()
+    for _, cls, _ in SECTIONS:
+        for spec in field_specs(cls):
+            assert spec.doc, f"{cls.__name__}.{spec.name} has no docstring"
+            action = actions[spec.name]
+            assert spec.flag in action.option_strings or "--no-" + spec.flag[2:] in action.option_strings
+            assert action.help.replace("%%", "%").startswith(spec.doc.rstrip("."))
+
+
+def test_every_flag_is_described():
+    """No flag of pretrain_diffusion.py is left without help text (Megatron-LM's descriptive flags included)."""
+    undescribed = [a.option_strings for a in build_parser()._actions if not (a.help or "").strip()]
+    assert not undescribed
+
+
+def test_defaults_and_choices_come_from_the_dataclasses():
+    """A parsed empty command line equals the dataclass defaults; choices are the Literal values."""
+    from_flags = parse_config([])
+    assert from_flags == RunConfig(model=ModelConfig(num_query_groups=2))  # the tiny preset's one difference
+    actions = _actions()
+    assert actions["lr_decay_style"].choices == list(LR_DECAY_STYLES)
+    assert actions["lr_wsd_decay_style"].choices == list(LR_WSD_DECAY_STYLES)
+    for _, cls, _ in SECTIONS:
+        for spec in field_specs(cls):
+            if spec.choices is not None:
+                assert list(actions[spec.name].choices) == list(spec.choices), spec.name
+            if cls is not ModelConfig and spec.base is not bool:
+                assert actions[spec.name].default == spec.default, spec.name
+
+
+@pytest.mark.parametrize("section, kwargs, message", [
+    (OptimConfig, {"lr_decay_style": "exponential"}, "--lr-decay-style must be one of constant, linear, cosine, "
+                                                     "inverse-square-root, WSD, got 'exponential'"),
+    (OptimConfig, {"lr_wsd_decay_style": "cubic"}, "--lr-wsd-decay-style must be one of linear, cosine"),
+    (ComputeConfig, {"attention_backend": "xformers"}, "--attention-backend must be one of"),
+    (ComputeConfig, {"recompute_granularity": "selective", "recompute_modules": ["mlp", "qkv"]},
+     "--recompute-modules takes core_attn, mlp, layernorm, got qkv"),
+    (DataConfig, {"tokenizer_type": "GPT3Tokenizer"}, "--tokenizer-type must be one of ByteTokenizer"),
+    (CheckpointConfig, {"exit_signal": ["SIGKILL"]}, "--exit-signal takes SIGTERM"),
+    (ModelConfig, {"num_layers": None}, "--num-layers needs a value"),
+    (CheckpointConfig, {"async_save": True}, "--async-save needs --save"),
+])
+def test_choices_are_checked_when_a_config_is_built_in_code(section, kwargs, message):
+    """A config made in code gets the checks the command line gets (argparse is not the only guard)."""
+    with pytest.raises(ConfigError, match=message):
+        section(**kwargs)
+
+
+def test_choices_are_checked_when_a_config_comes_from_a_checkpoint():
+    """RunConfig.from_dict (what a checkpoint's metadata gives) validates as the flags do."""
+    d = parse_config([]).to_dict()
+    d["optim"]["lr_wsd_decay_style"] = "cubic"
+    with pytest.raises(ConfigError, match="--lr-wsd-decay-style"):
+        RunConfig.from_dict(d)
+
+
+def test_switches_follow_megatron_conventions():
+    """Off-by-default booleans are switches, on-by-default ones are turned off by --no-NAME, and the shape
+    switches can be turned either way against a preset."""
+    cfg = parse_config(["--no-bias-swiglu-fusion", "--bf16", "--use-distributed-optimizer"])
+    assert not cfg.compute.bias_swiglu_fusion and cfg.compute.bias_dropout_fusion
+    assert cfg.optim.bf16 and cfg.parallel.use_distributed_optimizer
+    assert parse_config(["--model-preset", "qwen3-0.6b"]).model.qk_layernorm
+    assert not parse_config(["--model-preset", "qwen3-0.6b", "--no-qk-layernorm"]).model.qk_layernorm
+    assert parse_config(["--exit-signal", "SIGUSR2"]).checkpoint.exit_signal == ["SIGUSR2"]
+
+
+def test_regularisers_are_listed_together():
+    """--help lists the dropouts and weight decay in one group, whatever section holds them."""
+    parser = build_parser()
+    group = next(g for g in parser._action_groups if g.title == "regularisation")
+    assert {a.dest for a in group._group_actions} == {"hidden_dropout", "attention_dropout", "mlp_dropout",
+                                                      "weight_decay"}
+
+
+def test_help_prints_every_flag():
+    """`pretrain_diffusion.py --help` exits 0 and shows each flag with its default."""
+    env = {**os.environ, "COLUMNS": "400"}  # one line per flag's help
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_diffusion.py"), "--help"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for _, cls, _ in SECTIONS:
+        for spec in field_specs(cls):
+            assert spec.flag in proc.stdout or "--no-" + spec.flag[2:] in proc.stdout
+    assert "(default: cosine)" in proc.stdout and "10% of the decay length" in proc.stdout
