@@ -282,6 +282,19 @@ def test_effective_data_fit_recovers_half_life():
 # A real (tiny) checkpoint
 
 
+def _evaluate_json(*args) -> dict:
+    """tools/evaluate.py --json's one line, as a dict."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--json", *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
 @pytest.fixture(scope="module")
 def mdm_checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("eval_mdm")
@@ -298,20 +311,38 @@ def test_evaluate_cli_json_reproduces_trainer_validation(mdm_checkpoint):
     """tools/evaluate.py --json: one line with val_loss ± stderr and task accuracies; with one MC
     sample on the trainer's windows it reproduces the ELBO the trainer logged."""
     ckpt, logged = mdm_checkpoint
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--load", str(ckpt), "--json",
-                          "--mc-samples", "1", "--eval-windows", "16", "--tasks", "cloze,continuation",
-                          "--num-examples", "4", "--greedy-order", "l2r"], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
-    assert len(lines) == 1
-    res = json.loads(lines[0])
+    res = _evaluate_json("--load", str(ckpt), "--mc-samples", "1", "--eval-windows", "16", "--tasks",
+                         "cloze,continuation", "--num-examples", "4", "--greedy-order", "l2r")
     assert res["val_loss"] == pytest.approx(logged, rel=1e-6)
     assert res["val_loss_stderr"] > 0 and res["tokens"] == 16 * 32
     assert 0.0 <= res["continuation_acc"] <= 1.0 and 0.0 <= res["cloze_acc"] <= 1.0
     assert res["greedy_order"] == "l2r"
+
+
+def test_evaluate_reproduces_trainer_validation_on_a_blended_run(tmp_path):
+    """--data-path 0.5 A 0.5 B: tools/evaluate.py validates on the blend's windows (both datasets, built by
+    the trainer's own data builder) and reproduces the trainer's final validation loss; B alone differs."""
+    import numpy as np
+
+    from megatron_dataeff.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    prefixes = {}
+    for name, (low, high) in {"a": (0, 64), "b": (128, 256)}.items():  # two distributions of byte ids
+        prefixes[name] = str(tmp_path / name)
+        with IndexedDatasetWriter(prefixes[name], vocab_size=258) as w:
+            for _ in range(20):
+                w.add_document(list(rng.integers(low, high, 160)) + [256])
+    ckpt = tmp_path / "ckpt"
+    records = run_pretrain(["--data-path", "0.5", prefixes["a"], "0.5", prefixes["b"], "--split", "80,20,0",
+                            "--num-layers", "1", "--seq-length", "32", "--micro-batch-size", "8",
+                            "--train-iters", "4", "--eval-interval", "4", "--eval-iters", "4", "--save", str(ckpt),
+                            "--tensorboard-dir", ""], tmp_path / "run")
+    logged = [r for r in records if r["split"] == "valid"][-1]["loss"]
+    res = _evaluate_json("--load", str(ckpt), "--eval-windows", "32")
+    assert res["windows"] == 32 and res["val_loss"] == pytest.approx(logged, rel=1e-6)
+    b_only = _evaluate_json("--load", str(ckpt), "--eval-windows", "32", "--data-path", prefixes["b"])
+    assert abs(b_only["val_loss"] - logged) > 0.05
 
 
 def test_chain_rule_and_mc_agree_on_trained_tiny_model(mdm_checkpoint, megatron_cpu):

@@ -154,3 +154,36 @@ def test_reference_matches_public_entry_point():
     b = mask_tokens_reference(tok, idx, SEED, mode="mdm", mask_token_id=MASK)
     assert torch.equal(a.input_ids, b.input_ids) and a.input_ids.dtype == torch.int32
     assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("objective", [AutoregressiveObjective(MASK, SEED),
+                                       TokenDropoutObjective(MASK, SEED, rate=0.5, schedule="uniform"),
+                                       MaskedDiffusionObjective(MASK, SEED, eps=1e-3, stratify_group=4)],
+                         ids=["ar", "token-dropout", "mdm"])
+def test_evaluation_batch_is_the_trainers_validation_batch(objective):
+    """One evaluation copy is what the trainer validates on (prepare(evaluation=True)), and the per-row
+    losses average to the trainer's loss sum / num_tokens."""
+    tok, idx = _tokens(4, 16), torch.tensor([0, 3, 7, 1000])
+    ev, tr = objective.prepare_evaluation(tok, idx, 1), objective.prepare(tok, idx, evaluation=True)
+    for name in ("input_ids", "labels", "loss_weight"):
+        assert torch.equal(getattr(ev, name), getattr(tr, name)), name
+    ce = torch.rand(4, 16, dtype=torch.float64)
+    loss_sum, n = objective.loss(ce, tr)
+    assert objective.sample_losses(ce, ev).mean().item() == pytest.approx(loss_sum.item() / n, rel=1e-6)
+
+
+def test_mdm_evaluation_copies_are_stratified_per_window():
+    """n copies of a window are evaluation samples window * n + j with t stratified over [0, 1): one rate
+    in each stratum [j/n, (j+1)/n); AR objectives refuse more than one copy."""
+    obj = MaskedDiffusionObjective(MASK, SEED, eps=0.0)
+    tok, idx = _tokens(2, 64), torch.tensor([5, 9])
+    ev = obj.prepare_evaluation(tok, idx, 4)
+    assert ev.input_ids.shape == (8, 64) and torch.equal(ev.labels, tok[:, :-1].repeat_interleave(4, 0))
+    index = torch.tensor([20, 21, 22, 23, 36, 37, 38, 39])
+    ref = mask_tokens_reference(tok[:, :-1].repeat_interleave(4, 0), index, SEED, mode="mdm", eps=0.0,
+                                mask_token_id=MASK, stratify_group=4, stream_offset=philox.EVAL_STREAM_OFFSET)
+    assert torch.equal(ev.mask, ref.mask)
+    strata = torch.floor(ref.rate * 4).long().view(2, 4)
+    assert torch.equal(strata, torch.arange(4).repeat(2, 1))
+    with pytest.raises(ValueError, match="copies must be 1"):
+        AutoregressiveObjective(MASK, SEED).prepare_evaluation(tok, idx, 2)

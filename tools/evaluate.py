@@ -39,7 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="", help="comma-separated offline tasks: cloze,continuation")
     p.add_argument("--num-examples", type=int, default=200, help="examples per offline task")
     p.add_argument("--task-seed", type=int, default=1234, help="seed of the offline tasks' construction")
-    p.add_argument("--data-path", default=None, help="indexed dataset prefix (default: the checkpoint's)")
+    p.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX or WEIGHT PREFIX ... as pretrain_diffusion.py's (default: the checkpoint's own, "
+                        "every dataset of a blend)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--all-checkpoints", action="store_true",
                    help="evaluate every iter_N under --load (one JSON line each with --json)")

@@ -12,6 +12,8 @@ epochs together).  Validation windows are the datasets' validation windows, conc
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -99,6 +101,10 @@ class BlendedData:
         tokens = np.stack([self.train_window(g) for g in range(start, start + count)])
         return {"tokens": torch.from_numpy(tokens), "sample_index": torch.arange(start, start + count)}
 
+    def valid_documents(self) -> list[np.ndarray]:
+        """Token ids of each validation document, dataset by dataset."""
+        return [doc for part in self.parts for doc in part.valid_documents()]
+
     def valid_batch(self, start: int, count: int) -> dict:
         n = self.valid_samples
         if n == 0:
@@ -109,6 +115,32 @@ class BlendedData:
             d = int(np.searchsorted(self._valid_offsets, k, side="right")) - 1
             rows.append(self.parts[d].valid.get(k - int(self._valid_offsets[d])))
         return {"tokens": torch.from_numpy(np.stack(rows)), "sample_index": torch.arange(start, start + count)}
+
+
+def run_data_path(cfg, tokenizer) -> list[str]:
+    """The `--data-path` items of a run (RunConfig), each prefix's .bin/.idx checked to exist, else the
+    embedded corpus's prefix (tokenized with `tokenizer` and cached on first use)."""
+    from megatron_dataeff.config import ConfigError
+    from megatron_dataeff.data.corpus import embedded_corpus
+
+    if not cfg.data.data_path:
+        return [embedded_corpus(tokenizer, cfg.data.data_cache_dir)]
+    try:
+        prefixes, _ = parse_data_path(list(cfg.data.data_path))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise ConfigError(f"--data-path {prefix}: {prefix + ext} does not exist")
+    return list(cfg.data.data_path)
+
+
+def build_run_data(cfg, data_path: list[str]):
+    """The training stream and validation windows of a run (RunConfig) over `data_path`: what the trainer
+    trains and validates on, and what the evaluation of its checkpoints validates on."""
+    d = cfg.data
+    return build_data(data_path, cfg.model.seq_length, d.split_weights, cfg.optim.seed, unique_tokens=d.unique_tokens)
 
 
 def build_data(data_path: list[str], seq_length: int, split_weights: list[float], seed: int,

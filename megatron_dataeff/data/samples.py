@@ -25,7 +25,8 @@ import torch
 SPLIT_SEED = 20251004  # fixed: the train/valid split is the same for every run of a dataset
 
 
-def _load_indexed(prefix: str):
+def load_indexed(prefix: str):
+    """megatron-core's IndexedDataset of PREFIX.idx/.bin (memory-mapped); a clear error naming them."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     try:
@@ -87,7 +88,8 @@ def split_documents(num_documents: int, weights: list[float]) -> list[np.ndarray
     return [order[bounds[i]:bounds[i + 1]] for i in range(3)]
 
 
-def _documents_to_sequences(dataset, doc_ids: np.ndarray) -> np.ndarray:
+def documents_to_sequences(dataset, doc_ids: np.ndarray) -> np.ndarray:
+    """Sequence ids of documents `doc_ids` of an indexed dataset, in order."""
     doc_index = np.asarray(dataset.document_indices, dtype=np.int64)
     if len(doc_ids) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -100,15 +102,16 @@ class DataConstrainedData:
     def __init__(self, prefix: str, seq_length: int, split_weights: list[float], seed: int,
                  unique_tokens: int | None = None):
         self.prefix = prefix
-        self.dataset = _load_indexed(prefix)
+        self.dataset = load_indexed(prefix)
         self.seed = int(seed)
         num_docs = len(self.dataset.document_indices) - 1
         train_docs, valid_docs, test_docs = split_documents(num_docs, split_weights)
+        self.valid_docs = valid_docs
         window = seq_length + 1
-        self.train = TokenWindows(self.dataset, _documents_to_sequences(self.dataset, train_docs), window,
+        self.train = TokenWindows(self.dataset, documents_to_sequences(self.dataset, train_docs), window,
                                   max_tokens=unique_tokens)
-        self.valid = TokenWindows(self.dataset, _documents_to_sequences(self.dataset, valid_docs), window)
-        self.test = TokenWindows(self.dataset, _documents_to_sequences(self.dataset, test_docs), window)
+        self.valid = TokenWindows(self.dataset, documents_to_sequences(self.dataset, valid_docs), window)
+        self.test = TokenWindows(self.dataset, documents_to_sequences(self.dataset, test_docs), window)
         if len(self.train) == 0:
             raise ValueError(f"{prefix}: the training split has fewer than {window} tokens "
                              f"(--seq-length {seq_length}, --split, --unique-tokens)")
@@ -153,6 +156,11 @@ class DataConstrainedData:
         tokens = np.stack([self.train_window(g) for g in range(start, start + count)]) if count else (
             np.zeros((0, self.train.window), dtype=np.int64))
         return {"tokens": torch.from_numpy(tokens), "sample_index": index}
+
+    def valid_documents(self) -> list[np.ndarray]:
+        """Token ids of each validation document (split order)."""
+        return [np.concatenate([self.dataset.get(int(q)) for q in documents_to_sequences(self.dataset, np.array([d]))])
+                for d in self.valid_docs]
 
     def valid_batch(self, start: int, count: int) -> dict:
         """Validation windows start..start+count-1 (modulo the number of windows)."""

@@ -9,42 +9,42 @@ from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
 from megatron_dataeff.evaluation.tasks import build_tasks, evaluate_tasks, validation_documents
 
 
-def data_prefix_of(scorer: ModelScorer, data_path: Optional[str] = None) -> str:
-    """The indexed dataset a checkpoint was trained on (or `data_path`)."""
-    from megatron_dataeff.data.corpus import embedded_corpus
+def checkpoint_data(scorer: ModelScorer, data_path: Optional[Sequence[str]] = None):
+    """The data a checkpoint was trained and validated on, built by the trainer's own builder: its
+    `--data-path` (every dataset of a blend, with its weights), or `data_path` (the same syntax) instead."""
+    from dataclasses import replace
 
+    from megatron_dataeff.data.blending import build_run_data, run_data_path
+
+    cfg = scorer.config
     if data_path:
-        return data_path
-    d = scorer.config.data
-    paths = list(d.data_path)
-    if not paths:
-        return embedded_corpus(scorer.tokenizer, d.data_cache_dir)
-    return paths[-1]  # "[weight] prefix": the prefix is last
+        cfg = replace(cfg, data=replace(cfg.data, data_path=list(data_path)))
+    return build_run_data(cfg, run_data_path(cfg, scorer.tokenizer))
 
 
 def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Sequence[str] = (),
                         mc_samples: int = 32, val_mc_samples: Optional[int] = None,
                         eval_windows: Optional[int] = None, num_examples: int = 200, task_seed: int = 1234,
-                        data_path: Optional[str] = None, batch_size: int = 32, validation: bool = True,
+                        data_path: Optional[Sequence[str]] = None, batch_size: int = 32, validation: bool = True,
                         method: str = "mc", greedy_order: str = "confidence") -> dict:
     """Everything `tools/evaluate.py --json` prints, as a dict."""
-    from megatron_dataeff.data.samples import DataConstrainedData
     from megatron_dataeff.evaluation.validation import validation_loss
+    from megatron_dataeff.objectives import build_objective
 
     check_greedy_order(greedy_order)  # before the checkpoint loads
     t0 = time.time()
     scorer = ModelScorer.from_checkpoint(path, iteration=iteration, batch_size=batch_size)
     cfg, meta = scorer.config, scorer.metadata
-    prefix = data_prefix_of(scorer, data_path)
+    data = checkpoint_data(scorer, data_path) if (validation or tasks) else None
     out = {"checkpoint": path, "iteration": meta.get("iteration"), "epoch": meta.get("epoch"),
            "objective": cfg.objective.objective, "consumed_tokens": meta.get("consumed_samples", 0)
            * cfg.model.seq_length}
     if validation:
-        data = DataConstrainedData(prefix, cfg.model.seq_length, cfg.data.split_weights, cfg.optim.seed)
         n_mc = val_mc_samples if val_mc_samples is not None else mc_samples
-        out.update(validation_loss(scorer, data, eval_windows, mc_samples=n_mc))
+        objective = build_objective(cfg, scorer.mask_token_id)
+        out.update(validation_loss(scorer, objective, data, eval_windows, mc_samples=n_mc))
     if tasks:
-        docs = validation_documents(prefix, cfg.data.split_weights, scorer.tokenizer)
+        docs = validation_documents(data, scorer.tokenizer)
         built = build_tasks(docs, tasks, num_examples=num_examples, seed=task_seed,
                             max_length=scorer.max_length)
         for name, metrics in evaluate_tasks(scorer, built, mc_samples=mc_samples, method=method,

@@ -43,20 +43,12 @@ class ChoiceExample:
     label: int = 0
 
 
-def validation_documents(prefix: str, split_weights, tokenizer) -> list[str]:
-    """Texts of the validation documents of an indexed dataset (the same split training uses)."""
-    from megatron_dataeff.data.samples import _documents_to_sequences, _load_indexed, split_documents
-
-    ds = _load_indexed(prefix)
-    num_docs = len(ds.document_indices) - 1
-    _, valid_docs, _ = split_documents(num_docs, list(split_weights))
+def validation_documents(data, tokenizer) -> list[str]:
+    """Texts of the validation documents of a run's data (`build_run_data`: the split training uses, every
+    dataset of a blend), end-of-document tokens dropped."""
     eod = getattr(tokenizer, "eod", None)
-    texts = []
-    for d in valid_docs:
-        ids = np.concatenate([ds.get(int(s)) for s in _documents_to_sequences(ds, np.array([d]))])
-        ids = [int(i) for i in ids if eod is None or int(i) != eod]
-        texts.append(tokenizer.detokenize(ids))
-    return texts
+    return [tokenizer.detokenize([int(i) for i in ids if eod is None or int(i) != eod])
+            for ids in data.valid_documents()]
 
 
 def _trim_left(text: str, max_chars: int) -> str:

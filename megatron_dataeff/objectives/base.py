@@ -47,3 +47,23 @@ class Objective(abc.ABC):
         """(weighted loss sum, num_tokens) of a micro-batch from per-token cross-entropy [batch, seq]."""
         weight = batch.loss_weight.to(device=per_token_loss.device)
         return (per_token_loss.float() * weight).sum(), batch.num_tokens
+
+    # Evaluation of a checkpoint: per-window values (for a standard error) and, for objectives whose
+    # validation loss is a Monte-Carlo estimate, several noisy copies of each window.
+    monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
+
+    def prepare_evaluation(self, tokens: torch.Tensor, window_index: torch.Tensor, copies: int = 1
+                           ) -> ObjectiveBatch:
+        """The evaluation batch of `copies` noisy copies of each window, rows window-major: copy j of window
+        i is evaluation sample `window_index[i] * copies + j`, so one copy is exactly what the trainer's
+        validation (`prepare(..., evaluation=True)`) sees.  Objectives without noise take one copy."""
+        if copies != 1:
+            raise ValueError(f"{self.name}: evaluation is deterministic; copies must be 1, got {copies}")
+        return self.prepare(tokens, window_index, evaluation=True)
+
+    def sample_losses(self, per_token_loss: torch.Tensor, batch: ObjectiveBatch) -> torch.Tensor:
+        """[batch] loss of each row, `loss`'s sum restricted to the row over its share of `num_tokens`
+        (rows have equal length: their mean is `loss`'s sum / num_tokens)."""
+        weight = batch.loss_weight.to(device=per_token_loss.device, dtype=per_token_loss.dtype)
+        rows = per_token_loss.shape[0]
+        return (per_token_loss * weight).sum(-1) / (batch.num_tokens / rows)

@@ -9,6 +9,8 @@ validation curves are comparable across steps and runs.
 
 from __future__ import annotations
 
+import torch
+
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
 from megatron_dataeff.ops import philox
 from megatron_dataeff.ops.masking import mask_tokens
@@ -25,12 +27,27 @@ class MaskedDiffusionObjective(Objective):
         self.eps = float(eps)
         self.stratify_group = int(stratify_group)
 
+    monte_carlo = True
+
     def prepare(self, tokens, sample_index, *, evaluation=False):
+        return self._masked(tokens, sample_index, evaluation,
+                            stratify_group=0 if evaluation else self.stratify_group)
+
+    def prepare_evaluation(self, tokens, window_index, copies=1):
+        """`copies` masked copies of each window with their mask rates stratified over [0, 1)
+        (t_j = (j + u) / copies): a lower-variance Monte-Carlo ELBO; one copy is the trainer's validation."""
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
+        n = int(copies)
+        rows = tokens.repeat_interleave(n, 0)
+        index = window_index.to(torch.int64).repeat_interleave(n) * n + torch.arange(n).repeat(tokens.shape[0])
+        return self._masked(rows, index, True, stratify_group=n)
+
+    def _masked(self, tokens, sample_index, evaluation: bool, stratify_group: int):
         x0 = tokens[:, :-1].contiguous()
         masked = mask_tokens(
             x0, sample_index, self.seed, mode="mdm", eps=self.eps, mask_token_id=self.mask_token_id,
-            stratify_group=0 if evaluation else self.stratify_group,
-            stream_offset=philox.EVAL_STREAM_OFFSET if evaluation else 0,
+            stratify_group=stratify_group, stream_offset=philox.EVAL_STREAM_OFFSET if evaluation else 0,
         )
         return ObjectiveBatch(input_ids=masked.input_ids, labels=x0, loss_weight=masked.weight,
                               num_tokens=x0.numel(), mask=masked.mask)

@@ -20,8 +20,7 @@ import torch.distributed as dist
 
 from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig
-from megatron_dataeff.data.corpus import embedded_corpus
-from megatron_dataeff.data.blending import build_data, parse_data_path
+from megatron_dataeff.data.blending import build_run_data, parse_data_path, run_data_path
 from megatron_dataeff.data.indexed import IndexedFormatError, check_token_ids
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
 from megatron_dataeff.models.builder import build_model, count_parameters, model_vocab_size
@@ -58,21 +57,13 @@ def check_device_flags(cfg: RunConfig, device: str) -> None:
 
 
 def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
-    """`--data-path` items to train on (checked to exist), else the embedded corpus prefix."""
+    """`--data-path` items to train on (checked to exist), else the embedded corpus prefix, which rank 0
+    tokenizes and caches before the others read it."""
+    if not cfg.data.data_path and runtime.rank == 0:
+        run_data_path(cfg, tokenizer)
     if not cfg.data.data_path:
-        if runtime.rank == 0:
-            embedded_corpus(tokenizer, cfg.data.data_cache_dir)
         barrier()
-        return [embedded_corpus(tokenizer, cfg.data.data_cache_dir)]
-    try:
-        prefixes, _ = parse_data_path(list(cfg.data.data_path))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.exists(prefix + ext):
-                raise ConfigError(f"--data-path {prefix}: {prefix + ext} does not exist")
-    return list(cfg.data.data_path)
+    return run_data_path(cfg, tokenizer)
 
 
 def check_vocabulary(data_path: list[str], num_ids: int, runtime: Runtime) -> None:
@@ -144,8 +135,7 @@ class Trainer:
         self.mask_token_id, self.num_ids = resolve_mask_token(self.tokenizer)
         data_path = resolve_data_path(cfg, self.tokenizer, rt)
         check_vocabulary(data_path, self.tokenizer.vocab_size, rt)
-        self.data = build_data(data_path, cfg.model.seq_length, d.split_weights, cfg.optim.seed,
-                               unique_tokens=d.unique_tokens)
+        self.data = build_run_data(cfg, data_path)
         gbs = cfg.optim.global_batch_size
         if cfg.optim.train_iters is not None:
             self.train_iters = cfg.optim.train_iters
