@@ -17,11 +17,10 @@ import warnings
 def main(argv=None) -> int:
     # megatron-core warns at import about optional accelerators; we report what we use ourselves.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    from megatron_dataeff.config import ConfigError
     from megatron_dataeff.arguments import parse_config
-    from megatron_dataeff.training.checkpointing import CheckpointError
+    from megatron_dataeff.errors import UserError
     from megatron_dataeff.training.distributed import shutdown
-    from megatron_dataeff.training.loop import NonFiniteLossError, Trainer
+    from megatron_dataeff.training.loop import Trainer
 
     cfg = parse_config(argv)
     trainer = None
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         trainer.train()
         rc = 0
-    except (ConfigError, CheckpointError, NonFiniteLossError, ValueError) as exc:
+    except UserError as exc:  # bad input: one line naming it; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
         rc = 2
     finally:

@@ -22,11 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from megatron_dataeff.data.tokenizers import TOKENIZER_TYPES
+from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.training.exits import EXIT_SIGNALS
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the flags."""
 
 
 def _require(cond: bool, message: str) -> None:

@@ -78,3 +78,31 @@ def test_nonfinite_loss_stops_naming_the_step(megatron_cpu, tmp_path, monkeypatc
                 trainer.train_step(1)
         monkeypatch.undo()
         trainer.close()
+
+
+@pytest.mark.parametrize("raised", [ValueError("a bug deep inside"), KeyError("missing")])
+def test_a_bug_keeps_its_traceback_and_bad_input_is_one_line(monkeypatch, capsys, raised):
+    """pretrain_diffusion.main: the project's user-facing errors (UserError: ConfigError, CheckpointError,
+    DataError, ...) become one `error:` line and exit 2; any other exception, a ValueError included,
+    propagates with its traceback."""
+    import importlib.util
+
+    from megatron_dataeff.errors import DataError
+    from megatron_dataeff.training import loop
+
+    spec = importlib.util.spec_from_file_location("pretrain_main", ROOT / "pretrain_diffusion.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+
+    class Failing:
+        def __init__(self, cfg):
+            raise self.error
+
+        error = raised
+
+    monkeypatch.setattr(loop, "Trainer", Failing)
+    with pytest.raises(type(raised)):
+        entry.main(["--train-iters", "1", "--device", "cpu"])
+    Failing.error = DataError("--unique-tokens 9 exceeds the 3 tokens of the training split")
+    assert entry.main(["--train-iters", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --unique-tokens 9 exceeds the 3 tokens of the training split"

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_dataeff.evaluation.grid import METHODS, SCALES, run_flags, run_name  # noqa: E402
-from megatron_dataeff.training.checkpointing import write_text_atomic  # noqa: E402
+from megatron_dataeff.atomic import write_text_atomic  # noqa: E402
 
 
 def _final_valid(run_dir: str, train_iters: int) -> bool:

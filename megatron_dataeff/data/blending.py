@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from megatron_dataeff.data.samples import DataConstrainedData
+from megatron_dataeff.errors import DataError
 
 BLOCK = 4096
 
@@ -108,7 +109,7 @@ class BlendedData:
     def valid_batch(self, start: int, count: int) -> dict:
         n = self.valid_samples
         if n == 0:
-            raise ValueError("the validation split of every --data-path dataset is empty; give --split a valid part")
+            raise DataError("the validation split of every --data-path dataset is empty; give --split a valid part")
         rows = []
         for g in range(start, start + count):
             k = g % n

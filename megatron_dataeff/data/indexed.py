@@ -23,6 +23,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_dataeff.atomic import replace_file
+from megatron_dataeff.errors import UserError
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 _HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, two counts
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -30,26 +33,13 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
 _CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
-class IndexedFormatError(ValueError):
+class IndexedFormatError(UserError, ValueError):
     """A `.bin/.idx` pair that is not a valid Megatron indexed dataset."""
 
 
 def optimal_dtype(vocab_size: Optional[int]) -> type:
     """Megatron's choice: uint16 when the vocabulary is < 65500 ids, else int32."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class IndexedDatasetWriter:
@@ -176,10 +166,8 @@ class IndexedDatasetWriter:
         # An old .idx next to the new .bin would look complete: remove it before touching the .bin.
         if os.path.exists(self.idx_path):
             os.unlink(self.idx_path)
-        os.replace(self._tmp_bin, self.bin_path)
-        _fsync_dir(self.bin_path)
-        os.replace(self._tmp_idx, self.idx_path)
-        _fsync_dir(self.idx_path)
+        replace_file(self._tmp_bin, self.bin_path)
+        replace_file(self._tmp_idx, self.idx_path)
 
     def abort(self) -> None:
         """Drop everything written so far; nothing is left on disk."""
@@ -217,11 +205,9 @@ def publish_all(writers: Sequence[IndexedDatasetWriter]) -> None:
         if os.path.exists(w.idx_path):
             os.unlink(w.idx_path)
     for w in writers:
-        os.replace(w._tmp_bin, w.bin_path)
-        _fsync_dir(w.bin_path)
+        replace_file(w._tmp_bin, w.bin_path)
     for w in writers:
-        os.replace(w._tmp_idx, w.idx_path)
-        _fsync_dir(w.idx_path)
+        replace_file(w._tmp_idx, w.idx_path)
 
 
 @dataclass

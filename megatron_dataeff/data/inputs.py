@@ -2,8 +2,8 @@
 
 Inputs are files, globs or directories (a `datasets.Dataset.save_to_disk` directory gives its .arrow
 files); each file's format comes from its name (`.gz` looked through) or `--input-format`. `iter_blocks`
-reads them in input order into `_Block`s: JSONL as raw bytes in ~0.5 MiB blocks of whole lines (parsed by
-the workers), plain text one document per file, Parquet and Arrow in blocks of rows. A `_Piece` is a file,
+reads them in input order into `Block`s: JSONL as raw bytes in ~0.5 MiB blocks of whole lines (parsed by
+the workers), plain text one document per file, Parquet and Arrow in blocks of rows. A `Piece` is a file,
 or for uncompressed JSONL a byte range of whole lines of it (a partition's share, see `partitions`).
 """
 
@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from megatron_dataeff.errors import UserError
+
 INPUT_FORMATS = ("jsonl", "text", "parquet", "arrow")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text",
                ".md": "text", ".parquet": "parquet", ".arrow": "arrow"}
@@ -25,7 +27,7 @@ BLOCK_BYTES = 512 * 1024
 ROWS_PER_BLOCK = 2048
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(UserError, RuntimeError):
     """Bad input or arguments; the message names the file (and line) at fault."""
 
 
@@ -88,7 +90,7 @@ def open_text(path: str):
 
 
 @dataclass
-class _Block:
+class Block:
     """One unit of work: raw JSONL lines, whole text files, or rows of a table."""
 
     kind: str  # "jsonl" | "text" | "rows"
@@ -100,7 +102,7 @@ class _Block:
 
 
 @dataclass
-class _Piece:
+class Piece:
     """A file, or for uncompressed JSONL a byte range of whole lines of it."""
 
     path: str
@@ -114,7 +116,7 @@ class _Piece:
 
 
 @functools.lru_cache(maxsize=64)
-def _lines_before(path: str, offset: int) -> int:
+def lines_before(path: str, offset: int) -> int:
     """Newlines in the first `offset` bytes of `path` (for error messages of a partition's blocks)."""
     count = 0
     with open(path, "rb") as f:
@@ -127,7 +129,7 @@ def _lines_before(path: str, offset: int) -> int:
     return count
 
 
-def _iter_jsonl(piece: _Piece, base: int, block_bytes: int) -> Iterator[_Block]:
+def _iter_jsonl(piece: Piece, base: int, block_bytes: int) -> Iterator[Block]:
     path, start, end = piece.path, piece.start, piece.end
     raw = open(path, "rb")
     try:
@@ -149,15 +151,15 @@ def _iter_jsonl(piece: _Piece, base: int, block_bytes: int) -> Iterator[_Block]:
                 rest = data
                 continue
             blob, rest = data[:cut + 1], data[cut + 1:]
-            yield _Block("jsonl", path, line, blob, base + raw.tell() - start, start)
+            yield Block("jsonl", path, line, blob, base + raw.tell() - start, start)
             line += blob.count(b"\n")
         if rest:
-            yield _Block("jsonl", path, line, rest, base + raw.tell() - start, start)
+            yield Block("jsonl", path, line, rest, base + raw.tell() - start, start)
     finally:
         raw.close()
 
 
-def _iter_text_files(paths: list[str], bases: list[int], block_bytes: int) -> Iterator[_Block]:
+def _iter_text_files(paths: list[str], bases: list[int], block_bytes: int) -> Iterator[Block]:
     batch, size = [], 0
     for path, base in zip(paths, bases):
         opener = gzip.open if path.endswith(".gz") else open
@@ -166,13 +168,13 @@ def _iter_text_files(paths: list[str], bases: list[int], block_bytes: int) -> It
         batch.append((path, data))
         size += len(data)
         if size >= block_bytes:
-            yield _Block("text", path, 1, batch, base + os.path.getsize(path))
+            yield Block("text", path, 1, batch, base + os.path.getsize(path))
             batch, size = [], 0
     if batch:
-        yield _Block("text", batch[-1][0], 1, batch, bases[-1] + os.path.getsize(batch[-1][0]))
+        yield Block("text", batch[-1][0], 1, batch, bases[-1] + os.path.getsize(batch[-1][0]))
 
 
-def _iter_table(path: str, fmt: str, keys: list[str], base: int, rows_per_block: int) -> Iterator[_Block]:
+def _iter_table(path: str, fmt: str, keys: list[str], base: int, rows_per_block: int) -> Iterator[Block]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -205,16 +207,16 @@ def _iter_table(path: str, fmt: str, keys: list[str], base: int, rows_per_block:
         cols = {k: batch.column(k).to_pylist() for k in keys}
         done = row - 1 + batch.num_rows
         frac = done / total if total else 0.0
-        yield _Block("rows", path, row, cols, base + int(size * frac))
+        yield Block("rows", path, row, cols, base + int(size * frac))
         row = done + 1
 
 
-def iter_blocks(files, keys: list[str], block_bytes: int = BLOCK_BYTES) -> Iterator[_Block]:
-    """The work of a run, in input order; `files` are (path, format) pairs or `_Piece`s."""
-    pieces = [f if isinstance(f, _Piece) else _Piece(*f) for f in files]
+def iter_blocks(files, keys: list[str], block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
+    """The work of a run, in input order; `files` are (path, format) pairs or `Piece`s."""
+    pieces = [f if isinstance(f, Piece) else Piece(*f) for f in files]
     base = 0
     text_run: list[tuple[str, int]] = []
-    for piece in pieces + [_Piece("", "end")]:
+    for piece in pieces + [Piece("", "end")]:
         path, fmt = piece.path, piece.fmt
         if fmt != "text" and text_run:
             yield from _iter_text_files([p for p, _ in text_run], [b for _, b in text_run], block_bytes)

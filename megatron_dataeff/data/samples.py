@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megatron_dataeff.errors import DataError
+
 SPLIT_SEED = 20251004  # fixed: the train/valid split is the same for every run of a dataset
 
 
@@ -32,7 +34,7 @@ def load_indexed(prefix: str):
     try:
         return IndexedDataset(prefix, multimodal=False, mmap=True)
     except Exception as exc:
-        raise ValueError(f"cannot read indexed dataset {prefix}.idx/.bin: {exc}") from exc
+        raise DataError(f"cannot read indexed dataset {prefix}.idx/.bin: {exc}") from exc
 
 
 class TokenWindows:
@@ -46,7 +48,7 @@ class TokenWindows:
         if max_tokens is not None:
             if cum.size == 0 or cum[-1] < max_tokens:
                 have = int(cum[-1]) if cum.size else 0
-                raise ValueError(f"--unique-tokens {max_tokens} exceeds the {have} tokens of the training split")
+                raise DataError(f"--unique-tokens {max_tokens} exceeds the {have} tokens of the training split")
             keep = int(np.searchsorted(cum, max_tokens, side="left")) + 1
             sequence_ids, lengths, cum = sequence_ids[:keep], lengths[:keep].copy(), cum[:keep].copy()
             lengths[-1] -= cum[-1] - max_tokens
@@ -113,7 +115,7 @@ class DataConstrainedData:
         self.valid = TokenWindows(self.dataset, documents_to_sequences(self.dataset, valid_docs), window)
         self.test = TokenWindows(self.dataset, documents_to_sequences(self.dataset, test_docs), window)
         if len(self.train) == 0:
-            raise ValueError(f"{prefix}: the training split has fewer than {window} tokens "
+            raise DataError(f"{prefix}: the training split has fewer than {window} tokens "
                              f"(--seq-length {seq_length}, --split, --unique-tokens)")
         self._perm_epoch = -1
         self._perm = None
@@ -166,7 +168,7 @@ class DataConstrainedData:
         """Validation windows start..start+count-1 (modulo the number of windows)."""
         n = len(self.valid)
         if n == 0:
-            raise ValueError(f"{self.prefix}: the validation split is empty; give --split with a valid part")
+            raise DataError(f"{self.prefix}: the validation split is empty; give --split with a valid part")
         index = torch.arange(start, start + count, dtype=torch.int64)
         tokens = np.stack([self.valid.get(int(g) % n) for g in range(start, start + count)])
         return {"tokens": torch.from_numpy(tokens), "sample_index": index}

@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_dataeff.errors import ConfigError
+
 TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
                    "NullTokenizer")
 # Names a trained tokenizer may use for its mask token, in the order they are looked up.
@@ -135,7 +137,7 @@ class NullTokenizer(Tokenizer):
 
     def __init__(self, vocab_size: int):
         if vocab_size is None or int(vocab_size) < 1:
-            raise ValueError("NullTokenizer needs --vocab-size >= 1")
+            raise ConfigError("NullTokenizer needs --vocab-size >= 1")
         self._vocab_size_without_eod = int(vocab_size)
 
     @property
@@ -163,7 +165,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def __init__(self, tokenizer_model: str):
         if not tokenizer_model:
-            raise ValueError("HuggingFaceTokenizer needs --tokenizer-model (a local directory or tokenizer.json)")
+            raise ConfigError("HuggingFaceTokenizer needs --tokenizer-model (a local directory or tokenizer.json)")
         if not os.path.exists(tokenizer_model):
             raise FileNotFoundError(f"HuggingFaceTokenizer: {tokenizer_model} does not exist")
         import transformers
@@ -191,7 +193,7 @@ class HuggingFaceTokenizer(Tokenizer):
     @property
     def eod(self) -> int:
         if self._eod is None:
-            raise ValueError(f"tokenizer {self.tokenizer_model} has neither an EOS nor a SEP token to use as EOD")
+            raise ConfigError(f"tokenizer {self.tokenizer_model} has neither an EOS nor a SEP token to use as EOD")
         return self._eod
 
     @property
@@ -244,7 +246,7 @@ class SentencePieceTokenizer(Tokenizer):
     def eod(self) -> int:
         eos = self._sp.eos_id()
         if eos < 0:
-            raise ValueError(f"SentencePiece model {self.tokenizer_model} has no EOS piece to use as EOD")
+            raise ConfigError(f"SentencePiece model {self.tokenizer_model} has no EOS piece to use as EOD")
         return eos
 
     @property
@@ -281,7 +283,7 @@ class GPT2BPETokenizer(Tokenizer):
         with open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
         if "<|endoftext|>" not in vocab:
-            raise ValueError(f"{vocab_file} has no <|endoftext|> token (the GPT-2 EOD)")
+            raise ConfigError(f"{vocab_file} has no <|endoftext|> token (the GPT-2 EOD)")
         # No added/special tokens: like OpenAI's encoder, "<|endoftext|>" in text is plain text.
         self._tok = _HFTokenizer(models.BPE.from_file(vocab_file, merge_file))
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -341,7 +343,7 @@ def build_tokenizer(
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
-    raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")
+    raise ConfigError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")
 
 
 def tokenizer_from_metadata(metadata: dict) -> Tokenizer:

@@ -16,13 +16,13 @@ at the end, so OUTPUT is either the previous export or the complete new one.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
 
 import torch
 
+from megatron_dataeff.atomic import publish_directory, temporary_name
 from megatron_dataeff.export.hf_mapping import ModelShape, check_megatron_model, megatron_to_hf
 from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
 
@@ -67,7 +67,7 @@ def export_model(model, cfg, meta: dict, output: str, dtype: str = "fp32", max_s
                for k, v in megatron_to_hf(model.state_dict(), shape).items()}
 
     output = os.path.abspath(output)
-    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    tmp = temporary_name(output)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -206,26 +206,6 @@ def _check_output(output: str) -> None:
                                   "refusing to replace it")
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0
-
-
 def _publish(tmp: str, output: str) -> None:
     _check_output(output)
-    if not os.path.exists(output):
-        os.rename(tmp, output)
-        return
-    if _exchange(tmp, output):  # tmp now holds the previous export
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = f"{output}.old-{os.getpid()}"
-    os.rename(output, old)
-    os.rename(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_directory(tmp, output)

@@ -194,7 +194,7 @@ def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_dataeff.training.checkpointing import LATEST, METADATA, checkpoint_name, write_text_atomic
+    from megatron_dataeff.training.checkpointing import LATEST, checkpoint_name, publish_checkpoint
 
     iteration = int(meta["iteration"])
     marker = os.path.join(save_dir, LATEST)
@@ -207,10 +207,5 @@ def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
-    write_text_atomic(os.path.join(tmp, METADATA), json.dumps(meta, indent=2))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    write_text_atomic(marker, str(iteration))
-    return final
+    return publish_checkpoint(save_dir, tmp, iteration, json.dumps(meta, indent=2))
 

@@ -27,8 +27,10 @@ from typing import Optional
 
 import torch
 
+from megatron_dataeff.errors import UserError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(UserError, ValueError):
     """A checkpoint or HF model the map cannot represent; the message names what."""
 
 

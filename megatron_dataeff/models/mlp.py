@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.mlp import MLP
 
+from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.ops.swiglu_dropout import swiglu_dropout
 
 _DROPOUT_SEED = 0x6D6C7064  # the per-call key carries the randomness; the seed only separates streams
@@ -30,7 +31,7 @@ class RegularizedMLP(MLP):
         self.mlp_dropout = float(getattr(self.config, "mlp_dropout", 0.0))
         if self.mlp_dropout > 0 and not (self.config.gated_linear_unit
                                          and self.config.activation_func is torch.nn.functional.silu):
-            raise ValueError("--mlp-dropout needs the SwiGLU MLP (gated_linear_unit with silu)")
+            raise ConfigError("--mlp-dropout needs the SwiGLU MLP (gated_linear_unit with silu)")
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if not (self.training and self.mlp_dropout > 0) or per_token_scale is not None:

@@ -23,26 +23,20 @@ import time
 
 import torch.distributed as dist
 
+from megatron_dataeff.atomic import publish_directory, write_text_atomic
+from megatron_dataeff.errors import UserError
+
 LATEST = "latest_checkpointed_iteration.txt"
 METADATA = "megatron_dataeff.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the path and what is wrong."""
 
 
 def checkpoint_name(iteration: int) -> str:
     """Directory name of the checkpoint of an iteration."""
     return f"iter_{iteration:07d}"
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # Fields of the model config that a checkpoint's weights depend on.
@@ -145,7 +139,7 @@ def save(trainer, save_dir: str, async_queue=None) -> str:
     dist.barrier()
     request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp,
                                       async_sharded_save=async_queue is not None)
-    publish = functools.partial(_publish, save_dir, tmp, final, trainer.iteration,
+    publish = functools.partial(_publish, save_dir, tmp, trainer.iteration,
                                 json.dumps(_metadata(trainer), indent=2), trainer.cfg.checkpoint.keep_last,
                                 trainer.log.print, start)
     if request is None:
@@ -159,10 +153,9 @@ def save(trainer, save_dir: str, async_queue=None) -> str:
     return final
 
 
-def _publish(save_dir: str, tmp: str, final: str, iteration: int, metadata: str, keep_last: int | None,
-             print_fn, start: float) -> None:
-    """Every rank's shards are in `tmp`: rank 0 adds our metadata, renames it to `final` and advances the
-    `latest` marker (collective: every rank calls it)."""
+def _publish(save_dir: str, tmp: str, iteration: int, metadata: str, keep_last: int | None, print_fn,
+             start: float) -> None:
+    """Every rank's shards are in `tmp`: rank 0 publishes it as iter_N (collective: every rank calls it)."""
     dist.barrier()
     # Fault-injection hook for the kill-during-save tests ("ITERATION:SECONDS"): the shards of that
     # iteration are written but not yet published when the process sleeps.
@@ -170,15 +163,21 @@ def _publish(save_dir: str, tmp: str, final: str, iteration: int, metadata: str,
     if hook and int(hook.split(":")[0]) == iteration:
         time.sleep(float(hook.split(":")[1]))
     if dist.get_rank() == 0:
-        write_text_atomic(os.path.join(tmp, METADATA), metadata)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        write_text_atomic(os.path.join(save_dir, LATEST), str(iteration))
+        final = publish_checkpoint(save_dir, tmp, iteration, metadata)
         if keep_last:
             _prune(save_dir, keep_last)
         print_fn(f" saved checkpoint {final} ({time.time() - start:.2f} s)")
     dist.barrier()
+
+
+def publish_checkpoint(save_dir: str, tmp: str, iteration: int, metadata: str) -> str:
+    """(one process) Add our metadata to the finished checkpoint directory `tmp`, rename it to
+    SAVE_DIR/iter_N, then point the `latest` marker at it; returns iter_N's path."""
+    final = os.path.join(save_dir, checkpoint_name(iteration))
+    write_text_atomic(os.path.join(tmp, METADATA), metadata)
+    publish_directory(tmp, final)
+    write_text_atomic(os.path.join(save_dir, LATEST), str(iteration))
+    return final
 
 
 def _prune(save_dir: str, keep: int) -> None:

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_dataeff import platform
+from megatron_dataeff.atomic import write_text_atomic
 from megatron_dataeff.config import ConfigError, RunConfig
+from megatron_dataeff.errors import UserError
 from megatron_dataeff.data.blending import build_run_data, parse_data_path, run_data_path
 from megatron_dataeff.data.indexed import IndexedFormatError, check_token_ids
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
@@ -33,7 +35,7 @@ from megatron_dataeff.training.metrics import MetricsLogger, check_wandb, format
 from megatron_dataeff.training.optimizer import build_optimizer, build_scheduler, schedule, scheduler_increment
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or inf."""
 
 
@@ -277,7 +279,7 @@ class Trainer:
                         "kernels": _extension.implementation(self.runtime.device),
                         "flops_per_step": self.flops_per_step, "peak_tflops": self.peak_tflops},
         }
-        checkpointing.write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"),
+        write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"),
                                         json.dumps(record, indent=2))
 
     def _write_status(self, state: str, reason: str) -> None:
@@ -291,7 +293,7 @@ class Trainer:
         status = {"state": state, "reason": reason, "iteration": self.iteration, "train_iters": self.train_iters,
                   "checkpoint": os.path.join(ck, checkpointing.checkpoint_name(self.iteration)) if ck else None,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        checkpointing.write_text_atomic(os.path.join(self.cfg.logging.run_dir, "status.json"),
+        write_text_atomic(os.path.join(self.cfg.logging.run_dir, "status.json"),
                                         json.dumps(status, indent=2))
 
     # ------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class WandbWriter:
     def __init__(self, project: str, name: str | None, save_dir: str, config: dict):
         import wandb
 
-        from megatron_dataeff.training.checkpointing import write_text_atomic
+        from megatron_dataeff.atomic import write_text_atomic
 
         os.makedirs(save_dir, exist_ok=True)
         id_path = os.path.join(save_dir, WANDB_RUN_ID)

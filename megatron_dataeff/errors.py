@@ -1,0 +1,17 @@
+"""The errors that mean "what you gave cannot work": a flag, a file, a data set, a checkpoint.
+
+Entry points print a `UserError` as one `error: ...` line naming the flag, file or checkpoint, and exit 2.
+Anything else that escapes is a bug in this framework (or in a library it calls) and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input, stated in terms the user can act on (the flag, file, line or checkpoint is named)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot work; the message names the flags."""
+
+
+class DataError(UserError, ValueError):
+    """A data set that cannot be used as asked (unreadable, too small for the split or budget)."""
