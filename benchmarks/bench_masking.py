@@ -11,16 +11,13 @@ printed: this machine may be shared).  Goal on CPU: fused >= 4x faster at 8 x 40
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from megatron_dataeff.ops import _extension  # noqa: E402
-from megatron_dataeff.ops.masking import mask_tokens  # noqa: E402
+from megatron_dataeff.ops import _extension
+from megatron_dataeff.ops.masking import mask_tokens
 
 MASK, EPS, SEED = 32000, 1e-3, 1234
 

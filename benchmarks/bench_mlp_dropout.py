@@ -9,17 +9,14 @@ the distinct tensors saved, via saved_tensors_hooks) and, on CUDA, the peak allo
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from megatron_dataeff.ops import _extension  # noqa: E402
-from megatron_dataeff.ops.swiglu_dropout import swiglu_dropout  # noqa: E402
+from megatron_dataeff.ops import _extension
+from megatron_dataeff.ops.swiglu_dropout import swiglu_dropout
 
 
 def torch_mlp(x, p):

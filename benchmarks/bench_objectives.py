@@ -10,13 +10,10 @@ ratios compare like with like.  Goal: mdm / ar and token-dropout / ar <= 1.03.
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OBJECTIVES = {
     "ar": ["--objective", "ar"],

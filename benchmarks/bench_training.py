@@ -38,14 +38,12 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from megatron_dataeff.data.synthetic import null_tokenizer_vocab, write_random_dataset  # noqa: E402
+from megatron_dataeff.data.synthetic import null_tokenizer_vocab, write_random_dataset
 
 GOALS = {"megatron-core bare": 0.97, "HF Llama (sdpa)": 1.15}
 QUICK = dict(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=192, vocab_size=1024, seq_length=64,

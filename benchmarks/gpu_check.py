@@ -23,13 +23,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from megatron_dataeff.ops import _extension, philox  # noqa: E402
-from megatron_dataeff.ops.masking import mask_tokens, mask_tokens_reference  # noqa: E402
-from megatron_dataeff.ops.swiglu_dropout import (  # noqa: E402
+from megatron_dataeff.ops import _extension, philox
+from megatron_dataeff.ops.masking import mask_tokens, mask_tokens_reference
+from megatron_dataeff.ops.swiglu_dropout import (
     dropout_keep_mask, dropout_keep_mask_reference, swiglu_dropout, swiglu_dropout_reference,
 )
 

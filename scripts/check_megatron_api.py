@@ -122,18 +122,18 @@ HAND_ATTRS = [
     HandAttr("megatron_dataeff/training/optimizer.py", 'getattr(dist_opt, "model_param_group_index_map"',
              "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
              ["_set_main_param_and_optimizer_states", "model_param_group_index_map"], soft=True),
-    # export/kv_cache.py: the model, its layers and the static inference context
-    HandAttr("megatron_dataeff/export/kv_cache.py", "model.pre_process and model.post_process", GPT_MODEL,
+    # inference/kv_cache.py: the model, its layers and the static inference context
+    HandAttr("megatron_dataeff/inference/kv_cache.py", "model.pre_process and model.post_process", GPT_MODEL,
              ["pre_process", "post_process", "decoder"]),
-    HandAttr("megatron_dataeff/export/kv_cache.py", "for layer in model.decoder.layers",
+    HandAttr("megatron_dataeff/inference/kv_cache.py", "for layer in model.decoder.layers",
              "megatron.core.transformer.transformer_block.TransformerBlock", ["layers"]),
-    HandAttr("megatron_dataeff/export/kv_cache.py", "layer.self_attention.attn_mask_type",
+    HandAttr("megatron_dataeff/inference/kv_cache.py", "layer.self_attention.attn_mask_type",
              "megatron.core.transformer.transformer_layer.TransformerLayer", ["self_attention"]),
-    HandAttr("megatron_dataeff/export/kv_cache.py", "layer.self_attention.attn_mask_type", SELF_ATTENTION,
+    HandAttr("megatron_dataeff/inference/kv_cache.py", "layer.self_attention.attn_mask_type", SELF_ATTENTION,
              ["attn_mask_type"]),
-    HandAttr("megatron_dataeff/export/kv_cache.py", "attn.num_query_groups_per_partition", SELF_ATTENTION,
+    HandAttr("megatron_dataeff/inference/kv_cache.py", "attn.num_query_groups_per_partition", SELF_ATTENTION,
              ["num_query_groups_per_partition", "key_hidden_size", "val_hidden_size", "layer_number"]),
-    HandAttr("megatron_dataeff/export/kv_cache.py", "context.key_value_memory_dict[",
+    HandAttr("megatron_dataeff/inference/kv_cache.py", "context.key_value_memory_dict[",
              "megatron.core.inference.contexts.StaticInferenceContext",
              ["key_value_memory_dict", "sequence_len_offset"]),
     # models/layer_specs.py: the spec returned by get_gpt_layer_local_spec
@@ -230,12 +230,12 @@ class HandSourceRef:
 
 
 HAND_SOURCE_REFS = [
-    HandSourceRef("megatron_dataeff/training/checkpointing.py", "def _check_files",
+    HandSourceRef("megatron_dataeff/training/checkpointing.py", "def check_checkpoint_files",
                   "megatron.core.dist_checkpointing.serialization.save", "save_common",
                   "_check_files requires common.pt in every checkpoint; a save that no longer writes it "
                   "(the common state stored as a shard instead) makes every load fail as 'incomplete'",
                   only_if='"common.pt"', unless="no common.pt"),
-    HandSourceRef("megatron_dataeff/export/kv_cache.py", "inference_context=self._context",
+    HandSourceRef("megatron_dataeff/inference/kv_cache.py", "inference_context=self._context",
                   GPT_MODEL + "._postprocess", "InferenceMode",
                   "GPTModel now applies inference behaviour (last-token-only logits) only inside "
                   "megatron.core.inference.utils.InferenceMode.active(); called without it, KVCacheLogits "
@@ -265,11 +265,11 @@ HAND_CALLS = [
     # GPTModel.forward(input_ids, position_ids, attention_mask, ...): via nn.Module.__call__
     HandCall("megatron_dataeff/training/loop.py", "model", GPT_MODEL + ".forward", "labels=labels",
              ("input_ids", "position_ids", "attention_mask")),
-    HandCall("megatron_dataeff/export/kv_cache.py", "self.model", GPT_MODEL + ".forward", "inference_context=",
+    HandCall("megatron_dataeff/inference/kv_cache.py", "self.model", GPT_MODEL + ".forward", "inference_context=",
              ("input_ids", "position_ids", "attention_mask")),
     HandCall("megatron_dataeff/evaluation/scoring.py", "self.model", GPT_MODEL + ".forward", "",
              ("input_ids", "position_ids", "attention_mask")),
-    HandCall("tools/generate.py", "model", GPT_MODEL + ".forward", "pos, None",
+    HandCall("megatron_dataeff/inference/generate.py", "model", GPT_MODEL + ".forward", "pos, None",
              ("input_ids", "position_ids", "attention_mask")),
     HandCall("tests/test_attention.py", "model", GPT_MODEL + ".forward", "pos, None",
              ("input_ids", "position_ids", "attention_mask")),

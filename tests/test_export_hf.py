@@ -50,7 +50,7 @@ def make_checkpoint(save_dir, flags, seed=0):
 
 
 def megatron_logits(ckpt, tokens):
-    from megatron_dataeff.training.checkpointing import load_model_for_inference
+    from megatron_dataeff.inference.loading import load_model_for_inference
 
     model, _, _ = load_model_for_inference(ckpt)
     pos = torch.arange(tokens.shape[1])[None, :].expand(tokens.shape[0], -1)
@@ -209,7 +209,7 @@ def test_bf16_export_is_bf16_and_close(exports, tmp_path):
 def test_export_replaces_only_when_complete(exports, tmp_path, monkeypatch):
     """A failing export leaves the previous export intact (and no temporary directory); a directory
     that is not an export is never replaced."""
-    from megatron_dataeff.training.checkpointing import load_model_for_inference
+    from megatron_dataeff.inference.loading import load_model_for_inference
 
     ckpt, _ = exports["llama-gqa-tied"]
     model, cfg, meta = load_model_for_inference(ckpt)

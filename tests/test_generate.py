@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_dataeff.export.hf_export import export_checkpoint
-from megatron_dataeff.export.sampling import ar_generate, diffusion_generate
+from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
 from tests.test_export_hf import make_checkpoint
 from tools.generate import main as generate_main
 
@@ -56,7 +56,7 @@ def test_ar_sampling_is_seeded(models, capsys):
     """Same seed, same sample; another seed, another; top-k 1 is greedy; exported HF sampling runs."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_dataeff.training.checkpointing import load_model_for_inference
+    from megatron_dataeff.inference.loading import load_model_for_inference
 
     ckpt, hf = models["llama"]
     model, _, _ = load_model_for_inference(ckpt)
@@ -81,8 +81,8 @@ def test_ar_sampling_is_seeded(models, capsys):
 def test_kv_cache_gives_the_full_recompute_tokens(models, capsys, name):
     """Greedy decoding with the KV cache (the default) = --no-kv-cache, on one prompt (CLI) and on a
     batch of two (seeded sampling too); each step's logits agree to reduction order."""
-    from megatron_dataeff.export.kv_cache import KVCacheLogits
-    from megatron_dataeff.training.checkpointing import load_model_for_inference
+    from megatron_dataeff.inference.kv_cache import KVCacheLogits
+    from megatron_dataeff.inference.loading import load_model_for_inference
 
     ckpt, _ = models[name]
     args = ["--load", ckpt, "--prompt", PROMPT, "--max-new-tokens", "40"]
@@ -119,8 +119,8 @@ def test_kv_cache_gives_the_full_recompute_tokens(models, capsys, name):
 def test_kv_cache_restarts_on_new_ids_and_refuses_misuse(models):
     """Ids that do not extend the cached ones start a new cache; too long a sequence, a model in
     training mode and a bidirectional (mdm) model are refused."""
-    from megatron_dataeff.export.kv_cache import KVCacheLogits
-    from megatron_dataeff.training.checkpointing import load_model_for_inference
+    from megatron_dataeff.inference.kv_cache import KVCacheLogits
+    from megatron_dataeff.inference.loading import load_model_for_inference
 
     model, _, _ = load_model_for_inference(models["llama"][0])
     cache = KVCacheLogits(model, max_length=12)

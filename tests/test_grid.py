@@ -10,7 +10,7 @@ import sys
 
 from tests.conftest import ROOT
 
-from megatron_dataeff.evaluation.grid import METHODS, PAPER_METHODS, SCALES, run_flags
+from megatron_dataeff.experiments.grid import METHODS, PAPER_METHODS, SCALES, run_flags
 
 
 def _env():

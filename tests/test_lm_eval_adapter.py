@@ -63,7 +63,7 @@ def test_loglikelihood_rolling_ar_counts_every_token_once():
 @pytest.mark.skipif(not LM_EVAL_AVAILABLE, reason="lm-evaluation-harness is not installed "
                                                   "(pip install 'lm_eval>=0.4,<0.5'); adapter tested directly above")
 def test_lm_eval_end_to_end_on_local_tasks(tmp_path):
-    """`tools/lm_eval.py --model megatron_dataeff` runs local multiple-choice, perplexity and
+    """`tools/run_lm_eval.py --model megatron_dataeff` runs local multiple-choice, perplexity and
     generation tasks (tests/assets/lm_eval, no download) on a tiny diffusion checkpoint."""
     run = tmp_path / "run"
     run_pretrain(["--objective", "mdm", "--num-layers", "1", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -75,7 +75,7 @@ def test_lm_eval_end_to_end_on_local_tasks(tmp_path):
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
     out_dir = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "lm_eval.py"), "--model", "megatron_dataeff",
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "run_lm_eval.py"), "--model", "megatron_dataeff",
                            "--model_args", f"load={run / 'ckpt'},mc_samples=2",
                            "--tasks", "dataeff_tiny_choice,dataeff_tiny_rolling,dataeff_tiny_generate",
                            "--include_path", str(ROOT / "tests" / "assets" / "lm_eval"),

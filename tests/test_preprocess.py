@@ -488,7 +488,7 @@ def test_partition_that_dies_leaves_nothing(tmp_path, monkeypatch):
     other partitions are stopped and no partial or temporary file is left."""
     import megatron_dataeff.data.partitions as partitions
 
-    real = partitions._partition_main
+    real = partitions.run_partition
 
     def dying(index, spec, pieces, prefixes, *args):
         if index == 1:
@@ -497,7 +497,7 @@ def test_partition_that_dies_leaves_nothing(tmp_path, monkeypatch):
             os._exit(3)
         real(index, spec, pieces, prefixes, *args)
 
-    monkeypatch.setattr(partitions, "_partition_main", dying)
+    monkeypatch.setattr(partitions, "run_partition", dying)
     inputs, _ = _partition_corpus(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(PreprocessError, match="partition 1 .* exit code 3"):
@@ -523,3 +523,20 @@ def test_cli_split_sentences_partitions(tmp_path):
                      log_stream=open(os.devnull, "w"))
     assert _same_dataset(f"{out}_text_sentence", ref.outputs["text"])
     assert sorted(os.listdir(out.parent)) == ["ds_text_sentence.bin", "ds_text_sentence.idx"]
+
+
+def test_summary_counts_are_summed_by_name():
+    """The counts a partition sends are the summary's count fields, added up by name; the run's other
+    fields (files, bytes, partitions) are not counts, and a missing count is an error, not a zero."""
+    from megatron_dataeff.data.preprocess_summary import COUNT_FIELDS, PreprocessSummary
+
+    assert {"documents", "tokens", "invalid_skipped", "blank_lines"} <= set(COUNT_FIELDS)
+    assert not {"outputs", "input_bytes", "seconds", "files", "dtype", "partitions"} & set(COUNT_FIELDS)
+    part = PreprocessSummary({}, files=3, input_bytes=10, **{name: i + 1 for i, name in enumerate(COUNT_FIELDS)})
+    total = PreprocessSummary({}, files=3, input_bytes=10)
+    total.add_counts(part.counts())
+    total.add_counts(part.counts())
+    assert total.counts() == {name: 2 * (i + 1) for i, name in enumerate(COUNT_FIELDS)}
+    assert (total.files, total.input_bytes, total.partitions) == (3, 10, 1)
+    with pytest.raises(KeyError):
+        total.add_counts({name: 1 for name in COUNT_FIELDS[1:]})

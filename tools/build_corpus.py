@@ -13,13 +13,11 @@ ahead of time and prints the prefix to pass as `--data-path`.  It is the same pi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args  # noqa: E402
-from megatron_dataeff.data.corpus import embedded_corpus, write_jsonl  # noqa: E402
+from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args
+from megatron_dataeff.data.corpus import embedded_corpus, write_jsonl
 
 
 def main(argv=None) -> int:

@@ -7,14 +7,9 @@
 Reads with pyarrow (no `datasets` needed); same output and flags as tools/preprocess_data.py.
 """
 
-from __future__ import annotations
-
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from preprocess_data import main  # noqa: E402  (the same tool; this name is for discoverability)
+from megatron_dataeff.data.preprocess_cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__.split("\n\n")[0]))

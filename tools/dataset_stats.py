@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_dataeff.data.dataset_tools import dataset_stats, training_tokens  # noqa: E402
+from megatron_dataeff.data.dataset_tools import dataset_stats, training_tokens
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,6 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore")

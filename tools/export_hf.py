@@ -10,11 +10,8 @@ megatron_dataeff/export/hf_mapping.py).  OUTPUT is replaced only once the new ex
 """
 
 import argparse
-import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:

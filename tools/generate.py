@@ -16,11 +16,8 @@ the same tokens as the exported model's `generate`.  --json prints one line:
 
 import argparse
 import json
-import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,55 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def generate(args) -> dict:
-    """{"text", "token_ids"} for parsed arguments."""
-    import torch
-
-    from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
-    from megatron_dataeff.export.kv_cache import KVCacheLogits
-    from megatron_dataeff.export.sampling import ar_generate, diffusion_generate
-    from megatron_dataeff.training.checkpointing import load_model_for_inference
-
-    model, cfg, meta = load_model_for_inference(args.load, args.iteration, device=args.device)
-    tokenizer = tokenizer_from_meta(meta["tokenizer"])
-    eod = meta["tokenizer"].get("eod")  # None: a tokenizer without EOS/SEP; AR then runs to the end
-    prompt = torch.tensor([tokenizer.tokenize(args.prompt)], dtype=torch.long)
-    if prompt.shape[1] == 0:
-        raise ValueError("--prompt encodes to no tokens")
-    device = next(model.parameters()).device
-    rows = model.embedding.word_embeddings.weight.shape[0]
-    padding = range(meta["vocab_ids"], rows)
-    generator = torch.Generator().manual_seed(args.seed)
-
-    def logits_fn(ids):
-        ids = ids.to(device)
-        pos = torch.arange(ids.shape[1], device=device)[None, :].expand(ids.shape[0], -1)
-        return model(ids, pos, None)
-
-    if cfg.objective.bidirectional:
-        out = diffusion_generate(logits_fn, prompt, args.max_new_tokens, args.block_length, args.steps,
-                                 args.temperature, meta["mask_token_id"], generator, suppress_ids=padding)
-    else:
-        fn = logits_fn if args.no_kv_cache else KVCacheLogits(model, prompt.shape[1] + args.max_new_tokens)
-        out = ar_generate(fn, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          generator, eos_token_id=eod,
-                          suppress_ids=list(padding) + [meta["mask_token_id"]])
-    new = out[0, prompt.shape[1]:].tolist()
-    text_ids = new[: new.index(eod)] if eod in new else new
-    return {"text": tokenizer.detokenize(text_ids), "token_ids": new}
-
-
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
 
-    from megatron_dataeff.training.checkpointing import CheckpointError
+    from megatron_dataeff.errors import UserError
+    from megatron_dataeff.inference.generate import generate_text
     from megatron_dataeff.training.distributed import owned_process_group
 
     try:
         with owned_process_group():
-            result = generate(args)
-    except (CheckpointError, ValueError) as exc:
+            result = generate_text(args.load, args.prompt, args.max_new_tokens, iteration=args.iteration,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   seed=args.seed, steps=args.steps, block_length=args.block_length,
+                                   kv_cache=not args.no_kv_cache, device=args.device)
+    except (UserError, ValueError) as exc:  # bad flags or checkpoint (the samplers check their arguments)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(json.dumps(result) if args.json else result["text"], flush=True)

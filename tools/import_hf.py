@@ -10,11 +10,8 @@ with the model shape it records (the printed --make-vocab-size-divisible-by in p
 """
 
 import argparse
-import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:

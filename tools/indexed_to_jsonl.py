@@ -7,13 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args  # noqa: E402
-from megatron_dataeff.data.dataset_tools import indexed_to_jsonl  # noqa: E402
+from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args
+from megatron_dataeff.data.dataset_tools import indexed_to_jsonl
 
 
 def main(argv=None) -> int:

@@ -11,9 +11,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_dataeff.data.dataset_tools import merge_indexed  # noqa: E402
+from megatron_dataeff.data.dataset_tools import merge_indexed
 
 
 def _prefixes(inputs: list[str]) -> list[str]:

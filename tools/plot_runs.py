@@ -14,8 +14,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -23,7 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="where to write (default: DIR/report of the first DIR)")
     p.add_argument("--prefix", default="", help="file name prefix, e.g. tiny_grid_")
     args = p.parse_args(argv)
-    from megatron_dataeff.evaluation.report import (find_runs, markdown_table, plot_loss_curve, plot_runs, summarise,
+    from megatron_dataeff.experiments.report import (find_runs, markdown_table, plot_loss_curve, plot_runs, summarise,
                                                     write_csv)
 
     runs = find_runs(args.dirs)

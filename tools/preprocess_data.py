@@ -14,80 +14,9 @@ NLTK's punkt model as Megatron-LM does (pip install nltk; python -m nltk.downloa
 merges them; the output is the same bytes as with one partition.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args  # noqa: E402
-from megatron_dataeff.data.preprocess import (  # noqa: E402
-    INPUT_FORMATS, SENTENCE_SPLITTERS, PreprocessError, preprocess)
-
-
-def get_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_tokenizer_args(parser)
-    g = parser.add_argument_group("input data")
-    g.add_argument("--input", required=True, nargs="+", help="files, globs or directories")
-    g.add_argument("--input-format", choices=INPUT_FORMATS, help="default: from each file's extension")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys (columns) to tokenize, one output each")
-    g.add_argument("--skip-invalid", action="store_true",
-                   help="skip records that are not JSON, not UTF-8 or lack a key, instead of stopping")
-    g.add_argument("--split-sentences", action="store_true",
-                   help="one sequence per sentence (NLTK punkt); output {prefix}_{key}_sentence.bin/.idx")
-    g.add_argument("--keep-newlines", action="store_true",
-                   help="with --split-sentences: keep the whitespace and newlines after each sentence in it")
-    g.add_argument("--sentence-splitter", choices=SENTENCE_SPLITTERS, default=None,
-                   help="punkt (default): NLTK's trained model for --lang, as Megatron-LM (needs its data: python "
-                        "-m nltk.downloader punkt_tab); punkt-untrained: no model data needed, but it knows no "
-                        "abbreviations, so its output is NOT the same as Megatron-LM's")
-    g.add_argument("--lang", default="english", help="language of the punkt model for --split-sentences")
-    g = parser.add_argument_group("tokenization process")
-    g.add_argument("--append-eod", action="store_true", help="append the EOD id to each document")
-    g = parser.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True,
-                   help="output is {prefix}_{key}_document.bin/.idx ({prefix}_{key}_sentence with --split-sentences)")
-    g = parser.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="worker processes (1: tokenize in this process)")
-    g.add_argument("--partitions", type=int, default=1,
-                   help="processes tokenizing contiguous parts of the input, sharing --workers; same output as 1")
-    g.add_argument("--keep-sequential-samples", action="store_true",
-                   help="accepted for compatibility: documents always keep the input order, with any --partitions")
-    g.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
-    if args.partitions < 1:
-        parser.error("--partitions must be >= 1")
-    if not args.split_sentences and (args.keep_newlines or args.sentence_splitter):
-        # Megatron-LM ignores --keep-newlines without --split-sentences; so do we, but say so.
-        print("warning: --keep-newlines/--sentence-splitter have no effect without --split-sentences", file=sys.stderr)
-    return args
-
-
-def main(argv=None) -> int:
-    args = get_args(argv)
-    try:
-        tokenizer = tokenizer_from_args(args)
-        summary = preprocess(args.input, args.output_prefix, tokenizer, json_keys=args.json_keys,
-                             append_eod=args.append_eod, workers=args.workers, log_interval=args.log_interval,
-                             input_format=args.input_format, skip_invalid=args.skip_invalid,
-                             split_sentences=args.split_sentences, keep_newlines=args.keep_newlines,
-                             sentence_splitter=args.sentence_splitter or "punkt", lang=args.lang,
-                             partitions=args.partitions)
-    except (PreprocessError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
-    print(summary.describe(), file=sys.stderr)
-    return 0
-
+from megatron_dataeff.data.preprocess_cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__.split("\n\n")[0]))

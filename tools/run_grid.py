@@ -17,7 +17,7 @@ On several nodes (the same command on each, output on a shared filesystem) every
 training; only node 0 (NODE_RANK=0) writes grid.json and runs the evaluations and the other nodes
 stop after the training phase, so no file is written twice and no node waits on another's evaluation at
 a rendezvous.  Nodes other than 0 log to train.node{N}.log.  Methods and scales:
-megatron_dataeff/evaluation/grid.py.
+megatron_dataeff/experiments/grid.py.
 """
 
 import argparse
@@ -29,10 +29,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from megatron_dataeff.evaluation.grid import METHODS, SCALES, run_flags, run_name  # noqa: E402
-from megatron_dataeff.atomic import write_text_atomic  # noqa: E402
+from megatron_dataeff.experiments.grid import METHODS, SCALES, run_flags, run_name
+from megatron_dataeff.atomic import write_text_atomic
 
 
 def _final_valid(run_dir: str, train_iters: int) -> bool:

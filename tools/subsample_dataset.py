@@ -11,12 +11,10 @@ their original order.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_dataeff.data.dataset_tools import subsample_indexed  # noqa: E402
+from megatron_dataeff.data.dataset_tools import subsample_indexed
 
 
 def main(argv=None) -> int:

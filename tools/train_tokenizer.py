@@ -9,15 +9,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_dataeff.data.preprocess import PreprocessError  # noqa: E402
-from megatron_dataeff.data.tokenizer_training import (  # noqa: E402
+from megatron_dataeff.data.preprocess import PreprocessError
+from megatron_dataeff.data.tokenizer_training import (
     default_num_threads, iter_training_texts, train_byte_level_bpe, train_sentencepiece)
-from megatron_dataeff.data.tokenizers import build_tokenizer  # noqa: E402
+from megatron_dataeff.data.tokenizers import build_tokenizer
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,8 @@
 the output is the same bytes as with one partition. Nothing is left behind, whatever happens: the
 temporary folder is removed and a failed or stopped run publishes no output.
 
-The tokenizing itself is the engine's (`preprocess._run_pieces`); it is imported lazily, as the engine
-imports this module.
+The tokenizing itself is the engine's (`tokenize_blocks.tokenize_pieces`); each partition's process sends
+its counts (`PreprocessSummary.counts`) to the main process, which adds them up.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import TYPE_CHECKING
 
 from megatron_dataeff.data.indexed import IndexedDatasetWriter, publish_all
-from megatron_dataeff.data.inputs import PreprocessError, _Piece
-
-if TYPE_CHECKING:
-    from megatron_dataeff.data.preprocess import _BlockResult, _WorkerSpec
+from megatron_dataeff.data.inputs import Piece, PreprocessError
+from megatron_dataeff.data.preprocess_summary import COUNT_FIELDS, PreprocessSummary
+from megatron_dataeff.data.tokenize_blocks import (BlockResult, WorkerSpec, mp_context, raise_interrupt,
+                                                   tokenize_pieces)
 
 
 def _line_start_at_or_after(path: str, offset: int) -> int:
@@ -43,7 +42,7 @@ def _line_start_at_or_after(path: str, offset: int) -> int:
             pos += len(chunk)
 
 
-def partition_inputs(files: list[tuple[str, str]], partitions: int) -> list[list[_Piece]]:
+def partition_inputs(files: list[tuple[str, str]], partitions: int) -> list[list[Piece]]:
     """`files` cut into at most `partitions` contiguous runs of about equal size, in input order.
 
     Uncompressed JSONL files are cut between lines wherever a partition boundary falls inside them;
@@ -52,7 +51,7 @@ def partition_inputs(files: list[tuple[str, str]], partitions: int) -> list[list
     sizes = [os.path.getsize(p) for p, _ in files]
     total = sum(sizes)
     bounds = [total * i // partitions for i in range(1, partitions)]
-    parts: list[list[_Piece]] = [[] for _ in range(partitions)]
+    parts: list[list[Piece]] = [[] for _ in range(partitions)]
     base = 0
     for (path, fmt), size in zip(files, sizes):
         if fmt == "jsonl" and not path.endswith(".gz") and size > 0:
@@ -61,32 +60,31 @@ def partition_inputs(files: list[tuple[str, str]], partitions: int) -> list[list
             ends = starts[1:] + [size]
             for raw, start, end in zip([base] + inner, starts, ends):
                 if end > start:
-                    parts[bisect.bisect_right(bounds, raw)].append(_Piece(path, fmt, start, end))
+                    parts[bisect.bisect_right(bounds, raw)].append(Piece(path, fmt, start, end))
         else:
-            parts[bisect.bisect_right(bounds, base + size // 2)].append(_Piece(path, fmt))
+            parts[bisect.bisect_right(bounds, base + size // 2)].append(Piece(path, fmt))
         base += size
     return [p for p in parts if p]
 
 
-def _partition_main(index: int, spec: _WorkerSpec, pieces: list[_Piece], prefixes: dict, workers: int,
-                    block_bytes: int, conn) -> None:
+def run_partition(index: int, spec: WorkerSpec, pieces: list[Piece], prefixes: dict, workers: int,
+                  block_bytes: int, conn) -> None:
     """One partition's process: `pieces` -> complete datasets at `prefixes` (key -> prefix), reporting
-    ("progress", counts, bytes done, first invalid record), then ("done", counts) or ("error", message)."""
-    from megatron_dataeff.data.preprocess import PreprocessSummary, _raise_interrupt, _run_pieces  # the engine
-
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    ("progress", counts, bytes done, first invalid record), then ("done", counts) or ("error", message);
+    counts are `PreprocessSummary.counts()`, name -> value."""
+    signal.signal(signal.SIGTERM, raise_interrupt)
     counts = PreprocessSummary(dict(prefixes))
     writers: list[IndexedDatasetWriter] = []
     try:
         writers = [IndexedDatasetWriter(prefixes[k], dtype=spec.dtype) for k in spec.keys]
 
-        def on_result(result: _BlockResult) -> None:
-            counts._add(result, spec.keys[0])
-            conn.send(("progress", counts._counts(), result.progress, result.first_invalid))
+        def on_result(result: BlockResult) -> None:
+            counts.add_block(result, spec.keys[0])
+            conn.send(("progress", counts.counts(), result.progress, result.first_invalid))
 
-        _run_pieces(pieces, writers, spec, workers, block_bytes, None, on_result)
+        tokenize_pieces(pieces, writers, spec, workers, block_bytes, None, on_result)
         publish_all(writers)
-        conn.send(("done", counts._counts()))
+        conn.send(("done", counts.counts()))
     except KeyboardInterrupt:  # stopped by the main process (or Ctrl-C): it reports
         for w in writers:
             w.abort()
@@ -127,11 +125,11 @@ def _stop(procs) -> None:
             p.join()
 
 
-def run_partitions(parts: list[list[_Piece]], spec, workers, block_bytes, summary, progress, log) -> None:
+def run_partitions(parts: list[list[Piece]], spec: WorkerSpec, workers: int, block_bytes: int,
+                   summary: PreprocessSummary, progress, log) -> None:
     """Each part in its own process into a partial dataset (in a temporary folder next to the output),
-    then the partials appended in order into the output; the folder is removed whatever happens."""
-    from megatron_dataeff.data.preprocess import _COUNTS, _check_documents, _mp_context  # the engine
-
+    then the partials appended in order into the output; the folder is removed whatever happens.
+    `progress.update(documents, tokens, bytes done)` is called as the partitions report."""
     n = len(parts)
     shares = [max(1, workers // n + (i < workers % n)) for i in range(n)]
     first = summary.outputs[spec.keys[0]]
@@ -139,18 +137,18 @@ def run_partitions(parts: list[list[_Piece]], spec, workers, block_bytes, summar
     os.makedirs(directory, exist_ok=True)
     tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(first)}.partitions-", dir=directory)
     partial = [{k: os.path.join(tmpdir, f"part{i:04d}_{k}") for k in spec.keys} for i in range(n)]
-    ctx = _mp_context()
+    ctx = mp_context()
     procs: list = []
     conns: list = []
     writers: list[IndexedDatasetWriter] = []
-    latest = [((0,) * len(_COUNTS), 0) for _ in range(n)]
+    latest = [(dict.fromkeys(COUNT_FIELDS, 0), 0) for _ in range(n)]
     finals: dict = {}
     errors: dict = {}
     shown_invalid = False
     try:
         for i in range(n):
             recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_partition_main, name=f"preprocess-partition-{i}",
+            proc = ctx.Process(target=run_partition, name=f"preprocess-partition-{i}",
                                args=(i, spec, parts[i], partial[i], shares[i], block_bytes, send))
             proc.start()
             send.close()
@@ -177,13 +175,13 @@ def run_partitions(parts: list[list[_Piece]], spec, workers, block_bytes, summar
                 if i not in live and i not in finals and i not in errors:
                     errors[i] = (f"partition {i} ({parts[i][0].path} ...) stopped with exit code "
                                  f"{procs[i].exitcode} before finishing")
-            done = [sum(c[j] for c, _ in latest) for j in range(len(_COUNTS))]
-            progress.update(done[0], done[2], sum(b for _, b in latest))
+            progress.update(sum(c["documents"] for c, _ in latest), sum(c["tokens"] for c, _ in latest),
+                            sum(b for _, b in latest))
         if errors:
             raise PreprocessError(errors[min(errors)])
         for i in range(n):
-            summary._add_counts(finals[i])
-        _check_documents(summary, parts)
+            summary.add_counts(finals[i])
+        summary.check_documents(parts)
         print(f"merging {n} partitions", file=log, flush=True)
         writers = [IndexedDatasetWriter(summary.outputs[k], dtype=spec.dtype) for k in spec.keys]
         for w, k in zip(writers, spec.keys):

@@ -1,1 +1,2 @@
-"""Evaluation: validation NLL / ELBO, multiple-choice likelihood, offline tasks, lm-eval adapter, grid reports."""
+"""Evaluation: validation NLL / ELBO, multiple-choice likelihood, offline tasks, lm-eval adapter,
+effective-data fits."""

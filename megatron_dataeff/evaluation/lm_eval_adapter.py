@@ -1,6 +1,6 @@
 """lm-evaluation-harness (0.4.x) model `megatron_dataeff`: AR and masked-diffusion checkpoints.
 
-    python tools/lm_eval.py --model megatron_dataeff --model_args load=runs/mdm/checkpoints,mc_samples=32 \
+    python tools/run_lm_eval.py --model megatron_dataeff --model_args load=runs/mdm/checkpoints,mc_samples=32 \
         --tasks hellaswag,piqa --batch_size 16
 
 model_args: `load` (a --save directory or iter_N directory), `iteration`, `mc_samples` (diffusion
@@ -155,7 +155,7 @@ class MegatronDataEffLM(_LMBase):
         """Continue `context` by up to max_new_tokens tokens (greedy at temperature 0)."""
         import torch
 
-        from megatron_dataeff.export.sampling import ar_generate, diffusion_generate
+        from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
 
         sc = self.scorer
         n_new = max(1, min(int(max_new_tokens), sc.max_length - 1))
@@ -186,11 +186,11 @@ class MegatronDataEffLM(_LMBase):
         return sc.tokenizer.detokenize(new)
 
     def _cached_logits_fn(self, max_length: int):
-        """sc.logits_fn's contract (float32, padding rows -inf) decoded with a KV cache (export/kv_cache.py)
+        """sc.logits_fn's contract (float32, padding rows -inf) decoded with a KV cache (inference/kv_cache.py)
         when the model is a megatron-core GPTModel; any other model recomputes the sequence each step."""
         from megatron.core.models.gpt import GPTModel
 
-        from megatron_dataeff.export.kv_cache import KVCacheLogits
+        from megatron_dataeff.inference.kv_cache import KVCacheLogits
 
         sc = self.scorer
         if not isinstance(sc.model, GPTModel):

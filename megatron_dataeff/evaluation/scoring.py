@@ -96,7 +96,7 @@ class ModelScorer:
                         batch_size: int = 32, seed: Optional[int] = None) -> "ModelScorer":
         """A scorer for a `--save` directory (its latest checkpoint) or one `iter_N` directory."""
         from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
-        from megatron_dataeff.training.checkpointing import load_model_for_inference
+        from megatron_dataeff.inference.loading import load_model_for_inference
 
         model, cfg, meta = load_model_for_inference(path, iteration=iteration, device=device)
         tokenizer = tokenizer_from_metadata(meta["tokenizer"])

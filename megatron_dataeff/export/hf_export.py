@@ -46,7 +46,7 @@ def parse_size(size) -> int:
 def export_checkpoint(load: str, output: str, iteration: int | None = None, dtype: str | None = None,
                       max_shard_size="2GB") -> str:
     """Export the checkpoint at `load` (a --save directory or one iter_N directory) to `output`."""
-    from megatron_dataeff.training.checkpointing import load_model_for_inference
+    from megatron_dataeff.inference.loading import load_model_for_inference
 
     _check_output(output)
     model, cfg, meta = load_model_for_inference(load, iteration, device="cpu", dtype=torch.float32)

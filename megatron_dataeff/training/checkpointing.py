@@ -221,7 +221,7 @@ def check_compatible(ckpt: str, meta: dict, trainer) -> None:
         raise CheckpointError(f"{ckpt} does not fit this model:\n  " + "\n  ".join(diffs))
 
 
-def _check_files(ckpt: str, meta: dict) -> None:
+def check_checkpoint_files(ckpt: str, meta: dict) -> None:
     """The files dist_checkpointing needs, present (before any collective work).
 
     megatron-core up to 0.18 writes the common state to `common.pt` and needs it to load; 0.19 keeps it
@@ -243,6 +243,18 @@ def _check_files(ckpt: str, meta: dict) -> None:
                               f"{installed}, installed here, cannot read it: install megatron-core >= 0.19")
 
 
+def load_sharded(request: dict, ckpt: str, what: str) -> dict:
+    """dist_checkpointing.load of `request` from `ckpt`; any failure is a CheckpointError naming it."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(request, ckpt)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
+        raise CheckpointError(f"{ckpt}: cannot load {what} state: {type(exc).__name__}: {exc}") from exc
+
+
 def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG state from DIR (its latest checkpoint by default).
 
@@ -250,23 +262,15 @@ def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = 
     and starts at iteration 0 with a fresh optimizer.  RNG states are restored when the layout is
     the one they were saved at (dropout masks then continue exactly); otherwise they are reseeded.
     """
-    from megatron.core import dist_checkpointing
-
     ckpt = resolve_checkpoint(load_dir, iteration)
     meta = read_metadata(ckpt)
     check_compatible(ckpt, meta, trainer)
-    _check_files(ckpt, meta)
+    check_checkpoint_files(ckpt, meta)
     model_only = finetune or meta.get("model_only", False)
     same_layout = meta.get("layout") == dict(zip(("pp", "tp", "dp"), _layout(trainer)))
     with_rng = same_layout and not model_only
     request = _sharded_state(trainer, is_loading=True, with_optimizer=not model_only, with_rng=with_rng)
-    try:
-        state = dist_checkpointing.load(request, ckpt)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
-        raise CheckpointError(f"{ckpt}: cannot load {'model' if model_only else 'model/optimizer'} state: "
-                              f"{type(exc).__name__}: {exc}") from exc
+    state = load_sharded(request, ckpt, "model" if model_only else "model/optimizer")
     trainer.model[0].module.load_state_dict(state["model"])
     if model_only:
         trainer.log.print(f" loaded weights of {ckpt} (model only: iteration 0, fresh optimizer)")
@@ -324,41 +328,3 @@ def resolve_checkpoint(path: str, iteration: int | None = None) -> str:
     if not os.path.isdir(ckpt):
         raise CheckpointError(f"{path}: no checkpoint for iteration {iteration} ({ckpt} is missing)")
     return ckpt
-
-
-def load_model_for_inference(path: str, iteration: int | None = None, device: str = "cpu",
-                             dtype=None):
-    """(model, RunConfig, metadata): the model of a checkpoint of any TP/PP layout, in this process.
-
-    Starts a 1-process group at TP=PP=1 when none exists (dist_checkpointing reshards the saved
-    layout into it). `path` is a `--save` directory or one `iter_N` directory.
-    """
-    import torch
-    from megatron.core import dist_checkpointing
-
-    from megatron_dataeff.config import RunConfig
-    from megatron_dataeff.models.builder import build_model
-    from megatron_dataeff.training.distributed import initialize
-
-    ckpt = resolve_checkpoint(path, iteration)
-    meta = read_metadata(ckpt)
-    _check_files(ckpt, meta)
-    cfg = RunConfig.from_dict(meta["config"])
-    cfg.parallel.tensor_model_parallel_size = 1
-    cfg.parallel.pipeline_model_parallel_size = 1
-    cfg.parallel.device = device
-    cfg.optim.global_batch_size = None
-    cfg.validate_layout(1)
-    runtime = initialize(1, 1, cfg.optim.seed, device)
-    model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True)
-    try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
-        raise CheckpointError(f"{ckpt}: cannot load the model weights: {exc}") from exc
-    model.load_state_dict(state["model"])
-    if dtype is not None:
-        model = model.to(dtype)
-    model.eval()
-    return model, cfg, meta

@@ -114,7 +114,7 @@ def summarise_run(run: Run, reference: Optional[Run]) -> dict:
 
 def summarise(runs: list[Run]) -> list[dict]:
     """One row per method: mean and std over seeds of each per-run figure."""
-    from megatron_dataeff.evaluation.grid import METHODS, reference_of
+    from megatron_dataeff.experiments.grid import METHODS, reference_of
 
     refs = {(r.method, r.seed): r for r in runs if r.method.endswith("_fresh")}
     per_run = []

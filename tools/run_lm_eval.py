@@ -1,21 +1,14 @@
 """Run lm-evaluation-harness (0.4.x) on a megatron_dataeff checkpoint (AR or masked diffusion).
 
-    python tools/lm_eval.py --model megatron_dataeff --model_args load=runs/mdm/checkpoints,mc_samples=32 \
+    python tools/run_lm_eval.py --model megatron_dataeff --model_args load=runs/mdm/checkpoints,mc_samples=32 \
         --tasks hellaswag,piqa,social_iqa,winogrande,lambada_openai,arc_easy --batch_size 16
 
 Registers the model `megatron_dataeff` (megatron_dataeff/evaluation/lm_eval_adapter.py) and hands
 every argument to lm-eval's own command line (`--include_path DIR` for local task YAMLs).
 """
 
-import os
 import sys
 import warnings
-
-# This file is named like the package it drives: keep its own folder off the path so that
-# `import lm_eval` finds lm-evaluation-harness, and put the repository root on it.
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _TOOLS]
-sys.path.insert(0, os.path.dirname(_TOOLS))
 
 
 def main() -> int:

@@ -1,0 +1,54 @@
+"""Text from a checkpoint: AR decoding with a KV cache, or the masked-diffusion sampler.
+
+AR models decode left to right (greedy at temperature 0, otherwise temperature with optional top-k /
+top-p) with megatron-core's static KV cache (`kv_cache=False` recomputes the whole sequence each step:
+same greedy tokens) and stop at the tokenizer's end-of-document token.  Masked-diffusion models run the
+sampler of the exported HF modeling file (`diffusion_generate`), so the same seed gives the same tokens
+as the exported model's `generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_dataeff.errors import UserError
+
+
+def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Optional[int] = None,
+                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  seed: int = 1234, steps: Optional[int] = None, block_length: Optional[int] = None,
+                  kv_cache: bool = True, device: str = "cpu") -> dict:
+    """{"text", "token_ids"}: the continuation of `prompt` (ids without the prompt; text up to EOD)."""
+    import torch
+
+    from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
+    from megatron_dataeff.inference.kv_cache import KVCacheLogits
+    from megatron_dataeff.inference.loading import load_model_for_inference
+    from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
+
+    model, cfg, meta = load_model_for_inference(load, iteration, device=device)
+    tokenizer = tokenizer_from_meta(meta["tokenizer"])
+    eod = meta["tokenizer"].get("eod")  # None: a tokenizer without EOS/SEP; AR then runs to the end
+    ids = torch.tensor([tokenizer.tokenize(prompt)], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise UserError("--prompt encodes to no tokens")
+    dev = next(model.parameters()).device
+    rows = model.embedding.word_embeddings.weight.shape[0]
+    padding = range(meta["vocab_ids"], rows)
+    generator = torch.Generator().manual_seed(seed)
+
+    def logits_fn(x):
+        x = x.to(dev)
+        pos = torch.arange(x.shape[1], device=dev)[None, :].expand(x.shape[0], -1)
+        return model(x, pos, None)
+
+    if cfg.objective.bidirectional:
+        out = diffusion_generate(logits_fn, ids, max_new_tokens, block_length, steps, temperature,
+                                 meta["mask_token_id"], generator, suppress_ids=padding)
+    else:
+        fn = KVCacheLogits(model, ids.shape[1] + max_new_tokens) if kv_cache else logits_fn
+        out = ar_generate(fn, ids, max_new_tokens, temperature, top_k, top_p, generator, eos_token_id=eod,
+                          suppress_ids=list(padding) + [meta["mask_token_id"]])
+    new = out[0, ids.shape[1]:].tolist()
+    text_ids = new[: new.index(eod)] if eod in new else new
+    return {"text": tokenizer.detokenize(text_ids), "token_ids": new}

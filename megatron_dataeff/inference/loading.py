@@ -1,0 +1,36 @@
+"""The model of a training checkpoint of any TP/PP layout, loaded at TP=PP=1 in this process."""
+
+from __future__ import annotations
+
+from megatron_dataeff.training.checkpointing import (check_checkpoint_files, load_sharded, read_metadata,
+                                                     resolve_checkpoint)
+
+
+def load_model_for_inference(path: str, iteration: int | None = None, device: str = "cpu", dtype=None):
+    """(model, RunConfig, metadata): the model of a checkpoint of any TP/PP layout, in this process, in eval
+    mode (in `dtype` when given).
+
+    Starts a 1-process group at TP=PP=1 when none exists (dist_checkpointing reshards the saved
+    layout into it). `path` is a `--save` directory or one `iter_N` directory.
+    """
+    from megatron_dataeff.config import RunConfig
+    from megatron_dataeff.models.builder import build_model
+    from megatron_dataeff.training.distributed import initialize
+
+    ckpt = resolve_checkpoint(path, iteration)
+    meta = read_metadata(ckpt)
+    check_checkpoint_files(ckpt, meta)
+    cfg = RunConfig.from_dict(meta["config"])
+    cfg.parallel.tensor_model_parallel_size = 1
+    cfg.parallel.pipeline_model_parallel_size = 1
+    cfg.parallel.device = device
+    cfg.optim.global_batch_size = None
+    cfg.validate_layout(1)
+    runtime = initialize(1, 1, cfg.optim.seed, device)
+    model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True)
+    state = load_sharded({"model": model.sharded_state_dict()}, ckpt, "model")
+    model.load_state_dict(state["model"])
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    return model, cfg, meta
