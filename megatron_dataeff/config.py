@@ -58,10 +58,11 @@ class FieldSpec:
         return flag_name(self.name)
 
 
-def cli(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **options):
-    """A field with command-line options beside its default: `group` (the --help section it is listed
-    in), `negatable` (a bool that also gets --no-FLAG)."""
-    return field(default=default, default_factory=default_factory, metadata={"cli": options})
+def cli(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, weights: bool = False, **options):
+    """A field with options beside its default: `weights` (a model field the shape of the weights depends on:
+    a checkpoint only loads into a model with the same value), and for the command line `group` (the
+    --help section it is listed in) and `negatable` (a bool that also gets --no-FLAG)."""
+    return field(default=default, default_factory=default_factory, metadata={"cli": options, "weights": weights})
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,19 +182,19 @@ def padded_vocab_size(num_ids: int, divisible_by: int) -> int:
 class ModelConfig(_Section):
     """Shape and regularisers of the GPT model (megatron-core GPTModel)."""
 
-    num_layers: int = 4
+    num_layers: int = cli(4, weights=True)
     """Transformer layers."""
-    hidden_size: int = 128
+    hidden_size: int = cli(128, weights=True)
     """Model width."""
-    ffn_hidden_size: int = 384
+    ffn_hidden_size: int = cli(384, weights=True)
     """Inner width of the SwiGLU MLP."""
-    num_attention_heads: int = 4
+    num_attention_heads: int = cli(4, weights=True)
     """Query heads."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: Optional[int] = cli(None, weights=True)
     """Key/value heads (grouped-query attention); default: --num-attention-heads."""
-    kv_channels: Optional[int] = None
+    kv_channels: Optional[int] = cli(None, weights=True)
     """Head dimension; default: --hidden-size / --num-attention-heads."""
-    qk_layernorm: bool = cli(False, negatable=True)
+    qk_layernorm: bool = cli(False, negatable=True, weights=True)
     """RMSNorm on queries and keys (Qwen3)."""
     seq_length: int = 128
     """Tokens per sample."""
@@ -205,9 +206,9 @@ class ModelConfig(_Section):
     """RMSNorm epsilon."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
-    untie_embeddings_and_output_weights: bool = cli(False, negatable=True)
+    untie_embeddings_and_output_weights: bool = cli(False, negatable=True, weights=True)
     """A separate output layer instead of the transposed input embedding."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = cli(128, weights=True)
     """Pad the vocabulary to a multiple of this (independent of TP, so checkpoints reshard)."""
     hidden_dropout: float = cli(0.0, group=REGULARISATION)
     """Dropout on the output of each attention and MLP block, before the residual add."""
@@ -237,6 +238,11 @@ class ModelConfig(_Section):
                  "--max-position-embeddings must be >= --seq-length")
         for name in ("hidden_dropout", "attention_dropout", "mlp_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{flag_name(name)} must be in [0, 1)")
+
+
+def weight_shape_fields() -> tuple[str, ...]:
+    """The ModelConfig fields the shape of the weights depends on (declared with `cli(..., weights=True)`)."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("weights"))
 
 
 @dataclass

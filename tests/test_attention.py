@@ -75,3 +75,35 @@ def test_mlp_dropout_refuses_a_spec_whose_mlp_is_not_megatrons(megatron_cpu):
     for spec in (ModuleSpec(module=OtherMLP), functools.partial(OtherMLP.as_mlp_submodule, submodules=None)):
         with pytest.raises(NotImplementedError, match="--mlp-dropout.*RegularizedMLP"):
             _with_mlp_class(spec, RegularizedMLP)
+
+
+# another valid value of each ModelConfig field (from the --num-layers 2 tiny model)
+_OTHER_VALUE = {"num_layers": 1, "hidden_size": 64, "ffn_hidden_size": 256, "num_attention_heads": 2,
+                "num_query_groups": 4, "kv_channels": 16, "qk_layernorm": True, "seq_length": 64,
+                "max_position_embeddings": 512, "rotary_base": 500000, "norm_epsilon": 1e-6, "init_method_std": 0.01,
+                "untie_embeddings_and_output_weights": True, "make_vocab_size_divisible_by": 512,
+                "hidden_dropout": 0.1, "attention_dropout": 0.1, "mlp_dropout": 0.1}
+
+
+def test_weight_shape_fields_are_exactly_the_fields_that_change_the_weights(megatron_cpu):
+    """A checkpoint is refused when a `weights=True` ModelConfig field differs (checkpointing.check_compatible):
+    those must be exactly the fields whose change changes the model's parameter names or shapes, so a new
+    shape field cannot escape the check (real megatron-core models, one per field)."""
+    from dataclasses import fields, replace
+
+    from megatron_dataeff.config import ModelConfig, weight_shape_fields
+
+    def shapes(cfg):
+        cfg.validate_layout(1)
+        return {k: tuple(v.shape) for k, v in build_model(cfg, 258, "cpu").state_dict().items()
+                if not k.endswith("_extra_state")}
+
+    base = config_from_args(build_parser().parse_args(["--num-layers", "2", "--num-query-groups", "2"]))
+    ref = shapes(base)
+    assert set(_OTHER_VALUE) == {f.name for f in fields(ModelConfig)}, "give the new field another value above"
+    changing = set()
+    for name, value in _OTHER_VALUE.items():
+        cfg = replace(base, model=replace(base.model, **{name: value}))
+        if shapes(cfg) != ref:
+            changing.add(name)
+    assert changing == set(weight_shape_fields())

@@ -182,8 +182,14 @@ def test_checkpoint_without_common_pt_is_refused_by_older_megatron(saved, tmp_pa
     import megatron.core
     from packaging.version import Version
 
+    import megatron_dataeff
+
     meta = json.loads((saved / "iter_0000003" / "megatron_dataeff.json").read_text())
     assert meta["written_by"]["megatron_core"] == megatron.core.__version__
+    assert meta["written_by"]["megatron_dataeff"] == megatron_dataeff.__version__
+    run = json.loads((saved.parent / "first" / "run.json").read_text())
+    assert {k: run[k] for k in ("config", "tokenizer", "vocab_ids", "layout", "written_by")} == \
+        {k: meta[k] for k in ("config", "tokenizer", "vocab_ids", "layout", "written_by")}
     if Version(megatron.core.__version__).release >= (0, 19):
         pytest.skip("megatron-core >= 0.19 reads checkpoints with and without common.pt")
     broken = tmp_path / "from019"

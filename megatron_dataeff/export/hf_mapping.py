@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from megatron_dataeff.errors import UserError
+from megatron_dataeff.models.family import FAMILY_DEFAULTS, FAMILY_OPTIONS
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -48,6 +49,16 @@ class ModelShape:
     qk_layernorm: bool
     tied: bool  # output layer shares the embedding
 
+    @property
+    def q_rows(self) -> int:
+        """Rows of the query projection: heads x head_dim."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        """Rows of the key (or value) projection: groups x head_dim."""
+        return self.num_query_groups * self.head_dim
+
     @classmethod
     def from_run_config(cls, cfg, vocab_rows: int) -> "ModelShape":
         """The shape of a megatron_dataeff RunConfig's model with `vocab_rows` embedding rows."""
@@ -56,24 +67,29 @@ class ModelShape:
                    m.kv_channels, vocab_rows, bool(m.qk_layernorm), not m.untie_embeddings_and_output_weights)
 
 
-# (megatron name, HF name or names, fused kind, present when).  `{i}` is the layer index.
-WEIGHT_MAP: list[tuple[str, object, Optional[str], Optional[str]]] = [
-    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", None, None),
-    ("decoder.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", None, None),
+# (megatron name, [(HF name, HF shape)], fused kind, present when).  `{i}` is the layer index; a shape is
+# a tuple of ModelShape dimensions.  A fused megatron tensor stacks its HF parts along the rows.
+V, H, F, D, Q, KV = "vocab_rows", "hidden_size", "ffn_hidden_size", "head_dim", "q_rows", "kv_rows"
+WEIGHT_MAP: list[tuple[str, list[tuple[str, tuple[str, ...]]], Optional[str], Optional[str]]] = [
+    ("embedding.word_embeddings.weight", [("model.embed_tokens.weight", (V, H))], None, None),
+    ("decoder.layers.{i}.input_layernorm.weight", [("model.layers.{i}.input_layernorm.weight", (H,))], None, None),
     ("decoder.layers.{i}.self_attention.linear_qkv.weight",
-     ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-      "model.layers.{i}.self_attn.v_proj.weight"), "qkv", None),
-    ("decoder.layers.{i}.self_attention.q_layernorm.weight", "model.layers.{i}.self_attn.q_norm.weight", None,
-     "qk_layernorm"),
-    ("decoder.layers.{i}.self_attention.k_layernorm.weight", "model.layers.{i}.self_attn.k_norm.weight", None,
-     "qk_layernorm"),
-    ("decoder.layers.{i}.self_attention.linear_proj.weight", "model.layers.{i}.self_attn.o_proj.weight", None, None),
-    ("decoder.layers.{i}.pre_mlp_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight", None, None),
+     [("model.layers.{i}.self_attn.q_proj.weight", (Q, H)), ("model.layers.{i}.self_attn.k_proj.weight", (KV, H)),
+      ("model.layers.{i}.self_attn.v_proj.weight", (KV, H))], "qkv", None),
+    ("decoder.layers.{i}.self_attention.q_layernorm.weight", [("model.layers.{i}.self_attn.q_norm.weight", (D,))],
+     None, "qk_layernorm"),
+    ("decoder.layers.{i}.self_attention.k_layernorm.weight", [("model.layers.{i}.self_attn.k_norm.weight", (D,))],
+     None, "qk_layernorm"),
+    ("decoder.layers.{i}.self_attention.linear_proj.weight", [("model.layers.{i}.self_attn.o_proj.weight", (H, Q))],
+     None, None),
+    ("decoder.layers.{i}.pre_mlp_layernorm.weight", [("model.layers.{i}.post_attention_layernorm.weight", (H,))],
+     None, None),
     ("decoder.layers.{i}.mlp.linear_fc1.weight",
-     ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "gate_up", None),
-    ("decoder.layers.{i}.mlp.linear_fc2.weight", "model.layers.{i}.mlp.down_proj.weight", None, None),
-    ("decoder.final_layernorm.weight", "model.norm.weight", None, None),
-    ("output_layer.weight", "lm_head.weight", None, "untied"),
+     [("model.layers.{i}.mlp.gate_proj.weight", (F, H)), ("model.layers.{i}.mlp.up_proj.weight", (F, H))],
+     "gate_up", None),
+    ("decoder.layers.{i}.mlp.linear_fc2.weight", [("model.layers.{i}.mlp.down_proj.weight", (H, F))], None, None),
+    ("decoder.final_layernorm.weight", [("model.norm.weight", (H,))], None, None),
+    ("output_layer.weight", [("lm_head.weight", (V, H))], None, "untied"),
 ]
 
 # transformer-engine's spec fuses the pre-attention / pre-MLP norms into the next linear layer.
@@ -122,35 +138,28 @@ def merge_gate_up(gate: torch.Tensor, up: torch.Tensor):
 # The table, expanded
 
 
-def _entries(shape: ModelShape):
-    """(megatron name, [HF names], fused kind) of every tensor a model of this shape has."""
-    for mname, hnames, kind, when in WEIGHT_MAP:
+def _expanded(shape: ModelShape):
+    """(megatron name, [(HF name, HF shape)], fused kind) of every tensor a model of this shape has."""
+    for mname, hf, kind, when in WEIGHT_MAP:
         if when == "qk_layernorm" and not shape.qk_layernorm:
             continue
         if when == "untied" and shape.tied:
             continue
-        hnames = [hnames] if isinstance(hnames, str) else list(hnames)
         layers = range(shape.num_layers) if "{i}" in mname else [None]
         for i in layers:
             fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-            yield fmt(mname), [fmt(h) for h in hnames], kind
+            yield fmt(mname), [(fmt(h), tuple(getattr(shape, d) for d in dims)) for h, dims in hf], kind
+
+
+def _entries(shape: ModelShape):
+    """(megatron name, [HF names], fused kind) of every tensor a model of this shape has."""
+    for mname, hf, kind in _expanded(shape):
+        yield mname, [h for h, _ in hf], kind
 
 
 def _expected_hf_shapes(shape: ModelShape) -> dict[str, tuple]:
-    h, f, hd = shape.hidden_size, shape.ffn_hidden_size, shape.head_dim
-    q, kv = shape.num_attention_heads * hd, shape.num_query_groups * hd
-    by_suffix = {
-        "embed_tokens.weight": (shape.vocab_rows, h), "lm_head.weight": (shape.vocab_rows, h),
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,), "model.norm.weight": (h,),
-        "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q),
-        "q_norm.weight": (hd,), "k_norm.weight": (hd,),
-        "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
-    }
-    out = {}
-    for _, hnames, _ in _entries(shape):
-        for name in hnames:
-            out[name] = next(v for k, v in by_suffix.items() if name.endswith(k))
-    return out
+    """{HF name: shape} of every HF tensor of a model of this shape."""
+    return {h: dims for _, hf, _ in _expanded(shape) for h, dims in hf}
 
 
 def _expected_megatron_shape(hf_shapes: list[tuple]) -> tuple:
@@ -242,38 +251,21 @@ def hf_to_megatron(hf_state: dict, shape: ModelShape) -> dict[str, torch.Tensor]
 # Options the map represents
 
 
-# TransformerConfig fields and the only value the map represents (fields absent in an older
-# megatron-core are skipped).
-REQUIRED_MEGATRON_OPTIONS = {
-    "normalization": "RMSNorm",
-    "gated_linear_unit": True,
-    "add_bias_linear": False,
-    "add_qkv_bias": False,
-    "layernorm_zero_centered_gamma": False,
-    "rotary_interleaved": False,
-    "apply_residual_connection_post_layernorm": False,
-    "num_moe_experts": None,
-    "multi_latent_attention": False,
-    "softmax_scale": None,
-    "window_size": None,
-    "qk_l2_norm": False,
-    "attention_output_gate": False,
-}
+# TransformerConfig fields and the only value the map represents: the model family's (models/family.py).
+REQUIRED_MEGATRON_OPTIONS = {**FAMILY_OPTIONS, **FAMILY_DEFAULTS}
 
 
 def check_megatron_model(model, rotary_base: float) -> None:
     """Raise UnsupportedModelError, naming the options, if a GPTModel computes something the map
     (and Llama / Qwen3) cannot represent."""
-    import torch.nn.functional as F
+    def shown(value):
+        return getattr(value, "__name__", None) or repr(value)  # activation functions by name
 
     config = model.config
     problems = []
     for name, want in REQUIRED_MEGATRON_OPTIONS.items():
         if hasattr(config, name) and getattr(config, name) != want:
-            problems.append(f"{name}={getattr(config, name)!r} (supported: {want!r})")
-    if getattr(config, "activation_func", F.silu) is not F.silu:
-        problems.append(f"activation_func={getattr(config.activation_func, '__name__', config.activation_func)} "
-                        "(supported: silu, i.e. SwiGLU)")
+            problems.append(f"{name}={shown(getattr(config, name))} (supported: {shown(want)})")
     if getattr(model, "position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={model.position_embedding_type!r} (supported: 'rope')")
     rope = getattr(model, "rotary_pos_emb", None)

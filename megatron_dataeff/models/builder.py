@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnBackend
@@ -24,6 +23,7 @@ from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig, padded_vocab_size
 from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
 from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
+from megatron_dataeff.models.family import FAMILY_OPTIONS
 from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
 
 
@@ -88,12 +88,8 @@ def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:
         num_query_groups=m.num_query_groups,
         kv_channels=m.kv_channels,
         qk_layernorm=m.qk_layernorm,
-        normalization="RMSNorm",
+        **FAMILY_OPTIONS,
         layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         mlp_dropout=m.mlp_dropout,

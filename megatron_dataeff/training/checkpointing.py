@@ -39,12 +39,6 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-# Fields of the model config that a checkpoint's weights depend on.
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "kv_channels", "qk_layernorm", "untie_embeddings_and_output_weights",
-                 "make_vocab_size_divisible_by")
-
-
 def _layout(trainer) -> list[int]:
     p = trainer.cfg.parallel
     return [p.pipeline_model_parallel_size, p.tensor_model_parallel_size, trainer.dp_size]
@@ -93,30 +87,33 @@ def _sharded_state(trainer, is_loading: bool, with_optimizer: bool = True, with_
 
 
 def _metadata(trainer) -> dict:
+    """What a checkpoint's megatron_dataeff.json holds: the run's facts (the ones run.json has too), the
+    position in the run and the schedule."""
     return {
+        **trainer.run_facts(),
         "iteration": trainer.iteration,
         "consumed_samples": trainer.consumed_samples,
         "epoch": trainer.data.epoch_of(trainer.consumed_samples),
         "scheduler": trainer.scheduler.state_dict(),
         "schedule": trainer.schedule,
-        "config": trainer.cfg.to_dict(),
-        "tokenizer": trainer.tokenizer.metadata(),
-        "mask_token_id": trainer.mask_token_id,
-        "vocab_ids": trainer.num_ids,
-        "unique_tokens": trainer.data.unique_tokens,
-        "world_size": trainer.runtime.world_size,
-        "layout": {"pp": _layout(trainer)[0], "tp": _layout(trainer)[1], "dp": _layout(trainer)[2]},
         "model_only": False,
-        "written_by": checkpoint_versions(),
     }
 
 
 def checkpoint_versions() -> dict:
-    """The library versions recorded in a checkpoint's metadata (`written_by`)."""
+    """The versions recorded with a run and in its checkpoints (`written_by`)."""
     import megatron.core
     import torch
 
-    return {"megatron_core": megatron.core.__version__, "torch": torch.__version__}
+    import megatron_dataeff
+
+    return {"megatron_dataeff": megatron_dataeff.__version__, "megatron_core": megatron.core.__version__,
+            "torch": torch.__version__}
+
+
+def layout_of(trainer) -> dict:
+    """{"pp", "tp", "dp"}: the parallel layout a run's state is sharded in."""
+    return dict(zip(("pp", "tp", "dp"), _layout(trainer)))
 
 
 def save(trainer, save_dir: str, async_queue=None) -> str:
@@ -210,10 +207,12 @@ def read_metadata(ckpt_dir: str) -> dict:
 
 def check_compatible(ckpt: str, meta: dict, trainer) -> None:
     """Refuse a checkpoint whose model shape or vocabulary differs from this run's, naming the fields."""
+    from megatron_dataeff.config import weight_shape_fields
+
     saved = meta.get("config", {}).get("model", {})
     now = trainer.cfg.to_dict()["model"]
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now[k]!r}"
-             for k in _SHAPE_FIELDS if k in saved and saved.get(k) != now[k]]
+             for k in weight_shape_fields() if k in saved and saved.get(k) != now[k]]
     if meta.get("vocab_ids") != trainer.num_ids:
         diffs.append(f"vocabulary ids: checkpoint {meta.get('vocab_ids')}, this run {trainer.num_ids} "
                      f"(--tokenizer-type/--tokenizer-model)")
@@ -267,7 +266,7 @@ def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = 
     check_compatible(ckpt, meta, trainer)
     check_checkpoint_files(ckpt, meta)
     model_only = finetune or meta.get("model_only", False)
-    same_layout = meta.get("layout") == dict(zip(("pp", "tp", "dp"), _layout(trainer)))
+    same_layout = meta.get("layout") == layout_of(trainer)
     with_rng = same_layout and not model_only
     request = _sharded_state(trainer, is_loading=True, with_optimizer=not model_only, with_rng=with_rng)
     state = load_sharded(request, ckpt, "model" if model_only else "model/optimizer")

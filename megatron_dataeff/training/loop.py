@@ -257,6 +257,20 @@ class Trainer:
                 f"{'on' if p.sequence_parallel else 'off'} | fusions: {', '.join(fused) or 'none'} | loss: {loss}"
                 f" | grads: {', '.join(comm) or 'reduce after backward, fp32'}")
 
+    def run_facts(self) -> dict:
+        """What this run is, recorded in run.json and in every checkpoint's metadata (one source for both):
+        the config, the tokenizer and vocabulary, the data budget, the world and its layout, the versions."""
+        return {
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.tokenizer.metadata(),
+            "mask_token_id": self.mask_token_id,
+            "vocab_ids": self.num_ids,
+            "unique_tokens": self.data.unique_tokens,
+            "world_size": self.runtime.world_size,
+            "layout": checkpointing.layout_of(self),
+            "written_by": checkpointing.checkpoint_versions(),
+        }
+
     def _write_run_record(self):
         import json
 
@@ -264,23 +278,17 @@ class Trainer:
             return
         os.makedirs(self.cfg.logging.run_dir, exist_ok=True)
         record = {
-            "config": self.cfg.to_dict(),
-            "tokenizer": self.tokenizer.metadata(),
-            "mask_token_id": self.mask_token_id,
-            "vocab_ids": self.num_ids,
+            **self.run_facts(),
             "data_prefix": self.data.prefix,
-            "unique_tokens": self.data.unique_tokens,
             "train_samples_per_epoch": self.data.samples_per_epoch,
             "train_iters": self.train_iters,
             "num_parameters": self.num_parameters,
-            "world_size": self.runtime.world_size,
             "data_parallel_size": self.dp_size,
             "compute": {"device": self.runtime.device, "attention": self.attention.describe(),
                         "kernels": _extension.implementation(self.runtime.device),
                         "flops_per_step": self.flops_per_step, "peak_tflops": self.peak_tflops},
         }
-        write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"),
-                                        json.dumps(record, indent=2))
+        write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"), json.dumps(record, indent=2))
 
     def _write_status(self, state: str, reason: str) -> None:
         """run_dir/status.json: how the last launch ended (finished, or exited early and resumable), for job
