@@ -55,13 +55,14 @@ class FieldSpec:
 
     @property
     def flag(self) -> str:
-        return flag_name(self.name)
+        return self.cli.get("flag") or flag_name(self.name)
 
 
 def cli(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, weights: bool = False, **options):
     """A field with options beside its default: `weights` (a model field the shape of the weights depends on:
     a checkpoint only loads into a model with the same value), and for the command line `group` (the
-    --help section it is listed in) and `negatable` (a bool that also gets --no-FLAG)."""
+    --help section it is listed in), `negatable` (a bool that also gets --no-FLAG) and `flag` (a flag not
+    named after its field)."""
     return field(default=default, default_factory=default_factory, metadata={"cli": options, "weights": weights})
 
 
@@ -169,9 +170,10 @@ def auto_chunk_tokens(vocab_per_rank: int) -> int:
     return max(1, AUTO_CHUNK_BYTES // (4 * vocab_per_rank))
 
 
-def padded_vocab_size(num_ids: int, divisible_by: int) -> int:
-    """Vocabulary rows of the model: num_ids rounded up (independent of TP, so layouts agree)."""
-    return int(math.ceil(num_ids / divisible_by) * divisible_by)
+def padded_vocab_size(vocab_ids: int, divisible_by: int) -> int:
+    """Vocabulary rows of a model: its ids (the tokenizer's and the mask token) rounded up to a multiple of
+    `divisible_by` (independent of TP, so layouts agree)."""
+    return int(math.ceil(vocab_ids / divisible_by) * divisible_by)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +241,10 @@ class ModelConfig(_Section):
         for name in ("hidden_dropout", "attention_dropout", "mlp_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{flag_name(name)} must be in [0, 1)")
 
+    def vocab_rows(self, vocab_ids: int) -> int:
+        """Rows of the embedding and output layer for `vocab_ids` ids: padded to --make-vocab-size-divisible-by."""
+        return padded_vocab_size(vocab_ids, self.make_vocab_size_divisible_by)
+
 
 def weight_shape_fields() -> tuple[str, ...]:
     """The ModelConfig fields the shape of the weights depends on (declared with `cli(..., weights=True)`)."""
@@ -249,7 +255,7 @@ def weight_shape_fields() -> tuple[str, ...]:
 class ObjectiveConfig(_Section):
     """What the model learns: AR, AR with token dropout, or masked diffusion."""
 
-    objective: Objective = "ar"
+    name: Objective = cli("ar", flag="--objective")
     """ar: next-token prediction with causal attention (with --token-dropout-rate: token dropout); mdm:
     masked diffusion with bidirectional attention and the 1/t-weighted ELBO loss."""
     token_dropout_rate: float = 0.0
@@ -264,13 +270,18 @@ class ObjectiveConfig(_Section):
     def validate(self):
         _require(0.0 <= self.token_dropout_rate <= 1.0, "--token-dropout-rate must be in [0, 1]")
         _require(0.0 <= self.mdm_eps < 1.0, "--mdm-eps must be in [0, 1)")
-        _require(not (self.objective == "mdm" and self.token_dropout_rate > 0),
+        _require(not (self.diffusion and self.token_dropout_rate > 0),
                  "--token-dropout-rate applies to --objective ar; mdm masks by its own schedule")
 
     @property
+    def diffusion(self) -> bool:
+        """A masked-diffusion model: ELBO loss and validation, diffusion sampling and export."""
+        return self.name == "mdm"
+
+    @property
     def bidirectional(self) -> bool:
-        """Masked diffusion attends both ways; AR is causal."""
-        return self.objective == "mdm"
+        """Attention both ways (masked diffusion); AR is causal."""
+        return self.name == "mdm"
 
 
 @dataclass
@@ -594,6 +605,10 @@ class CheckpointConfig(_Section):
         _require(self.exit_interval is None or self.exit_interval > 0, "--exit-interval must be positive")
 
 
+# {section: {old field name: new field name}}: renames since configs were first written to checkpoints
+RENAMED_FIELDS = {"objective": {"objective": "name"}}
+
+
 @dataclass
 class RunConfig:
     """The whole run."""
@@ -689,10 +704,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """Inverse of `to_dict` (keys a section no longer has are ignored)."""
+        """Inverse of `to_dict` (keys a section no longer has are ignored; renamed fields of configs written
+        by earlier versions are read under their new name)."""
         kwargs = {}
         for f in dataclasses.fields(cls):
             section_cls = f.default_factory
             known = {g.name for g in dataclasses.fields(section_cls)}
-            kwargs[f.name] = section_cls(**{k: v for k, v in d.get(f.name, {}).items() if k in known})
+            values = dict(d.get(f.name, {}))
+            for old, new in RENAMED_FIELDS.get(f.name, {}).items():
+                if old in values and new not in values:
+                    values[new] = values.pop(old)
+            kwargs[f.name] = section_cls(**{k: v for k, v in values.items() if k in known})
         return cls(**kwargs)

@@ -104,3 +104,13 @@ def test_help_prints_every_flag():
         for spec in field_specs(cls):
             assert spec.flag in proc.stdout or "--no-" + spec.flag[2:] in proc.stdout
     assert "(default: cosine)" in proc.stdout and "10% of the decay length" in proc.stdout
+
+
+def test_objective_flag_and_configs_of_earlier_versions():
+    """--objective fills ObjectiveConfig.name; a config written before the rename (its `objective` key, as
+    in older checkpoints and run.json files) reads the same."""
+    cfg = parse_config(["--objective", "mdm"])
+    assert cfg.objective.name == "mdm" and cfg.objective.diffusion and cfg.objective.bidirectional
+    old = cfg.to_dict()
+    old["objective"]["objective"] = old["objective"].pop("name")
+    assert RunConfig.from_dict(old) == cfg

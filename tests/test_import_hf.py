@@ -145,7 +145,7 @@ def test_mdm_export_import_round_trip(megatron_cpu, tmp_path):
     hf = export_checkpoint(ckpt, str(tmp_path / "hf"), dtype="fp32")
     assert main(["--hf-dir", hf, "--save", str(tmp_path / "ckpt2"), "--tensor-model-parallel-size", "2"]) == 0
     meta = read_metadata(str(tmp_path / "ckpt2" / "iter_0000000"))
-    assert meta["config"]["objective"]["objective"] == "mdm"
+    assert meta["config"]["objective"]["name"] == "mdm"
     assert meta["tokenizer"]["tokenizer_type"] == "ByteTokenizer" and meta["mask_token_id"] == 257
     tokens = torch.randint(0, 258, (1, 16), generator=torch.Generator().manual_seed(0))
     err = (megatron_logits(str(tmp_path / "ckpt2"), tokens) - megatron_logits(ckpt, tokens)).abs().max().item()

@@ -307,7 +307,7 @@ def child(spec: dict) -> None:
     # the run allocated (they stay mapped to the end, so their growth at the end is their growth at the peak)
     code = rss("RssFile") - files
     print(CHILD_TAG + json.dumps({"name": spec["name"], "growth": peak - before - code, "file_pages": code,
-                                  "num_ids": trainer.num_ids}), flush=True)
+                                  "vocab_ids": trainer.vocab_ids}), flush=True)
 
 
 def zygote(specs: list[dict], parallel: int) -> None:
@@ -400,7 +400,7 @@ def _runs(table: dict, random_datasets, tmp_path_factory) -> dict:
     argvs = {name: _run_argv(flags, vocab, random_datasets[vocab], tmp_path_factory.mktemp(name))
              for name, (flags, vocab) in table.items()}
     res = measure_runs(argvs)
-    return {name: (res[name]["growth"], estimate_memory(_cfg(*argvs[name]), 1, res[name]["num_ids"], "cpu"))
+    return {name: (res[name]["growth"], estimate_memory(_cfg(*argvs[name]), 1, res[name]["vocab_ids"], "cpu"))
             for name in table}
 
 

@@ -311,18 +311,18 @@ def bin_memmap(info: IndexInfo) -> np.ndarray:
     return np.memmap(info.prefix + ".bin", dtype=info.dtype, mode="r")
 
 
-def check_token_ids(prefix: str, num_ids: int, chunk: int = 1 << 26) -> None:
-    """Refuse a dataset holding a token id >= num_ids (the tokenizer's ids), naming the file, the id and its
+def check_token_ids(prefix: str, vocab_size: int, chunk: int = 1 << 26) -> None:
+    """Refuse a dataset holding a token id >= vocab_size (the tokenizer's ids), naming the file, the id and its
     position.  Skipped when the dtype cannot hold such an id; otherwise one pass over the `.bin`."""
     info = validate_indexed(prefix)
-    if np.iinfo(info.dtype).max < num_ids:
+    if np.iinfo(info.dtype).max < vocab_size:
         return
     tokens = bin_memmap(info)
     for start in range(0, tokens.size, chunk):
         part = np.asarray(tokens[start:start + chunk])
-        if part.size and int(part.max()) >= num_ids:
-            where = start + int(np.argmax(part >= num_ids))
+        if part.size and int(part.max()) >= vocab_size:
+            where = start + int(np.argmax(part >= vocab_size))
             raise IndexedFormatError(
                 f"{prefix}.bin: token id {int(tokens[where])} at token {where} is outside the vocabulary of "
-                f"{num_ids} ids of this tokenizer (--tokenizer-type/--tokenizer-model/--vocab-size); was the "
+                f"{vocab_size} ids of this tokenizer (--tokenizer-type/--tokenizer-model/--vocab-size); was the "
                 f"dataset made with another tokenizer?")

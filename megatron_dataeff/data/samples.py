@@ -19,10 +19,15 @@ Validation windows are taken in order from the validation documents, with no shu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from megatron_dataeff.errors import DataError
+
+if TYPE_CHECKING:  # for annotations only
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 SPLIT_SEED = 20251004  # fixed: the train/valid split is the same for every run of a dataset
 
@@ -40,7 +45,7 @@ def load_indexed(prefix: str):
 class TokenWindows:
     """Windows of `window` tokens over the concatenation of some sequences of an indexed dataset."""
 
-    def __init__(self, dataset, sequence_ids: np.ndarray, window: int, max_tokens: int | None = None):
+    def __init__(self, dataset: IndexedDataset, sequence_ids: np.ndarray, window: int, max_tokens: int | None = None):
         self.dataset = dataset
         self.window = int(window)
         lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)[sequence_ids]
@@ -90,7 +95,7 @@ def split_documents(num_documents: int, weights: list[float]) -> list[np.ndarray
     return [order[bounds[i]:bounds[i + 1]] for i in range(3)]
 
 
-def documents_to_sequences(dataset, doc_ids: np.ndarray) -> np.ndarray:
+def documents_to_sequences(dataset: IndexedDataset, doc_ids: np.ndarray) -> np.ndarray:
     """Sequence ids of documents `doc_ids` of an indexed dataset, in order."""
     doc_index = np.asarray(dataset.document_indices, dtype=np.int64)
     if len(doc_ids) == 0:

@@ -37,7 +37,7 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
     cfg, meta = scorer.config, scorer.metadata
     data = checkpoint_data(scorer, data_path) if (validation or tasks) else None
     out = {"checkpoint": path, "iteration": meta.get("iteration"), "epoch": meta.get("epoch"),
-           "objective": cfg.objective.objective, "consumed_tokens": meta.get("consumed_samples", 0)
+           "objective": cfg.objective.name, "consumed_tokens": meta.get("consumed_samples", 0)
            * cfg.model.seq_length}
     if validation:
         n_mc = val_mc_samples if val_mc_samples is not None else mc_samples

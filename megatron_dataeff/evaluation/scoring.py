@@ -100,7 +100,7 @@ class ModelScorer:
 
         model, cfg, meta = load_model_for_inference(path, iteration=iteration, device=device)
         tokenizer = tokenizer_from_metadata(meta["tokenizer"])
-        return cls(model, diffusion=cfg.objective.objective == "mdm", mask_token_id=meta["mask_token_id"],
+        return cls(model, diffusion=cfg.objective.diffusion, mask_token_id=meta["mask_token_id"],
                    max_length=cfg.model.seq_length, eps=cfg.objective.mdm_eps, tokenizer=tokenizer,
                    device=device, batch_size=batch_size, seed=cfg.optim.seed if seed is None else seed,
                    vocab_ids=meta["vocab_ids"], config=cfg, metadata=meta)

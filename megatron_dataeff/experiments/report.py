@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_dataeff.config import RunConfig
 from megatron_dataeff.evaluation.effective_data import fit_half_life
 
 TASK_METRICS = ("cloze_acc", "continuation_acc", "continuation_acc_norm")
@@ -72,7 +73,7 @@ def load_run(path: str) -> Optional[Run]:
                         key=lambda d: d["epoch"])
     return Run(path=path, method=method, seed=seed, unique_tokens=int(info.get("unique_tokens", 0)),
                valid=curve("valid"), train=curve("train"), downstream=downstream,
-               objective=info.get("config", {}).get("objective", {}).get("objective", "ar"))
+               objective=RunConfig.from_dict(info.get("config", {})).objective.name)
 
 
 def find_runs(dirs) -> list[Run]:

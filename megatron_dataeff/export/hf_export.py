@@ -19,12 +19,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_dataeff.atomic import publish_directory, temporary_name
 from megatron_dataeff.export.hf_mapping import ModelShape, check_megatron_model, megatron_to_hf
 from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
+
+if TYPE_CHECKING:  # for annotations only
+    from megatron.core.models.gpt import GPTModel
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 MDM_FILES = ("configuration_dataeff_mdm.py", "modeling_dataeff_mdm.py")
@@ -55,7 +59,7 @@ def export_checkpoint(load: str, output: str, iteration: int | None = None, dtyp
     return export_model(model, cfg, meta, output, dtype=dtype, max_shard_size=max_shard_size)
 
 
-def export_model(model, cfg, meta: dict, output: str, dtype: str = "fp32", max_shard_size="2GB") -> str:
+def export_model(model: GPTModel, cfg, meta: dict, output: str, dtype: str = "fp32", max_shard_size="2GB") -> str:
     """Export an in-process TP=1 megatron GPTModel with its RunConfig and checkpoint metadata."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -73,7 +77,7 @@ def export_model(model, cfg, meta: dict, output: str, dtype: str = "fp32", max_s
     try:
         has_tokenizer = save_hf_tokenizer(meta["tokenizer"], tmp)
         record = _record(cfg, meta, has_tokenizer)
-        if cfg.objective.bidirectional:
+        if cfg.objective.diffusion:
             _write_mdm_config(cfg, meta, shape, dtype, record, tmp)
         else:
             _write_ar_config(cfg, meta, shape, dtype, record, tmp)
@@ -95,7 +99,7 @@ def _record(cfg, meta: dict, has_tokenizer: bool) -> dict:
     if not has_tokenizer:
         tok["note"] = (f"{tok.get('tokenizer_type')} has no Hugging Face form; token ids are those of "
                        "megatron_dataeff's tokenizer of this type")
-    return {"objective": cfg.objective.objective, "iteration": meta.get("iteration"),
+    return {"objective": cfg.objective.name, "iteration": meta.get("iteration"),
             "vocab_ids": meta["vocab_ids"], "mask_token_id": meta["mask_token_id"], "tokenizer": tok,
             "note": "vocab_size is the padded embedding size; ids >= vocab_ids are padding, never sampled"}
 

@@ -151,7 +151,7 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
         rotary_base=int(theta) if float(theta).is_integer() else theta, norm_epsilon=hf["rms_norm_eps"],
         untie_embeddings_and_output_weights=not hf["tied"], make_vocab_size_divisible_by=divisible_by)
     tmeta = tokenizer.metadata()
-    cfg = RunConfig(model=model_cfg, objective=ObjectiveConfig(objective=objective),
+    cfg = RunConfig(model=model_cfg, objective=ObjectiveConfig(name=objective),
                     data=DataConfig(tokenizer_type=tmeta["tokenizer_type"],
                                     tokenizer_model=getattr(tokenizer, "tokenizer_model", None),
                                     vocab_size=(tmeta.get("build_args") or tmeta).get("vocab_size")

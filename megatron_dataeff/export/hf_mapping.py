@@ -23,12 +23,16 @@ the padding rows are recorded (`valid_vocab_size` / `suppress_tokens`) and never
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_dataeff.errors import UserError
 from megatron_dataeff.models.family import FAMILY_DEFAULTS, FAMILY_OPTIONS
+
+if TYPE_CHECKING:  # for annotations only
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt import GPTModel
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -255,7 +259,7 @@ def hf_to_megatron(hf_state: dict, shape: ModelShape) -> dict[str, torch.Tensor]
 REQUIRED_MEGATRON_OPTIONS = {**FAMILY_OPTIONS, **FAMILY_DEFAULTS}
 
 
-def check_megatron_model(model, rotary_base: float) -> None:
+def check_megatron_model(model: GPTModel, rotary_base: float) -> None:
     """Raise UnsupportedModelError, naming the options, if a GPTModel computes something the map
     (and Llama / Qwen3) cannot represent."""
     def shown(value):
@@ -268,7 +272,7 @@ def check_megatron_model(model, rotary_base: float) -> None:
             problems.append(f"{name}={shown(getattr(config, name))} (supported: {shown(want)})")
     if getattr(model, "position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={model.position_embedding_type!r} (supported: 'rope')")
-    rope = getattr(model, "rotary_pos_emb", None)
+    rope: RotaryEmbedding | None = getattr(model, "rotary_pos_emb", None)
     if rope is not None:
         hd = config.kv_channels
         want = 1.0 / (rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))

@@ -42,7 +42,7 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
         pos = torch.arange(x.shape[1], device=dev)[None, :].expand(x.shape[0], -1)
         return model(x, pos, None)
 
-    if cfg.objective.bidirectional:
+    if cfg.objective.diffusion:
         out = diffusion_generate(logits_fn, ids, max_new_tokens, block_length, steps, temperature,
                                  meta["mask_token_id"], generator, suppress_ids=padding)
     else:

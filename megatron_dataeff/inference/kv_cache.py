@@ -22,8 +22,13 @@ floating-point reduction order (~1e-5 in fp32), not bit for bit.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # for annotations only: megatron is imported where it is used
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.attention import SelfAttention
 
 
 def _inference_mode():
@@ -44,7 +49,7 @@ class KVCacheLogits:
     the logits of the last position.
     """
 
-    def __init__(self, model, max_length: int):
+    def __init__(self, model: GPTModel, max_length: int):
         from megatron.core.transformer.enums import AttnMaskType
 
         if not (model.pre_process and model.post_process):
@@ -73,7 +78,7 @@ class KVCacheLogits:
         context = StaticInferenceContext(batch, self.max_length)
         param = next(self.model.parameters())
         for layer in self.model.decoder.layers:
-            attn = layer.self_attention
+            attn: SelfAttention = layer.self_attention
             shape = (self.max_length, batch, attn.num_query_groups_per_partition)
             context.key_value_memory_dict[attn.layer_number] = (
                 torch.empty(*shape, attn.key_hidden_size, dtype=param.dtype, device=param.device),

@@ -20,7 +20,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dataeff import platform
-from megatron_dataeff.config import ConfigError, RunConfig, padded_vocab_size
+from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
 from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
 from megatron_dataeff.models.family import FAMILY_OPTIONS
@@ -119,11 +119,6 @@ def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:
     return DataEffTransformerConfig(**kwargs)
 
 
-def model_vocab_size(cfg: RunConfig, num_ids: int) -> int:
-    """Rows of the embedding: the ids in use (mask token included), padded."""
-    return padded_vocab_size(num_ids, cfg.model.make_vocab_size_divisible_by)
-
-
 class DataEffGPTModel(GPTModel):
     """megatron-core's GPTModel with the chunked vocab-parallel loss (same values, no fp32 logits kept)."""
 
@@ -141,7 +136,7 @@ class DataEffGPTModel(GPTModel):
 
 
 def build_model(
-    cfg: RunConfig, num_ids: int, device: str, *, pre_process=None, post_process=None
+    cfg: RunConfig, vocab_ids: int, device: str, *, pre_process=None, post_process=None
 ) -> DataEffGPTModel:
     """This pipeline stage's GPTModel (parallel state must be initialised).
 
@@ -158,7 +153,7 @@ def build_model(
     model = DataEffGPTModel(
         config=tcfg,
         transformer_layer_spec=spec,
-        vocab_size=model_vocab_size(cfg, num_ids),
+        vocab_size=cfg.model.vocab_rows(vocab_ids),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

@@ -10,7 +10,7 @@ def build_objective(cfg, mask_token_id: int) -> Objective:
     """The objective of a RunConfig."""
     o = cfg.objective
     seed = cfg.optim.seed
-    if o.objective == "mdm":
+    if o.diffusion:
         group = cfg.optim.global_batch_size if o.mdm_stratified else 0
         return MaskedDiffusionObjective(mask_token_id, seed, eps=o.mdm_eps, stratify_group=group or 0)
     if o.token_dropout_rate > 0:

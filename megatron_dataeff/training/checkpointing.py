@@ -213,8 +213,8 @@ def check_compatible(ckpt: str, meta: dict, trainer) -> None:
     now = trainer.cfg.to_dict()["model"]
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, this run {now[k]!r}"
              for k in weight_shape_fields() if k in saved and saved.get(k) != now[k]]
-    if meta.get("vocab_ids") != trainer.num_ids:
-        diffs.append(f"vocabulary ids: checkpoint {meta.get('vocab_ids')}, this run {trainer.num_ids} "
+    if meta.get("vocab_ids") != trainer.vocab_ids:
+        diffs.append(f"vocabulary ids: checkpoint {meta.get('vocab_ids')}, this run {trainer.vocab_ids} "
                      f"(--tokenizer-type/--tokenizer-model)")
     if diffs:
         raise CheckpointError(f"{ckpt} does not fit this model:\n  " + "\n  ".join(diffs))

@@ -25,7 +25,7 @@ from megatron_dataeff.errors import UserError
 from megatron_dataeff.data.blending import build_run_data, parse_data_path, run_data_path
 from megatron_dataeff.data.indexed import IndexedFormatError, check_token_ids
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
-from megatron_dataeff.models.builder import build_model, count_parameters, model_vocab_size
+from megatron_dataeff.models.builder import build_model, count_parameters
 from megatron_dataeff.objectives import build_objective
 from megatron_dataeff.ops import _extension
 from megatron_dataeff.training import checkpointing, flops
@@ -68,7 +68,7 @@ def resolve_data_path(cfg: RunConfig, tokenizer, runtime: Runtime) -> list[str]:
     return run_data_path(cfg, tokenizer)
 
 
-def check_vocabulary(data_path: list[str], num_ids: int, runtime: Runtime) -> None:
+def check_vocabulary(data_path: list[str], vocab_size: int, runtime: Runtime) -> None:
     """Every dataset's token ids fit the tokenizer (before any model is built). Rank 0 reads the `.bin`
     files once and tells every rank, so a job does not read its data set once per process."""
     error = ""
@@ -76,7 +76,7 @@ def check_vocabulary(data_path: list[str], num_ids: int, runtime: Runtime) -> No
         prefixes, _ = parse_data_path(list(data_path))
         try:
             for prefix in prefixes:
-                check_token_ids(prefix, num_ids)
+                check_token_ids(prefix, vocab_size)
         except (IndexedFormatError, OSError) as exc:  # every rank must hear of it, or the others would wait
             error = f"--data-path {exc}"
     if dist.get_world_size() > 1:
@@ -134,7 +134,7 @@ class Trainer:
         d = cfg.data
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file,
                                          merge_file=d.merge_file, vocab_size=d.vocab_size)
-        self.mask_token_id, self.num_ids = resolve_mask_token(self.tokenizer)
+        self.mask_token_id, self.vocab_ids = resolve_mask_token(self.tokenizer)
         data_path = resolve_data_path(cfg, self.tokenizer, rt)
         check_vocabulary(data_path, self.tokenizer.vocab_size, rt)
         self.data = build_run_data(cfg, data_path)
@@ -170,7 +170,7 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
 
         cfg, rt = self.cfg, self.runtime
-        model = build_model(cfg, self.num_ids, rt.device)
+        model = build_model(cfg, self.vocab_ids, rt.device)
         self.transformer_config = model.config
         p = cfg.parallel
         ddp_config = DistributedDataParallelConfig(
@@ -196,7 +196,7 @@ class Trainer:
         totals = _all_reduce(torch.tensor([n_params], dtype=torch.float64), rt.device,
                              group=parallel_state.get_model_parallel_group())
         self.num_parameters = int(totals.item())
-        padded_vocab = model_vocab_size(cfg, self.num_ids)
+        padded_vocab = cfg.model.vocab_rows(self.vocab_ids)
         self.flops_per_step = flops.flops_per_step(cfg, padded_vocab)
         name = torch.cuda.get_device_name() if rt.device == "cuda" else None
         self.peak_tflops = cfg.logging.peak_tflops or flops.peak_tflops(name, cfg.optim.bf16)
@@ -264,7 +264,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.metadata(),
             "mask_token_id": self.mask_token_id,
-            "vocab_ids": self.num_ids,
+            "vocab_ids": self.vocab_ids,
             "unique_tokens": self.data.unique_tokens,
             "world_size": self.runtime.world_size,
             "layout": checkpointing.layout_of(self),
@@ -407,7 +407,7 @@ class Trainer:
                "tokens_per_s": res["tokens_per_s"], "epoch": self.data.epoch_of(self.consumed_samples),
                "consumed_tokens": self.consumed_samples * self.cfg.model.seq_length}
         self.log.log(rec)
-        label = "val ELBO" if self.cfg.objective.objective == "mdm" else "val loss"
+        label = "val ELBO" if self.cfg.objective.diffusion else "val loss"
         self.log.print(f" validation | iteration {self.iteration:7d} | {label} {res['loss']:.4f} | "
                        f"ppl {math.exp(min(res['loss'], 50)):.2f}")
         return res
@@ -417,7 +417,7 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         gbs, seq = cfg.optim.global_batch_size, cfg.model.seq_length
         self.log.print(
-            f"[megatron_dataeff] {cfg.objective.objective}"
+            f"[megatron_dataeff] {cfg.objective.name}"
             f"{' + token dropout ' + str(cfg.objective.token_dropout_rate) if cfg.objective.token_dropout_rate else ''}"
             f" | {self.num_parameters / 1e6:.2f}M parameters | device {rt.device} | world {rt.world_size} "
             f"(TP {cfg.parallel.tensor_model_parallel_size}, PP {cfg.parallel.pipeline_model_parallel_size}, "
@@ -430,7 +430,7 @@ class Trainer:
             from megatron_dataeff.training.memory import startup_report
 
             capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            for line in startup_report(cfg, rt.world_size, self.num_ids, capacity, transformer_engine_available()):
+            for line in startup_report(cfg, rt.world_size, self.vocab_ids, capacity, transformer_engine_available()):
                 self.log.print(line)
         ck = cfg.checkpoint
         if (ck.exit_signal_handler or ck.exit_duration_in_mins or ck.exit_interval) and not ck.save:

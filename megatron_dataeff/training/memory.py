@@ -1,6 +1,6 @@
 """Per-GPU memory of a run, from its configuration alone (no model is built, torch is not imported).
 
-`estimate_memory(cfg, world_size, num_ids, device)` adds up, for the most loaded rank:
+`estimate_memory(cfg, world_size, vocab_ids, device)` adds up, for the most loaded rank:
 
 * persistent state: parameters (all in the parameter dtype, the RMSNorm weights included), megatron
   DDP's gradient buffer
@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from megatron_dataeff.config import RunConfig, auto_chunk_tokens, padded_vocab_size
+from megatron_dataeff.config import RunConfig, auto_chunk_tokens
 from megatron_dataeff.models.attention_backends import attention_for_config
 
 GiB = 2**30
@@ -153,7 +153,7 @@ class _Shape:
         return "efficient"
 
 
-def _shape(cfg: RunConfig, num_ids: int, device: str, te_available: bool) -> _Shape:
+def _shape(cfg: RunConfig, vocab_ids: int, device: str, te_available: bool) -> _Shape:
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
     choice = attention_for_config(cfg, device, te_available)
@@ -165,7 +165,7 @@ def _shape(cfg: RunConfig, num_ids: int, device: str, te_available: bool) -> _Sh
     return _Shape(
         s=m.seq_length, b=cfg.optim.micro_batch_size, h=m.hidden_size, ffn=m.ffn_hidden_size // tp,
         nq=m.num_attention_heads // tp, nkv=max(1, m.num_query_groups // tp), d=m.kv_channels,
-        vocab=padded_vocab_size(num_ids, m.make_vocab_size_divisible_by) // tp, tp=tp,
+        vocab=m.vocab_rows(vocab_ids) // tp, tp=tp,
         sp=bool(p.sequence_parallel and tp > 1), e=2 if cfg.optim.bf16 else 4, device=device, impl=impl,
         kernel=kernel, causal=not cfg.objective.bidirectional, qk_ln=m.qk_layernorm, p_attn=m.attention_dropout,
         p_hidden=m.hidden_dropout, p_mlp=m.mlp_dropout, mlp_fused_ext=fused_ext,
@@ -357,14 +357,14 @@ def layer_backward_transient(sh: _Shape, recompute_modules: Sequence[str] = ()) 
 # parameters, gradients, optimizer
 
 
-def parameter_counts(cfg: RunConfig, num_ids: int, stage: int = 0) -> tuple[int, int]:
+def parameter_counts(cfg: RunConfig, vocab_ids: int, stage: int = 0) -> tuple[int, int]:
     """(matrix parameters, RMSNorm weights) on one TP rank of pipeline `stage`, all in the parameter
     dtype.  The last stage holds the output layer: untied, or tied with
     PP > 1 (a copy of the word embeddings, kept in sync by megatron's embedding group)."""
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     h, d = m.hidden_size, m.kv_channels
-    vocab = padded_vocab_size(num_ids, m.make_vocab_size_divisible_by) // tp
+    vocab = m.vocab_rows(vocab_ids) // tp
     layers = m.num_layers // pp
     qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d // tp * h
     proj = h * m.num_attention_heads * d // tp
@@ -429,9 +429,9 @@ class MemoryEstimate:
         return {float(g): self.total_with_allowances <= device_capacity(g) for g in sizes_gb}
 
 
-def _persistent(cfg: RunConfig, num_ids: int, stage: int, dp: int) -> tuple[int, int, int, int, int]:
+def _persistent(cfg: RunConfig, vocab_ids: int, stage: int, dp: int) -> tuple[int, int, int, int, int]:
     """(parameters, gradients, optimizer state, parameter count, largest tensor's elements)."""
-    mats, norms = parameter_counts(cfg, num_ids, stage)
+    mats, norms = parameter_counts(cfg, vocab_ids, stage)
     e = 2 if cfg.optim.bf16 else 4
     params = e * (mats + norms)
     # megatron DDP: one contiguous gradient buffer, fp32 unless bf16 reduction
@@ -443,7 +443,7 @@ def _persistent(cfg: RunConfig, num_ids: int, stage: int, dp: int) -> tuple[int,
         opt = math.ceil(opt / dp)
     m = cfg.model
     tp = cfg.parallel.tensor_model_parallel_size
-    largest = max(padded_vocab_size(num_ids, m.make_vocab_size_divisible_by) // tp * m.hidden_size,
+    largest = max(m.vocab_rows(vocab_ids) // tp * m.hidden_size,
                   2 * m.ffn_hidden_size // tp * m.hidden_size)
     return params, grads, opt, mats + norms, largest
 
@@ -505,11 +505,11 @@ def _loss_terms(cfg: RunConfig, sh: _Shape) -> tuple[int, int, int]:
     return kept, bwd, e * T * V + wgrad_and_dgrad
 
 
-def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: str, te_available: bool,
+def _stage_estimate(cfg: RunConfig, vocab_ids: int, stage: int, dp: int, device: str, te_available: bool,
                     world_size: int) -> MemoryEstimate:
     m, p, c = cfg.model, cfg.parallel, cfg.compute
     pp = p.pipeline_model_parallel_size
-    sh = _shape(cfg, num_ids, device, te_available)
+    sh = _shape(cfg, vocab_ids, device, te_available)
     first, last = stage == 0, stage == pp - 1
     layers = m.num_layers // pp
     in_flight = min(pp - stage, cfg.num_microbatches(dp))
@@ -558,7 +558,7 @@ def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: s
     moment = max(candidates, key=candidates.get)
     transient = candidates[moment] - activations - loss
 
-    params, grads, opt, count, largest = _persistent(cfg, num_ids, stage, dp)
+    params, grads, opt, count, largest = _persistent(cfg, vocab_ids, stage, dp)
     step = _optimizer_step_transient(cfg, device, te_available, count, largest, dp)
     if step > candidates[moment]:
         moment = "optimizer step"
@@ -596,34 +596,34 @@ def _stage_estimate(cfg: RunConfig, num_ids: int, stage: int, dp: int, device: s
     )
 
 
-def estimate_stages(cfg: RunConfig, world_size: int, num_ids: int, device: str = "cuda",
+def estimate_stages(cfg: RunConfig, world_size: int, vocab_ids: int, device: str = "cuda",
                     te_available: bool = False) -> list[MemoryEstimate]:
     """One estimate per pipeline stage (a rank of each; TP and DP ranks of a stage are alike).
 
-    `num_ids`: ids the model embeds (the tokenizer's, mask token included, before padding);
+    `vocab_ids`: ids the model embeds (the tokenizer's, mask token included, before padding);
     `te_available`: whether transformer-engine will be importable where it runs (CUDA only)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     cfg = copy.deepcopy(cfg)
     dp = cfg.validate_layout(world_size)
     te = te_available and device == "cuda"
-    return [_stage_estimate(cfg, num_ids, stage, dp, device, te, world_size)
+    return [_stage_estimate(cfg, vocab_ids, stage, dp, device, te, world_size)
             for stage in range(cfg.parallel.pipeline_model_parallel_size)]
 
 
-def estimate_memory(cfg: RunConfig, world_size: int, num_ids: int, device: str = "cuda",
+def estimate_memory(cfg: RunConfig, world_size: int, vocab_ids: int, device: str = "cuda",
                     te_available: bool = False) -> MemoryEstimate:
     """The estimate of the most loaded rank: the pipeline stage with the largest peak (with PP > 1
     usually the first, which holds PP micro-batches in flight, or the last, which holds the logits)."""
-    return max(estimate_stages(cfg, world_size, num_ids, device, te_available),
+    return max(estimate_stages(cfg, world_size, vocab_ids, device, te_available),
                key=lambda est: est.total_with_allowances)
 
 
-def startup_report(cfg: RunConfig, world_size: int, num_ids: int, capacity_bytes: int,
+def startup_report(cfg: RunConfig, world_size: int, vocab_ids: int, capacity_bytes: int,
                    te_available: bool = False) -> list[str]:
     """The trainer's start-up lines on a GPU: the estimated peak against this device's memory, and for
     megatron's unfused attention at sequence >= 2048 what its [b, heads, s, s] tensors will take."""
-    est = estimate_memory(cfg, world_size, num_ids, "cuda", te_available)
+    est = estimate_memory(cfg, world_size, vocab_ids, "cuda", te_available)
     need = est.total_with_allowances
     lines = [f"[megatron_dataeff] memory estimate per GPU: {need / GiB:.1f} GiB with allowances "
              f"({est.total / GiB:.1f} GiB of tensors; peak at {est.peak_moment}, pipeline stage {est.stage}) of "

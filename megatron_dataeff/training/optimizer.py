@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_dataeff.config import RunConfig
 
+if TYPE_CHECKING:  # for annotations only
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-def build_optimizer(cfg: RunConfig, model_chunks: list):
+
+def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel]):
     """AdamW with decoupled weight decay (not on norms and biases), grad clipping, bf16 master weights."""
     o = cfg.optim
     opt_cfg = OptimizerConfig(
@@ -63,7 +69,7 @@ def materialise_adam_state(optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _skip_step_in_param_state_copy(dist_opt) -> None:
+def _skip_step_in_param_state_copy(dist_opt: DistributedOptimizer) -> None:
     """Let megatron-core's distributed optimizer load a checkpoint with torch's Adam (no apex / TE).
 
     Its `load_state_dict` first puts the checkpoint's `step` into every parameter's torch Adam state, then
