@@ -56,7 +56,7 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     impl = _extension.implementation(device)
-    print(f"implementation: {impl}   device: {device}   threads: {torch.get_num_threads()}")
+    print(f"masking: {impl}   device: {device}   threads: {torch.get_num_threads()}")
     print(f"{'shape':>10} {'naive torch ms':>15} {'fused ms':>10} {'speedup':>8}   (medians; min in brackets)")
     results = []
     for shape in args.shapes.split(","):

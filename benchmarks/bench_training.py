@@ -191,15 +191,16 @@ def _table(header, rows):
 
 # ----------------------------------------------------------------------------------------------
 def part_a(a, data_prefix: str, tmp: str, backend_flag: bool) -> dict:
-    from megatron_dataeff.models.builder import build_model, model_vocab_size
+    from megatron_dataeff.models.builder import build_model
+    from megatron_dataeff.ops import _extension
 
     argv = _trainer_argv(a, a.seq_length, a.micro_batch_size, data_prefix, f"{tmp}/ours",
                          backend="sdpa" if backend_flag else None)
     trainer = _build_trainer(argv)  # initialises the process group and megatron's parallel state
     cfg = trainer.cfg
-    vocab = model_vocab_size(cfg, trainer.num_ids)
+    vocab = cfg.model.vocab_rows(trainer.vocab_ids)
     torch.manual_seed(0)
-    mcore = build_model(cfg, trainer.num_ids, "cpu")
+    mcore = build_model(cfg, trainer.vocab_ids, "cpu")
     hf = _hf_llama(cfg, vocab)
     # The same random ids for both plain loops, made before timing (ours reads them from its dataset).
     gen = torch.Generator().manual_seed(0)
@@ -243,7 +244,8 @@ def part_a(a, data_prefix: str, tmp: str, backend_flag: bool) -> dict:
     tokens = a.micro_batch_size * a.seq_length
     tok_s = {name: tokens / s for name, s in sec.items()}
 
-    print(f"\n## Part A: trainer vs baselines\n\nh{cfg.model.hidden_size}, {cfg.model.num_layers} layers, "
+    print(f"\n## Part A: trainer vs baselines\n\nkernels (masking, SwiGLU dropout): "
+          f"{_extension.implementation('cpu')}; h{cfg.model.hidden_size}, {cfg.model.num_layers} layers, "
           f"{cfg.model.num_attention_heads} heads ({cfg.model.num_query_groups} query groups), ffn "
           f"{cfg.model.ffn_hidden_size} SwiGLU, padded vocab {vocab}, {a.micro_batch_size} x {a.seq_length} "
           f"tokens/step, fp32, CPU, {torch.get_num_threads()} threads; {a.warmup} warm-up + {a.rounds} rounds x "
@@ -291,7 +293,7 @@ def _peak_rss_kib() -> int:
 
 def child(spec: dict) -> None:
     """One Part-B configuration: build, warm up, time; prints one JSON line."""
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     torch.set_num_threads(spec["threads"])
     # Imports and the process group are not the trainer's memory: both come before the baseline
     # (the Trainer's own `initialize` then finds the group up and only seeds).
@@ -379,7 +381,7 @@ def main() -> None:
     if a.child is not None:
         child(json.loads(a.child))
         return
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     torch.set_num_threads(a.threads)
     parts = {p.strip().upper() for p in a.parts.split(",") if p.strip()}
     backend_flag = _backend_flag_available()

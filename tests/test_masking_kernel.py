@@ -1,5 +1,6 @@
 """The fused token-masking kernel (csrc/) against the torch reference, bit for bit, and its statistics."""
 
+import contextlib
 import math
 import zlib
 
@@ -10,11 +11,23 @@ from megatron_dataeff.ops import _extension, philox
 from megatron_dataeff.ops.masking import mask_tokens, mask_tokens_reference
 
 SEED = 0x1234_5678_9ABC  # uses both key words
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(_extension.cpu_module() is None, reason="_C is not built")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        _extension.cuda_module() is None or not torch.cuda.is_available(), reason="_C_cuda or a GPU is missing")),
-]
+KERNEL = {"cpu": "cpp", "cuda": "cuda"}  # the implementation each device's kernel test must run
+
+
+def _cuda_skip_reason() -> str | None:
+    """Why the CUDA cases cannot run here: no GPU, or _C_cuda not built (it needs nvcc; a build that is
+    there but fails to load is not a reason: the test then fails, naming the load error)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    if isinstance(_extension.load_error("cuda"), ModuleNotFoundError):
+        return f"megatron_dataeff._C_cuda is not built ({_extension.load_error('cuda')})"
+    return None
+
+
+# CPU never skips: `pip install -e .` builds _C, so without it the kernel tests fail instead of comparing
+# the torch reference with itself.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(_cuda_skip_reason() is not None,
+                                                                reason=str(_cuda_skip_reason())))]
 # (eps, stratify_group, stream_offset, mask_token_id) variants checked inside each case
 VARIANTS = [(1e-3, 0, 0, 3), (0.0, 4, 0, 50257), (0.5, 3, philox.EVAL_STREAM_OFFSET, 0), (0.999, 1, 7, 1)]
 
@@ -24,6 +37,16 @@ def _indices(batch, gen):
     small = torch.randint(0, 1000, (batch,), generator=gen)
     big = torch.randint(0, 2**40, (batch,), generator=gen) + 2**33
     return torch.where(torch.arange(batch) % 2 == 0, small, big)
+
+
+@contextlib.contextmanager
+def _kernel(device):
+    """Within the block mask_tokens runs the compiled kernel of `device`, asserted: never the reference."""
+    with _extension.force_reference(False):
+        impl = _extension.implementation(device)
+        assert impl == KERNEL[device], (f"{device} tensors run {impl!r}, not the {KERNEL[device]!r} kernel: "
+                                        f"{_extension.load_error(device)}")
+        yield
 
 
 def _assert_same(out, ref, device):
@@ -47,8 +70,7 @@ def test_kernel_matches_reference(shape, mode, rate, dtype, device):
     for eps, group, offset, mask_id in VARIANTS:
         kw = dict(mode=mode, mask_token_id=mask_id, rate=rate, eps=eps, stratify_group=group, stream_offset=offset)
         ref = mask_tokens_reference(tokens, index, SEED, **kw)
-        with _extension.force_reference(False):
-            assert _extension.implementation(device) == {"cpu": "cpp", "cuda": "cuda"}[device]
+        with _kernel(device):
             out = mask_tokens(tokens.to(device), index.to(device), SEED, **kw)
         _assert_same(out, ref, device)
 
@@ -63,7 +85,7 @@ def test_kernel_many_samples_stratified(device):
         for mode in ("mdm", "uniform"):
             kw = dict(mode=mode, mask_token_id=9, rate=0.8, eps=1e-3, stratify_group=group)
             ref = mask_tokens_reference(tokens, index, SEED, **kw)
-            with _extension.force_reference(False):
+            with _kernel(device):
                 out = mask_tokens(tokens.to(device), index.to(device), SEED, **kw)
             _assert_same(out, ref, device)
 
@@ -74,7 +96,7 @@ def test_kernel_non_contiguous_tokens(device):
     tokens = torch.arange(2 * 7 * 2, dtype=torch.int64).reshape(2, 14)[:, ::2]
     index = torch.tensor([5, 6])
     ref = mask_tokens_reference(tokens, index, SEED, mode="fixed", rate=0.5, mask_token_id=1)
-    with _extension.force_reference(False):
+    with _kernel(device):
         out = mask_tokens(tokens.to(device), index.to(device), SEED, mode="fixed", rate=0.5, mask_token_id=1)
     _assert_same(out, ref, device)
 
@@ -85,6 +107,7 @@ def test_invalid_inputs_raise(force):
     tok = torch.zeros(2, 5, dtype=torch.int64)
     idx = torch.tensor([0, 1])
     with _extension.force_reference(force):
+        assert _extension.implementation("cpu") == ("torch" if force else KERNEL["cpu"])
         with pytest.raises(TypeError):
             mask_tokens(tok.float(), idx, SEED, mode="mdm", mask_token_id=1)
         with pytest.raises(TypeError):
@@ -107,6 +130,8 @@ def test_force_reference_switch():
         assert _extension.implementation("cpu") == "torch" and _extension.IMPLEMENTATION == "torch"
     assert _extension.implementation("cpu") == before
     assert before == ("cpp" if _extension.cpu_module() is not None and not _extension._forced else "torch")
+    with _extension.force_reference(False):
+        assert _extension.implementation("cpu") == "cpp", _extension.load_error("cpu")
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.5, 0.93])

@@ -1,5 +1,7 @@
 """Fused SwiGLU + dropout: kernel vs reference (mask exact, values to rounding), gradients, dropout statistics."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,17 +12,40 @@ from megatron_dataeff.ops.swiglu_dropout import (
 )
 
 SEED, KEY = 0xDEADBEEF_0042, 0x0123_4567_89AB_CDEF
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(_extension.cpu_module() is None, reason="_C is not built")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        _extension.cuda_module() is None or not torch.cuda.is_available(), reason="_C_cuda or a GPU is missing")),
-]
+KERNEL = {"cpu": "cpp", "cuda": "cuda"}  # the implementation each device's kernel test must run
+
+
+def _cuda_skip_reason() -> str | None:
+    """Why the CUDA cases cannot run here: no GPU, or _C_cuda not built (it needs nvcc; a build that is
+    there but fails to load is not a reason: the test then fails, naming the load error)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    if isinstance(_extension.load_error("cuda"), ModuleNotFoundError):
+        return f"megatron_dataeff._C_cuda is not built ({_extension.load_error('cuda')})"
+    return None
+
+
+# CPU never skips: `pip install -e .` builds _C, so without it the kernel tests fail instead of comparing
+# the torch reference with itself.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(_cuda_skip_reason() is not None,
+                                                                reason=str(_cuda_skip_reason())))]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def _kernel(*args, **kw):
+@contextlib.contextmanager
+def _on_kernel(device):
+    """Within the block the ops run the compiled kernel of `device`, asserted: never the reference."""
     with _extension.force_reference(False):
-        return swiglu_dropout(*args, **kw)
+        impl = _extension.implementation(device)
+        assert impl == KERNEL[device], (f"{device} tensors run {impl!r}, not the {KERNEL[device]!r} kernel: "
+                                        f"{_extension.load_error(device)}")
+        yield
+
+
+def _kernel(x, *args, **kw):
+    """swiglu_dropout on the compiled kernel of x's device."""
+    with _on_kernel(x.device.type):
+        return swiglu_dropout(x, *args, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -37,6 +62,7 @@ def test_forward_backward_match_reference(shape, p, dtype, device):
     ref.backward(dy)
     xk = x.to(device).requires_grad_()
     out = _kernel(xk, p, KEY, SEED)
+    assert type(out.grad_fn).__name__ == "SwiGLUDropoutBackward"  # the fused autograd function, not the reference
     out.backward(dy.to(device))
     assert out.shape == ref.shape and out.dtype == dtype
     keep = dropout_keep_mask_reference(ref.numel() // max(ref.shape[-1], 1) if ref.numel() else 0, ref.shape[-1],
@@ -53,7 +79,7 @@ def test_forward_backward_match_reference(shape, p, dtype, device):
                                                      (3, 1000, 1000, 4000), (2, 6, 2**33, 2**34)])
 def test_keep_mask_exact(rows, f, col_offset, total, p, device):
     """The kernel's keep mask equals the reference stream exactly, for shards and 2**34+ element indices."""
-    with _extension.force_reference(False):
+    with _on_kernel(device):
         got = dropout_keep_mask(rows, f, p, KEY, SEED, col_offset, total, device=device)
     assert torch.equal(got.cpu(), dropout_keep_mask_reference(rows, f, p, KEY, SEED, col_offset, total))
 
@@ -89,14 +115,12 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(lambda t: swiglu_dropout_reference(t, 0.4, KEY, SEED), (x,))
 
 
-@pytest.mark.skipif(_extension.cpu_module() is None, reason="_C is not built")
 def test_kernel_gradcheck():
     """The fused backward (mask regenerated, not stored) is the derivative of the fused forward (float64)."""
     x = torch.randn(3, 2 * 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _kernel(t, 0.4, KEY, SEED), (x,))
 
 
-@pytest.mark.skipif(_extension.cpu_module() is None, reason="_C is not built")
 def test_kernel_saves_only_x():
     """The fused op keeps one tensor (x) for backward: no mask, no silu(a)."""
     saved = []

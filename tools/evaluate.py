@@ -21,7 +21,7 @@ import warnings
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="a --save directory (latest checkpoint) or one iter_N dir")

@@ -12,7 +12,7 @@ import warnings
 
 
 def main() -> int:
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from megatron_dataeff.evaluation.lm_eval_adapter import LM_EVAL_AVAILABLE, register
 
     if not LM_EVAL_AVAILABLE:
