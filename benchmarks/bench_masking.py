@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from megatron_dataeff.ops import _extension
+from megatron_dataeff.ops import extension
 from megatron_dataeff.ops.masking import mask_tokens
 
 MASK, EPS, SEED = 32000, 1e-3, 1234
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    impl = _extension.implementation(device)
+    impl = extension.implementation(device)
     print(f"masking: {impl}   device: {device}   threads: {torch.get_num_threads()}")
     print(f"{'shape':>10} {'naive torch ms':>15} {'fused ms':>10} {'speedup':>8}   (medians; min in brackets)")
     results = []

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_dataeff.ops import _extension
+from megatron_dataeff.ops import extension
 from megatron_dataeff.ops.swiglu_dropout import swiglu_dropout
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randn(args.tokens, 2 * args.ffn, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(args.tokens, args.ffn, device=device, dtype=dtype)
-    print(f"swiglu_dropout: {_extension.implementation(device)}   x: [{args.tokens}, {2 * args.ffn}] {args.dtype}"
+    print(f"swiglu_dropout: {extension.implementation(device)}   x: [{args.tokens}, {2 * args.ffn}] {args.dtype}"
           f"   p={args.p}   threads: {torch.get_num_threads()}")
     rows = {}
     for name, fn in (("torch", torch_mlp), ("fused", fused_mlp)):

@@ -35,7 +35,7 @@ def main() -> None:
     args = p.parse_args()
 
     from megatron_dataeff.arguments import build_parser, config_from_args
-    from megatron_dataeff.ops import _extension
+    from megatron_dataeff.ops import extension
     from megatron_dataeff.training.loop import Trainer
 
     tmp = tempfile.mkdtemp(prefix="bench_objectives_")
@@ -69,7 +69,7 @@ def main() -> None:
     med = {name: statistics.median(v) * 1000 for name, v in times.items()}
     tokens = args.micro_batch_size * args.seq_length
     device = trainers["ar"].runtime.device
-    kernels = _extension.implementation(device)  # masking (mdm, token dropout) runs on this
+    kernels = extension.implementation(device)  # masking (mdm, token dropout) runs on this
     print(f"model {args.model_preset}, {args.micro_batch_size} x {args.seq_length} tokens per step, "
           f"device {device}, masking: {kernels}")
     print(f"{'objective':<20}{'ms/step':>10}{'tok/s':>12}{'vs ar':>8}")

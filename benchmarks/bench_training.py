@@ -192,7 +192,7 @@ def _table(header, rows):
 # ----------------------------------------------------------------------------------------------
 def part_a(a, data_prefix: str, tmp: str, backend_flag: bool) -> dict:
     from megatron_dataeff.models.builder import build_model
-    from megatron_dataeff.ops import _extension
+    from megatron_dataeff.ops import extension
 
     argv = _trainer_argv(a, a.seq_length, a.micro_batch_size, data_prefix, f"{tmp}/ours",
                          backend="sdpa" if backend_flag else None)
@@ -245,7 +245,7 @@ def part_a(a, data_prefix: str, tmp: str, backend_flag: bool) -> dict:
     tok_s = {name: tokens / s for name, s in sec.items()}
 
     print(f"\n## Part A: trainer vs baselines\n\nkernels (masking, SwiGLU dropout): "
-          f"{_extension.implementation('cpu')}; h{cfg.model.hidden_size}, {cfg.model.num_layers} layers, "
+          f"{extension.implementation('cpu')}; h{cfg.model.hidden_size}, {cfg.model.num_layers} layers, "
           f"{cfg.model.num_attention_heads} heads ({cfg.model.num_query_groups} query groups), ffn "
           f"{cfg.model.ffn_hidden_size} SwiGLU, padded vocab {vocab}, {a.micro_batch_size} x {a.seq_length} "
           f"tokens/step, fp32, CPU, {torch.get_num_threads()} threads; {a.warmup} warm-up + {a.rounds} rounds x "

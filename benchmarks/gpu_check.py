@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_dataeff.ops import _extension, philox
+from megatron_dataeff.ops import extension, philox
 from megatron_dataeff.ops.masking import mask_tokens, mask_tokens_reference
 from megatron_dataeff.ops.swiglu_dropout import (
     dropout_keep_mask, dropout_keep_mask_reference, swiglu_dropout, swiglu_dropout_reference,
@@ -82,7 +82,7 @@ def exactness(dev) -> None:
     c = torch.randint(0, 2**32, (1000, 4), dtype=torch.int64)
     ref = torch.stack(philox.philox4x32(tuple(c[:, i] for i in range(4)), (7, 9)), 1)
     with torch.cuda.device(dev):
-        got = _extension.cuda_module().philox4x32(c.to(dev), 7, 9, _extension.cuda_stream(dev))
+        got = extension.cuda_module().philox4x32(c.to(dev), 7, 9, extension.cuda_stream(dev))
     check("philox cuda == torch", torch.equal(got.cpu(), ref))
 
     gen = torch.Generator().manual_seed(0)
@@ -194,10 +194,10 @@ def main() -> int:
         print("no GPU visible (torch.cuda.is_available() is False): run this on a machine with a GPU",
               file=sys.stderr)
         return 2
-    impl = _extension.implementation("cuda")
+    impl = extension.implementation("cuda")
     record("kernel implementation on cuda", impl, "cuda", impl == "cuda")
     if impl != "cuda":
-        print(f"megatron_dataeff._C_cuda is not in use: {_extension.load_error('cuda')}", file=sys.stderr)
+        print(f"megatron_dataeff._C_cuda is not in use: {extension.load_error('cuda')}", file=sys.stderr)
     else:
         dev = torch.device("cuda")
         exactness(dev)

@@ -74,9 +74,9 @@ build() {
     local rc=$?
     if ! "$PY" -c "
 import sys
-from megatron_dataeff.ops import _extension
-impl = _extension.implementation('cuda')
-print('dispatcher: cuda ->', impl, '| cpu ->', _extension.implementation('cpu'))
+from megatron_dataeff.ops import extension
+impl = extension.implementation('cuda')
+print('dispatcher: cuda ->', impl, '| cpu ->', extension.implementation('cpu'))
 sys.exit(0 if impl == 'cuda' else 1)"; then
         echo "megatron_dataeff._C_cuda is not in use after the build (setup.py exit $rc); build log tail:"
         tail -n 40 "$WORK/build.log"

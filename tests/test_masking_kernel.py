@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from megatron_dataeff.ops import _extension, philox
+from megatron_dataeff.ops import extension, philox
 from megatron_dataeff.ops.masking import mask_tokens, mask_tokens_reference
 
 SEED = 0x1234_5678_9ABC  # uses both key words
@@ -19,8 +19,8 @@ def _cuda_skip_reason() -> str | None:
     there but fails to load is not a reason: the test then fails, naming the load error)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU (torch.cuda.is_available() is False)"
-    if isinstance(_extension.load_error("cuda"), ModuleNotFoundError):
-        return f"megatron_dataeff._C_cuda is not built ({_extension.load_error('cuda')})"
+    if isinstance(extension.load_error("cuda"), ModuleNotFoundError):
+        return f"megatron_dataeff._C_cuda is not built ({extension.load_error('cuda')})"
     return None
 
 
@@ -42,10 +42,10 @@ def _indices(batch, gen):
 @contextlib.contextmanager
 def _kernel(device):
     """Within the block mask_tokens runs the compiled kernel of `device`, asserted: never the reference."""
-    with _extension.force_reference(False):
-        impl = _extension.implementation(device)
+    with extension.force_reference(False):
+        impl = extension.implementation(device)
         assert impl == KERNEL[device], (f"{device} tensors run {impl!r}, not the {KERNEL[device]!r} kernel: "
-                                        f"{_extension.load_error(device)}")
+                                        f"{extension.load_error(device)}")
         yield
 
 
@@ -106,8 +106,8 @@ def test_invalid_inputs_raise(force):
     """Wrong dtypes, rates outside [0, 1], negative indices and bad modes/offsets raise on every implementation."""
     tok = torch.zeros(2, 5, dtype=torch.int64)
     idx = torch.tensor([0, 1])
-    with _extension.force_reference(force):
-        assert _extension.implementation("cpu") == ("torch" if force else KERNEL["cpu"])
+    with extension.force_reference(force):
+        assert extension.implementation("cpu") == ("torch" if force else KERNEL["cpu"])
         with pytest.raises(TypeError):
             mask_tokens(tok.float(), idx, SEED, mode="mdm", mask_token_id=1)
         with pytest.raises(TypeError):
@@ -125,13 +125,13 @@ def test_invalid_inputs_raise(force):
 
 def test_force_reference_switch():
     """force_reference() makes every device use the torch reference, and restores the previous choice."""
-    before = _extension.implementation("cpu")
-    with _extension.force_reference():
-        assert _extension.implementation("cpu") == "torch" and _extension.IMPLEMENTATION == "torch"
-    assert _extension.implementation("cpu") == before
-    assert before == ("cpp" if _extension.cpu_module() is not None and not _extension._forced else "torch")
-    with _extension.force_reference(False):
-        assert _extension.implementation("cpu") == "cpp", _extension.load_error("cpu")
+    before = extension.implementation("cpu")
+    with extension.force_reference():
+        assert extension.implementation("cpu") == "torch" and extension.IMPLEMENTATION == "torch"
+    assert extension.implementation("cpu") == before
+    assert before == ("cpp" if extension.cpu_module() is not None and not extension.forced() else "torch")
+    with extension.force_reference(False):
+        assert extension.implementation("cpu") == "cpp", extension.load_error("cpu")
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.5, 0.93])

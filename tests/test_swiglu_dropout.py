@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_dataeff.ops import _extension
+from megatron_dataeff.ops import extension
 from megatron_dataeff.ops.swiglu_dropout import (
     dropout_keep_mask, dropout_keep_mask_reference, swiglu_dropout, swiglu_dropout_reference,
 )
@@ -20,8 +20,8 @@ def _cuda_skip_reason() -> str | None:
     there but fails to load is not a reason: the test then fails, naming the load error)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU (torch.cuda.is_available() is False)"
-    if isinstance(_extension.load_error("cuda"), ModuleNotFoundError):
-        return f"megatron_dataeff._C_cuda is not built ({_extension.load_error('cuda')})"
+    if isinstance(extension.load_error("cuda"), ModuleNotFoundError):
+        return f"megatron_dataeff._C_cuda is not built ({extension.load_error('cuda')})"
     return None
 
 
@@ -35,10 +35,10 @@ TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.fl
 @contextlib.contextmanager
 def _on_kernel(device):
     """Within the block the ops run the compiled kernel of `device`, asserted: never the reference."""
-    with _extension.force_reference(False):
-        impl = _extension.implementation(device)
+    with extension.force_reference(False):
+        impl = extension.implementation(device)
         assert impl == KERNEL[device], (f"{device} tensors run {impl!r}, not the {KERNEL[device]!r} kernel: "
-                                        f"{_extension.load_error(device)}")
+                                        f"{extension.load_error(device)}")
         yield
 
 

@@ -1,7 +1,7 @@
 """Token masking keyed per sample: which input tokens become the mask token, and their loss weights.
 
 `mask_tokens` is the one entry point the objectives call.  It checks its arguments and runs the fused
-C++/CUDA kernel of `csrc/` where it is built for the tokens' device (see `ops._extension`), else the
+C++/CUDA kernel of `csrc/` where it is built for the tokens' device (see `ops.extension`), else the
 plain-torch reference below; the kernels match the reference bit for bit.  Every random number comes from the Philox stream of `ops/philox.py`, keyed by
 (seed, global sample index), so a sample is corrupted the same way under any parallel layout,
 micro-batch split or resume.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dataeff.ops import _extension, philox
+from megatron_dataeff.ops import extension, philox
 
 MODES = ("mdm", "fixed", "uniform")
 
@@ -140,7 +140,7 @@ def mask_tokens(
     stream_offset: 0 for training noise, `philox.EVAL_STREAM_OFFSET` for evaluation noise.
     """
     _check(tokens, sample_index, mode, rate, eps, mask_token_id, stratify_group, stream_offset)
-    impl = _extension.implementation(tokens.device)
+    impl = extension.implementation(tokens.device)
     if impl == "torch":
         return mask_tokens_reference(
             tokens, sample_index, seed, mode=mode, mask_token_id=mask_token_id, rate=rate, eps=eps,
@@ -150,12 +150,12 @@ def mask_tokens(
     args = (k0, k1, MODES.index(mode), float(rate), float(eps), int(mask_token_id), int(stratify_group),
             int(stream_offset))
     if impl == "cpp":  # the kernel checks that the indices are non-negative
-        ids, mask, weight, p = _extension.cpu_module().mask_tokens(tokens, sample_index.to("cpu"), *args)
+        ids, mask, weight, p = extension.cpu_module().mask_tokens(tokens, sample_index.to("cpu"), *args)
     else:
         if tokens.shape[0] and bool((sample_index < 0).any()):  # a sync when the indices live on the GPU
             raise ValueError("stream indices must be non-negative")
         index = sample_index.to(tokens.device, non_blocking=True)
         with torch.cuda.device(tokens.device):
-            ids, mask, weight, p = _extension.cuda_module().mask_tokens(
-                tokens, index, *args, _extension.cuda_stream(tokens.device))
+            ids, mask, weight, p = extension.cuda_module().mask_tokens(
+                tokens, index, *args, extension.cuda_stream(tokens.device))
     return MaskedTokens(input_ids=ids, mask=mask, weight=weight, rate=p)

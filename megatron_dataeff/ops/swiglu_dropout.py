@@ -19,7 +19,7 @@ Keying (the contract shared with csrc/philox.h `dropout_block`):
 tensor-parallel shard of F draw the numbers of the unsharded tensor: rank r of a TP group holding
 columns [r F/tp, (r+1) F/tp) passes col_offset = r F/tp, total_F = F.
 
-`swiglu_dropout` dispatches to the C++/CUDA kernel where built (see `ops._extension`); the fallback and
+`swiglu_dropout` dispatches to the C++/CUDA kernel where built (see `ops.extension`); the fallback and
 the definition is `swiglu_dropout_reference` (plain torch autograd, same mask).  Activation values agree
 with the reference to rounding (different exp), the dropout mask exactly.
 """
@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_dataeff.ops import _extension, philox
+from megatron_dataeff.ops import extension, philox
 
 _MASK32 = 0xFFFFFFFF
 
@@ -92,8 +92,8 @@ def _kernel_args(p, call_key, seed, training, col_offset, total_f):
 def _call(name: str, device: torch.device, *args):
     if device.type == "cuda":
         with torch.cuda.device(device):
-            return getattr(_extension.cuda_module(), name)(*args, _extension.cuda_stream(device))
-    return getattr(_extension.cpu_module(), name)(*args)
+            return getattr(extension.cuda_module(), name)(*args, extension.cuda_stream(device))
+    return getattr(extension.cpu_module(), name)(*args)
 
 
 class SwiGLUDropout(torch.autograd.Function):
@@ -141,7 +141,7 @@ def swiglu_dropout(x: torch.Tensor, p: float, call_key: int, seed: int, training
     global F (tensor parallelism).
     """
     total = _check(x, p, call_key, seed, col_offset, total_ffn)
-    if _extension.implementation(x.device) == "torch":
+    if extension.implementation(x.device) == "torch":
         return swiglu_dropout_reference(x, p, call_key, seed, training, col_offset, total)
     return SwiGLUDropout.apply(x, _kernel_args(p, call_key, seed, training, col_offset, total))
 
@@ -151,11 +151,11 @@ def dropout_keep_mask(rows: int, f: int, p: float, call_key: int, seed: int, col
     """[rows, f] bool keep mask of a swiglu_dropout call, from the kernel where built (for tests, checks)."""
     device = torch.device(device)
     total = f if total_ffn is None else total_ffn
-    if _extension.implementation(device) == "torch":
+    if extension.implementation(device) == "torch":
         return dropout_keep_mask_reference(rows, f, p, call_key, seed, col_offset, total).to(device)
     k0, k1, lo, hi, threshold, _, _, _ = _kernel_args(p, call_key, seed, True, col_offset, total)
     if device.type == "cuda":
         with torch.cuda.device(device):
-            return _extension.cuda_module().dropout_keep_mask(rows, f, k0, k1, lo, hi, threshold, col_offset, total,
-                                                              _extension.cuda_stream(device))
-    return _extension.cpu_module().dropout_keep_mask(rows, f, k0, k1, lo, hi, threshold, col_offset, total)
+            return extension.cuda_module().dropout_keep_mask(rows, f, k0, k1, lo, hi, threshold, col_offset, total,
+                                                              extension.cuda_stream(device))
+    return extension.cpu_module().dropout_keep_mask(rows, f, k0, k1, lo, hi, threshold, col_offset, total)

@@ -27,7 +27,7 @@ from megatron_dataeff.data.indexed import IndexedFormatError, check_token_ids
 from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
 from megatron_dataeff.models.builder import build_model, count_parameters
 from megatron_dataeff.objectives import build_objective
-from megatron_dataeff.ops import _extension
+from megatron_dataeff.ops import extension
 from megatron_dataeff.training import checkpointing, flops
 from megatron_dataeff.training.exits import ExitConditions
 from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
@@ -285,7 +285,7 @@ class Trainer:
             "num_parameters": self.num_parameters,
             "data_parallel_size": self.dp_size,
             "compute": {"device": self.runtime.device, "attention": self.attention.describe(),
-                        "kernels": _extension.implementation(self.runtime.device),
+                        "kernels": extension.implementation(self.runtime.device),
                         "flops_per_step": self.flops_per_step, "peak_tflops": self.peak_tflops},
         }
         write_text_atomic(os.path.join(self.cfg.logging.run_dir, "run.json"), json.dumps(record, indent=2))

@@ -69,6 +69,11 @@ def implementation(device: torch.device | str | None = None) -> str:
     return "torch"
 
 
+def forced() -> bool:
+    """Whether every op is forced onto its torch reference (MEGATRON_DATAEFF_FORCE_REFERENCE, force_reference)."""
+    return _forced
+
+
 def set_force_reference(value: bool) -> None:
     """Make every op use its torch reference (True) or the extension where built (False)."""
     global _forced, IMPLEMENTATION
