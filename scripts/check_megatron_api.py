@@ -5,7 +5,9 @@
 
 The tree is a directory holding `megatron/core/...` (an unzipped wheel, a Megatron-LM checkout or a
 site-packages directory).  Nothing of megatron is imported: both our sources and megatron's are read
-with `ast`.  Prints `OK` or one line per mismatch (`our_file:line: what is missing`); exits 1 on any.
+with `ast` (what megatron's classes inherit from torch.nn.Module, enum.Enum, ... is read from those
+packages' sources the same way).  Prints `OK` or one line per mismatch (`our_file:line: what is
+missing`); exits 1 on any.  tests/test_megatron_api.py runs it against the installed megatron-core.
 
 What it checks, derived from our sources (megatron_dataeff/, pretrain_diffusion.py, tools/, benchmarks/,
 tests/):
@@ -14,28 +16,33 @@ tests/):
   defined in it (def, class, assignment, import / re-export, star import, or a submodule);
 * every attribute read or assigned on something known to be a megatron object: a module
   (`parallel_state.get_..._rank`, `mrandom._get_cuda_rng_state = ...`), a class (`AttnMaskType.no_mask`),
-  an instance built in the same scope (`StaticInferenceContext(...)`, `IndexedDatasetBuilder(...)`),
-  an instance returned by one of our functions (return annotation or `return x`), or a megatron base
-  class reached through `self` / `super()` in our subclasses (`RegularizedMLP`);
+  an instance of a megatron class (or of one of our subclasses, through `self` / `super()`), known from
+  - a call of the class (`StaticInferenceContext(...)`) or of a function with a return annotation
+    (`get_megatron_optimizer(...) -> MegatronOptimizer`; ours without one: what it returns),
+  - an annotation of ours or megatron's: a parameter (`model: GPTModel`), a variable
+    (`attn: SelfAttention = ...`), `T | None`, `list[T]` (its items, in `for` loops and `[0]`),
+    `tuple[A, B]` (unpacked `a, b = f()`),
+  - an attribute whose assignments in the class's methods agree (`self.decoder = TransformerBlock(...)`,
+    `self.config = config` with `config: TransformerConfig`), megatron's classes included, so chains
+    such as `model.decoder.layers` and `model.config.kv_channels` are followed;
 * every call of such a callable: each keyword argument we pass is a parameter (or the callee takes
   **kwargs), no more positional arguments than it takes, and no required parameter left out.
   Class calls check `__init__` through the MRO, or for dataclasses the init fields including
   inherited ones (`field(init=False)`, `ClassVar`, `KW_ONLY` respected); our own dataclass
-  subclasses (`DataEffTransformerConfig(TransformerConfig)`) add their fields.  `**kwargs` built as
+  subclasses (`DataEffTransformerConfig(TransformerConfig)`) add their fields.  Calling an instance
+  checks megatron's `forward` (nn.Module's __call__) or `__call__`.  `**kwargs` built as
   `kwargs = dict(...)` / `kwargs.update(...)` (also from one of our functions returning a dict
-  literal, e.g. `platform.cpu_config_overrides()`) are expanded key by key;
+  literal, e.g. `platform.cpu_config_overrides()`, or a module-level dict of ours such as
+  `**FAMILY_OPTIONS`) are expanded key by key;
 * unguarded top-level third-party imports that importing our megatron modules pulls in (transitively)
   and that are not installed in this Python environment.
 
-What cannot be derived (receivers whose type only megatron knows: the `model` the schedule hands to
-our forward step, `model.decoder.layers`, the optimizer returned by `get_megatron_optimizer`) is in
-hand-written lists below: RETURNS (what a megatron function returns), HAND_ATTRS (attributes read
-off megatron objects), HAND_CALLS (calls on such receivers, arguments taken from our source),
-HAND_FIELD_TYPES (spec fields we mutate must still be ModuleSpecs) and HAND_SOURCE_REFS (behaviour
-we rely on, seen as a name megatron's code must or must not use: the checkpoint files `save` writes,
-`InferenceMode` gating of GPTModel, an unconditional `torch.cuda.current_stream()` in DDP).  Each
-entry names the line of ours it stands for; an entry whose line is gone is reported ("hand list
-stale"), so the lists cannot rot silently.
+What an annotation cannot say and no test catches is in the one hand-written list below, HAND_NAMES:
+keys of a dict of ours that must be attributes of a megatron class because our code reads them by
+name (`hasattr`).  An entry whose dict is gone or no longer readable is reported, so the list cannot
+rot silently.  Receivers still unknown (the model the schedule hands to our forward step, a layer
+built by `build_module`, `get_cuda_rng_tracker()`) are used by the test suite for real; annotate
+such a receiver to have it checked here too.
 
 With --baseline, calls passing positional arguments are also compared: a positional argument that
 binds to a differently named parameter in TREE than in the baseline is reported (a reordered
@@ -48,259 +55,35 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import importlib.util
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
+_PARSED: dict = {}  # (path, mtime, size) -> (ast.Module, parse failure or None)
 OUR_SOURCES = ["megatron_dataeff/**/*.py", "pretrain_diffusion.py", "tools/*.py", "benchmarks/*.py", "tests/*.py"]
 
 # ----------------------------------------------------------------------------------------------------
-# The hand-written part.  Paths are public import paths, resolved in the tree under test.
-
-# What a megatron function returns, where our code calls what it returns.
-RETURNS = {
-    "megatron.core.pipeline_parallel.get_forward_backward_func": [
-        "megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
-        "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
-        "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving",
-    ],
-    "megatron.core.tensor_parallel.random.get_cuda_rng_tracker": [
-        "megatron.core.tensor_parallel.random.CudaRNGStatesTracker()",  # "()": an instance
-    ],
-    "megatron.core.optimizer.get_megatron_optimizer": [
-        "megatron.core.optimizer.optimizer.MegatronOptimizer()",
-    ],
-}
-
-GPT_MODEL = "megatron.core.models.gpt.gpt_model.GPTModel"
-SELF_ATTENTION = "megatron.core.transformer.attention.SelfAttention"
-TRANSFORMER_CONFIG = "megatron.core.transformer.transformer_config.TransformerConfig"
-OPTIMIZERS = [  # what get_megatron_optimizer may return for our configs
-    "megatron.core.optimizer.optimizer.MegatronOptimizer",
-    "megatron.core.optimizer.optimizer.MixedPrecisionOptimizer",
-    "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params",
-    "megatron.core.optimizer.optimizer.FP32Optimizer",
-    "megatron.core.optimizer.optimizer.ChainedOptimizer",
-    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
-]
+# The hand-written part: what neither our sources show the checker nor a test catches.
 
 
 @dataclass
-class HandAttr:
-    """`cls` (every one of `cls` when a list) has each of `attrs`; stands for the line of `file`
-    containing `snippet`.  soft: our code guards the access (getattr/hasattr), so a missing
-    attribute silently changes behaviour rather than raising."""
+class HandNames:
+    """Every key of the module-level dict `name` in our `file` must be an attribute of megatron's class
+    `cls` (a public import path, resolved in the tree): `why` says what our code does with the keys."""
 
     file: str
-    snippet: str
-    cls: object
-    attrs: list
-    soft: bool = False
-
-
-@dataclass
-class HandCall:
-    """The calls in `file` whose callee's source is `callee` (and whose source contains `contains`)
-    call `target` (each of a list): their arguments are checked against its signature.  `positional`
-    names the parameters our positional arguments mean (checked in order).  `bound`: target is a
-    method reached through an instance, or a module called as a function (forward via __call__)."""
-
-    file: str
-    callee: str
-    target: object
-    contains: str = ""
-    positional: tuple = ()
-    bound: bool = True
-
-
-HAND_ATTRS = [
-    # training/optimizer.py: the distributed optimizer's parameter-state copy (a load without apex / TE)
-    HandAttr("megatron_dataeff/training/optimizer.py", 'getattr(dist_opt, "model_param_group_index_map"',
-             "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
-             ["_set_main_param_and_optimizer_states", "model_param_group_index_map"], soft=True),
-    # inference/kv_cache.py: the model, its layers and the static inference context
-    HandAttr("megatron_dataeff/inference/kv_cache.py", "model.pre_process and model.post_process", GPT_MODEL,
-             ["pre_process", "post_process", "decoder"]),
-    HandAttr("megatron_dataeff/inference/kv_cache.py", "for layer in model.decoder.layers",
-             "megatron.core.transformer.transformer_block.TransformerBlock", ["layers"]),
-    HandAttr("megatron_dataeff/inference/kv_cache.py", "layer.self_attention.attn_mask_type",
-             "megatron.core.transformer.transformer_layer.TransformerLayer", ["self_attention"]),
-    HandAttr("megatron_dataeff/inference/kv_cache.py", "layer.self_attention.attn_mask_type", SELF_ATTENTION,
-             ["attn_mask_type"]),
-    HandAttr("megatron_dataeff/inference/kv_cache.py", "attn.num_query_groups_per_partition", SELF_ATTENTION,
-             ["num_query_groups_per_partition", "key_hidden_size", "val_hidden_size", "layer_number"]),
-    HandAttr("megatron_dataeff/inference/kv_cache.py", "context.key_value_memory_dict[",
-             "megatron.core.inference.contexts.StaticInferenceContext",
-             ["key_value_memory_dict", "sequence_len_offset"]),
-    # models/layer_specs.py: the spec returned by get_gpt_layer_local_spec
-    HandAttr("megatron_dataeff/models/layer_specs.py", "attention = spec.submodules.self_attention",
-             "megatron.core.transformer.spec_utils.ModuleSpec", ["submodules", "params", "module"]),
-    HandAttr("megatron_dataeff/models/layer_specs.py", "attention = spec.submodules.self_attention",
-             "megatron.core.transformer.transformer_layer.TransformerLayerSubmodules", ["self_attention", "mlp"]),
-    # models/mlp.py: RegularizedMLP reads the config and the two linears
-    HandAttr("megatron_dataeff/models/mlp.py", "self.config.gated_linear_unit", TRANSFORMER_CONFIG,
-             ["gated_linear_unit", "activation_func"]),
-    HandAttr("megatron_dataeff/models/mlp.py", "self.mlp_dropout = float(getattr(self.config",
-             "megatron.core.transformer.mlp.MLP", ["config", "linear_fc1", "linear_fc2"]),
-    # training: config fields we set after building, DDP wrapper, optimizer, scheduler
-    HandAttr("megatron_dataeff/training/loop.py", "tc.no_sync_func = ", TRANSFORMER_CONFIG,
-             ["no_sync_func", "finalize_model_grads_func", "grad_scale_func"]),
-    HandAttr("megatron_dataeff/training/loop.py", "self.transformer_config = model.config", GPT_MODEL, ["config"]),
-    HandAttr("megatron_dataeff/training/optimizer.py", "model_chunks[0].config.params_dtype",
-             TRANSFORMER_CONFIG, ["params_dtype"]),
-    HandAttr("megatron_dataeff/training/loop.py", "m.zero_grad_buffer()",
-             "megatron.core.distributed.DistributedDataParallel", ["zero_grad_buffer", "no_sync", "module"]),
-    HandAttr("megatron_dataeff/training/loop.py", "ok, grad_norm, _ = self.optimizer.step()", OPTIMIZERS,
-             ["step", "zero_grad", "scale_loss", "param_groups", "sharded_state_dict", "load_state_dict"]),
-    HandAttr("megatron_dataeff/training/checkpointing.py", "trainer.scheduler.state_dict()",
-             "megatron.core.optimizer_param_scheduler.OptimizerParamScheduler", ["step", "state_dict", "load_state_dict"]),
-    HandAttr("megatron_dataeff/training/checkpointing.py", "model_sd = trainer.model[0].module.sharded_state_dict()",
-             GPT_MODEL, ["sharded_state_dict"]),
-    # export: weights and RoPE read off the model
-    HandAttr("megatron_dataeff/export/hf_export.py", "model.embedding.word_embeddings.weight", GPT_MODEL,
-             ["embedding"]),
-    HandAttr("megatron_dataeff/export/hf_export.py", "model.embedding.word_embeddings.weight",
-             "megatron.core.models.common.embeddings.language_model_embedding.LanguageModelEmbedding",
-             ["word_embeddings"]),
-    HandAttr("megatron_dataeff/export/hf_mapping.py", 'getattr(model, "rotary_pos_emb", None)', GPT_MODEL,
-             ["rotary_pos_emb", "position_embedding_type"], soft=True),
-    HandAttr("megatron_dataeff/export/hf_mapping.py", "rope.inv_freq",
-             "megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding", ["inv_freq"]),
-    HandAttr("megatron_dataeff/export/hf_mapping.py", "seq_len_interpolation_factor",
-             "megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding",
-             ["seq_len_interpolation_factor"], soft=True),
-    HandAttr("megatron_dataeff/export/hf_mapping.py", "config.kv_channels", TRANSFORMER_CONFIG, ["kv_channels"]),
-    HandAttr("megatron_dataeff/export/hf_mapping.py", "REQUIRED_MEGATRON_OPTIONS = {", TRANSFORMER_CONFIG,
-             ["@dict-keys:REQUIRED_MEGATRON_OPTIONS"], soft=True),
-    HandAttr("tests/test_export_hf.py", "model.config.add_qkv_bias = True", TRANSFORMER_CONFIG,
-             ["add_qkv_bias", "normalization"]),
-    # data: megatron's indexed dataset reader
-    HandAttr("megatron_dataeff/data/samples.py", "dataset.sequence_lengths",
-             "megatron.core.datasets.indexed_dataset.IndexedDataset", ["sequence_lengths", "document_indices", "index"]),
-    HandAttr("tests/test_preprocess.py", "ds.index.dtype", "megatron.core.datasets.indexed_dataset._IndexReader",
-             ["dtype"]),
-]
-
-@dataclass
-class HandFieldType:
-    """Field `field` of dataclass `cls` must be annotated with a type mentioning `mentions`: our line
-    treats the value as one (e.g. sets `.module` on a ModuleSpec; on anything else that is a no-op)."""
-
-    file: str
-    snippet: str
+    name: str
     cls: str
-    field: str
-    mentions: str
     why: str
-    unless: str = ""  # text whose presence in `file` means we already handle other builders
 
 
-HAND_FIELD_TYPES = [
-    HandFieldType("megatron_dataeff/models/layer_specs.py", "mlp.module = cls",
-                  "megatron.core.transformer.transformer_layer.TransformerLayerSubmodules", "mlp", "ModuleSpec",
-                  "we replace the MLP class by setting `.module` on it; on a non-ModuleSpec builder (e.g. a "
-                  "functools.partial) that assignment silently does nothing and --mlp-dropout is ignored",
-                  unless="as_mlp_submodule"),
-    HandFieldType("megatron_dataeff/models/layer_specs.py", "attention = spec.submodules.self_attention",
-                  "megatron.core.transformer.transformer_layer.TransformerLayerSubmodules", "self_attention",
-                  "ModuleSpec",
-                  "we set `.params['attn_mask_type']` on it to make masked diffusion bidirectional"),
-]
-
-@dataclass
-class HandSourceRef:
-    """The body of megatron function `func` must (present=True) or must not (present=False) mention
-    identifier `ident` (a name or attribute; toplevel: only in statements run unconditionally):
-    our line relies on what megatron does there (a file it writes, a mode it checks, a CUDA call
-    our CPU mode does not stub)."""
-
-    file: str
-    snippet: str
-    func: str
-    ident: str
-    why: str
-    present: bool = True
-    toplevel: bool = False
-    unless: str = ""  # text whose presence in `file` means we already handle the change
-    only_if: str = ""  # text whose absence from `file` means we no longer rely on this
-
-
-HAND_SOURCE_REFS = [
-    HandSourceRef("megatron_dataeff/training/checkpointing.py", "def check_checkpoint_files",
-                  "megatron.core.dist_checkpointing.serialization.save", "save_common",
-                  "_check_files requires common.pt in every checkpoint; a save that no longer writes it "
-                  "(the common state stored as a shard instead) makes every load fail as 'incomplete'",
-                  only_if='"common.pt"', unless="no common.pt"),
-    HandSourceRef("megatron_dataeff/inference/kv_cache.py", "inference_context=self._context",
-                  GPT_MODEL + "._postprocess", "InferenceMode",
-                  "GPTModel now applies inference behaviour (last-token-only logits) only inside "
-                  "megatron.core.inference.utils.InferenceMode.active(); called without it, KVCacheLogits "
-                  "returns logits for every new position instead of [batch, 1, vocab]", present=False,
-                  unless="InferenceMode"),
-    HandSourceRef("megatron_dataeff/platform.py", "cuda.memory_allocated = ",
-                  "megatron.core.distributed.param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync",
-                  "current_stream",
-                  "DDP grad sync calls torch.cuda.current_stream() unconditionally; enable_cpu_support() does "
-                  "not stub it, so every CPU training step fails with 'Torch not compiled with CUDA enabled'",
-                  present=False, toplevel=True, unless="current_stream"),
-    HandSourceRef("megatron_dataeff/training/optimizer.py", "def _skip_step_in_param_state_copy",
-                  "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",
-                  "dst_tensors",
-                  "the distributed optimizer's per-parameter state copy no longer walks the live keys "
-                  "(dst_tensors, `step` among them): recheck whether _skip_step_in_param_state_copy is still needed",
-                  only_if="def _skip_step_in_param_state_copy"),
-    HandSourceRef("tests/test_tokenizers.py", "(1001, 1000)",
-                  "megatron.core.tokenizers.text.libraries.null_tokenizer.NullTokenizer.__init__",
-                  "_vocab_size_without_eod",
-                  "megatron's NullTokenizer(V) no longer has V + 1 ids with EOD = V (our NullTokenizer's "
-                  "convention, which this test compares against)",
-                  unless="since_018")
-]
-
-HAND_CALLS = [
-    # GPTModel.forward(input_ids, position_ids, attention_mask, ...): via nn.Module.__call__
-    HandCall("megatron_dataeff/training/loop.py", "model", GPT_MODEL + ".forward", "labels=labels",
-             ("input_ids", "position_ids", "attention_mask")),
-    HandCall("megatron_dataeff/inference/kv_cache.py", "self.model", GPT_MODEL + ".forward", "inference_context=",
-             ("input_ids", "position_ids", "attention_mask")),
-    HandCall("megatron_dataeff/evaluation/scoring.py", "self.model", GPT_MODEL + ".forward", "",
-             ("input_ids", "position_ids", "attention_mask")),
-    HandCall("megatron_dataeff/inference/generate.py", "model", GPT_MODEL + ".forward", "pos, None",
-             ("input_ids", "position_ids", "attention_mask")),
-    HandCall("tests/test_attention.py", "model", GPT_MODEL + ".forward", "pos, None",
-             ("input_ids", "position_ids", "attention_mask")),
-    # the two linears of the MLP (forward returns (output, bias))
-    HandCall("megatron_dataeff/models/mlp.py", "self.linear_fc1",
-             "megatron.core.tensor_parallel.layers.ColumnParallelLinear.forward", positional=("input_",)),
-    HandCall("megatron_dataeff/models/mlp.py", "self.linear_fc2",
-             "megatron.core.tensor_parallel.layers.RowParallelLinear.forward", positional=("input_",)),
-    HandCall("tests/test_attention.py", "mlp.linear_fc1",
-             "megatron.core.tensor_parallel.layers.ColumnParallelLinear.forward", positional=("input_",)),
-    HandCall("tests/test_attention.py", "mlp", "megatron.core.transformer.mlp.MLP.forward",
-             positional=("hidden_states",)),
-    # optimizer / scheduler / DDP / model methods on receivers built elsewhere
-    HandCall("megatron_dataeff/training/checkpointing.py", "trainer.optimizer.sharded_state_dict",
-             [o + ".sharded_state_dict" for o in OPTIMIZERS[2:]], positional=("model_sharded_state_dict",)),
-    HandCall("megatron_dataeff/training/checkpointing.py", "trainer.optimizer.load_state_dict",
-             [o + ".load_state_dict" for o in OPTIMIZERS[2:]]),
-    HandCall("megatron_dataeff/training/loop.py", "self.optimizer.step", [o + ".step" for o in OPTIMIZERS[2:]]),
-    HandCall("megatron_dataeff/training/loop.py", "self.optimizer.zero_grad",
-             [o + ".zero_grad" for o in OPTIMIZERS[2:]]),
-    HandCall("megatron_dataeff/training/loop.py", "self.scheduler.step",
-             "megatron.core.optimizer_param_scheduler.OptimizerParamScheduler.step"),
-    HandCall("megatron_dataeff/training/checkpointing.py", "trainer.scheduler.load_state_dict",
-             "megatron.core.optimizer_param_scheduler.OptimizerParamScheduler.load_state_dict"),
-    HandCall("megatron_dataeff/training/loop.py", "m.zero_grad_buffer",
-             "megatron.core.distributed.DistributedDataParallel.zero_grad_buffer"),
-    HandCall("megatron_dataeff/training/checkpointing.py", "trainer.model[0].module.sharded_state_dict",
-             GPT_MODEL + ".sharded_state_dict"),
-    HandCall("megatron_dataeff/export/hf_import.py", "model.sharded_state_dict", GPT_MODEL + ".sharded_state_dict"),
-    # the spec's params become keyword arguments of SelfAttention.__init__ (build_module)
-    HandCall("megatron_dataeff/models/layer_specs.py", "@kw:attn_mask_type", SELF_ATTENTION + ".__init__"),
+HAND_NAMES = [
+    HandNames("megatron_dataeff/export/hf_mapping.py", "REQUIRED_MEGATRON_OPTIONS",
+              "megatron.core.transformer.transformer_config.TransformerConfig",
+              "check_megatron_model reads these options by name and skips one the config lacks "
+              "(`hasattr`), so a renamed option would be exported unchecked"),
 ]
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,14 +92,14 @@ HAND_CALLS = [
 
 @dataclass(eq=False)
 class Sym:
-    kind: str  # module | class | func | value | external | dynamic | inst | multi | super
+    kind: str  # module | class | func | value | external | dynamic | inst | super | seq | tuple
     mod: str = ""  # module of definition (module: its name)
     name: str = ""  # qualified name inside mod; external: dotted name
     node: object = None
     scope: object = None  # class/func: the scope it was defined in
     cls: object = None  # func: owning class Sym (methods); inst/super: the class Sym
     bound: bool = False  # func reached through an instance
-    items: list = field(default_factory=list)  # multi: alternatives
+    items: list = field(default_factory=list)  # seq: [the element]; tuple: each item (None: unknown)
 
     @property
     def qual(self):
@@ -365,6 +148,8 @@ class Scope:
             for i, p in enumerate(params):
                 if i == 0 and self.cls_sym is not None and not _is_static(node):
                     self._bind(p.arg, ("self", _is_classmethod(node)))
+                elif getattr(p, "annotation", None) is not None:
+                    self._bind(p.arg, ("ann", p.annotation, False, "outer"))
                 else:
                     self._bind(p.arg, ("unknown",))
             for p in (a.vararg, a.kwarg):
@@ -396,6 +181,8 @@ class Scope:
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
             for t in targets:
                 if isinstance(t, ast.Name):
+                    if isinstance(stmt, ast.AnnAssign):  # `x: T` / `x: T = v`: the annotation first
+                        self._bind(t.id, ("ann", stmt.annotation, guarded))
                     if isinstance(stmt, ast.AugAssign) or stmt.value is None:
                         self._bind(t.id, ("unknown",))
                     else:
@@ -407,14 +194,21 @@ class Scope:
                         all(isinstance(e, ast.Name) for e in t.elts):  # a, b = X(...), Y(...)
                     for e, v in zip(t.elts, stmt.value.elts):
                         self._bind(e.id, ("expr", v, guarded))
+                elif isinstance(t, ast.Tuple) and getattr(stmt, "value", None) is not None and \
+                        all(isinstance(e, ast.Name) for e in t.elts):  # a, b = f(): f's tuple, item by item
+                    for i, e in enumerate(t.elts):
+                        self._bind(e.id, ("unpack", stmt.value, guarded, i))
                 else:
                     for n in ast.walk(t):
                         if isinstance(n, ast.Name):
                             self._bind(n.id, ("unknown",))
         elif isinstance(stmt, (ast.For, ast.AsyncFor)):
-            for n in ast.walk(stmt.target):
-                if isinstance(n, ast.Name):
-                    self._bind(n.id, ("unknown",))
+            if isinstance(stmt.target, ast.Name):  # an element of what is iterated
+                self._bind(stmt.target.id, ("iter", stmt.iter, guarded))
+            else:
+                for n in ast.walk(stmt.target):
+                    if isinstance(n, ast.Name):
+                        self._bind(n.id, ("unknown",))
         elif isinstance(stmt, (ast.With, ast.AsyncWith)):
             for item in stmt.items:
                 if item.optional_vars is not None:
@@ -457,7 +251,7 @@ class Scope:
 
 def _guarded(how):
     """True for a binding made inside an except-handler (a fallback)."""
-    if how[0] in ("def", "module", "expr"):
+    if how[0] in ("def", "module", "expr", "ann", "iter", "unpack"):
         return how[2] is True
     return how[0] == "from" and how[3] is True
 
@@ -553,7 +347,9 @@ class Analyzer:
         self.positional_bindings: dict[tuple, tuple] = {}  # (file, line, target) -> param names
         self.parse_failures: list[str] = []
         self._ext_attr_cache = {}
-        self.checked = set()
+        self._other_sources = None  # _OtherSources: installed packages other than megatron, read with ast
+        self.checked = set()  # (our file, line, what was checked)
+        self.calls: list[tuple] = []  # (our file, ast.Call, callee, Signature) of every call checked
         self.imported_modules: set[str] = set()  # megatron modules our sources import
         self.guards: list[tuple] = []  # (base source, attr) from enclosing `if hasattr(base, "attr")`
         self.optional_imports: set[int] = set()  # ids of imports inside try/except ImportError
@@ -561,6 +357,12 @@ class Analyzer:
     # -------------------------------------------------------------- modules
     def module_path(self, mod: str):
         """Path of a module's source, 'namespace' for a directory without __init__, else None."""
+        cache = self.__dict__.setdefault("_path_cache", {})
+        if mod not in cache:
+            cache[mod] = self._module_path(mod)
+        return cache[mod]
+
+    def _module_path(self, mod: str):
         if mod in self.our_files:
             return self.our_files[mod]
         if _is_megatron_module(mod):
@@ -579,11 +381,17 @@ class Analyzer:
 
     def parse(self, path: Path):
         if path not in self.asts:
-            try:
-                self.asts[path] = ast.parse(path.read_text(encoding="utf-8"), str(path))
-            except SyntaxError as exc:
-                self.parse_failures.append(f"{path}: cannot parse with Python {sys.version.split()[0]}: {exc}")
-                self.asts[path] = ast.Module(body=[], type_ignores=[])
+            st = path.stat()
+            key = (path, st.st_mtime_ns, st.st_size)
+            if key not in _PARSED:  # shared by analyses in one process (--baseline, the tests)
+                try:
+                    _PARSED[key] = ast.parse(path.read_text(encoding="utf-8"), str(path)), None
+                except SyntaxError as exc:
+                    failure = f"{path}: cannot parse with Python {sys.version.split()[0]}: {exc}"
+                    _PARSED[key] = ast.Module(body=[], type_ignores=[]), failure
+            self.asts[path], failure = _PARSED[key]
+            if failure:
+                self.parse_failures.append(failure)
         return self.asts[path]
 
     def module_scope(self, mod: str):
@@ -705,6 +513,15 @@ class Analyzer:
                 return self.lookup(src, attr)
             if kind == "expr":
                 return self.eval(how[1], scope, None)
+            if kind == "ann":  # a parameter's annotation is evaluated in the scope enclosing the def
+                return self.annotation_type(how[1], scope.parent if how[3:] == ("outer",) else scope)
+            if kind == "unpack":
+                tup = self.eval(how[1], scope, None)
+                ok = tup is not None and tup.kind == "tuple" and how[3] < len(tup.items)
+                return tup.items[how[3]] if ok else None
+            if kind == "iter":
+                seq = self.eval(how[1], scope, None)
+                return seq.items[0] if seq is not None and seq.kind == "seq" else None
             return None
         finally:
             self._resolving.discard(key)
@@ -845,48 +662,37 @@ class Analyzer:
                 if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and \
                         isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"):
                     names.add(n.attr)
-                elif isinstance(n, ast.Call) and n.args and isinstance(n.args[0], ast.Constant) and \
-                        isinstance(n.args[0].value, str):
-                    fn = ast.unparse(n.func)
-                    if fn in ("setattr",) and len(n.args) > 1 and isinstance(n.args[1], ast.Constant):
-                        names.add(n.args[1].value)
-                    elif fn.split(".")[-1] in ("register_buffer", "register_parameter", "add_module") and \
-                            fn.startswith("self."):
-                        names.add(n.args[0].value)
+                elif isinstance(n, ast.Call) and n.args:
+                    fn, args = ast.unparse(n.func), n.args
+                    if fn in ("setattr", "object.__setattr__") and len(args) > 1 and \
+                            ast.unparse(args[0]) in ("self", "cls"):
+                        args = args[1:]  # setattr(self, "name", value)
+                    elif not (fn.endswith("__setattr__") or fn.split(".")[-1] in (
+                            "register_buffer", "register_parameter", "add_module") and fn.startswith("self.")):
+                        args = []
+                    if args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
+                        names.add(args[0].value)
                 if isinstance(n, ast.Call) and ast.unparse(n.func) == "setattr" and len(n.args) > 1 and \
                         isinstance(n.args[0], ast.Name) and n.args[0].id == "self" and \
-                        not isinstance(n.args[1], ast.Constant):
-                    dynamic = True
+                        not isinstance(n.args[1], ast.Constant) and (c.is_megatron or self.is_ours(c.mod)):
+                    dynamic = True  # (torch.nn.Module's load_state_dict setattr()s parameters only)
         cache[key] = (names, dynamic)
         return names, dynamic
 
     def _external_attrs(self, dotted):
-        """Attribute names of an importable non-megatron class (and of a blank instance), or None."""
-        if dotted in self._ext_attr_cache:
-            return self._ext_attr_cache[dotted]
-        out = None
-        parts = dotted.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            modname = ".".join(parts[:i])
-            if modname.startswith("megatron"):
-                break
-            try:
-                obj = importlib.import_module(modname)
-                for p in parts[i:]:
-                    obj = getattr(obj, p)
-            except Exception:
-                continue
-            if isinstance(obj, type):
-                out = set(dir(obj))
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        out |= set(vars(obj()))
-                except Exception:
-                    pass
-            break
-        self._ext_attr_cache[dotted] = out
-        return out
+        """Attribute names of a class from outside megatron and our sources (torch.nn.Module, enum.Enum,
+        a builtin), read from its package's source like megatron's, or None when unknown."""
+        if dotted not in self._ext_attr_cache:
+            out = _builtin_attrs(dotted)
+            if out is None:
+                if self._other_sources is None:
+                    self._other_sources = _OtherSources(self.tree, self.project)
+                sym = self._other_sources.resolve_path(dotted)
+                if sym is not None and sym.kind == "class":
+                    names, dynamic = self._other_sources.class_members(sym)
+                    out = None if dynamic else names
+            self._ext_attr_cache[dotted] = out
+        return self._ext_attr_cache[dotted]
 
     def class_member_sym(self, cls: Sym, attr: str, bound: bool):
         """A def/class/value named attr in cls's MRO (a Sym), or None."""
@@ -947,55 +753,92 @@ class Analyzer:
                     self.report(ctx, line, f"super().{attr}: no {attr!r} in {megatron_bases[0].qual} or its bases")
                 return None
             sym = self.class_member_sym(cls, attr, base.kind == "inst")
-            if cls.is_megatron or base.kind == "super":
+            meg = [c for c in self.mro(cls) if c.kind == "class" and c.is_megatron]
+            if meg:
                 self.log(ctx, line, f"attribute {cls.qual}.{attr}")
             if sym is not None:
                 return sym
             if base.kind == "inst":
-                names, dynamic = self.class_members(cls)
-                if attr in names:
-                    return self._instance_attr_type(cls, attr)
-            else:
-                names, dynamic = self.class_members(cls)
-                if attr in names:
-                    return None
-            if dynamic or attr.startswith("__"):
+                sym = self._instance_attr_type(cls, attr)
+                if sym is not None:
+                    return sym
+            if not meg or attr.startswith("__"):
                 return None
-            meg = [c for c in self.mro(cls) if c.kind == "class" and c.is_megatron]
-            if meg:
-                what = "instance of " if base.kind == "inst" else ""
-                self.report(ctx, line, f"{'assigns' if store else 'uses'} .{attr} on {what}{cls.qual}: "
-                                       f"not defined in {meg[0].qual} or its bases")
-            return None
-        if base.kind == "multi":
+            names, dynamic = self.class_members(cls)
+            if attr in names or dynamic:
+                return None
+            what = "instance of " if base.kind == "inst" else ""
+            self.report(ctx, line, f"{'assigns' if store else 'uses'} .{attr} on {what}{cls.qual}: "
+                                   f"not defined in {meg[0].qual} or its bases")
             return None
         return None
 
     def _instance_attr_type(self, cls: Sym, attr: str):
-        """For our own classes: the type of `self.attr` from its assignments (first resolvable)."""
+        """The type of `self.attr` of an instance of cls (ours or megatron's), from what the methods of
+        its classes assign to it (`self.decoder = TransformerBlock(...)`, `self.config = config` with
+        `config: TransformerConfig`, `self.x: T = ...`; `self.x = None` aside): when every one is known
+        and they agree on one class, or all derive from one of them, that class; otherwise unknown."""
         key = ("iattr", cls.qual, attr)
+        cache = self.__dict__.setdefault("_iattr_cache", {})
+        if key in cache:
+            return cache[key]
         if key in self._resolving:
             return None
         self._resolving.add(key)
         try:
+            found = []
             for c in self.mro(cls):
-                if c.kind != "class" or c.is_megatron:
+                if c.kind != "class":
                     continue
-                for fn in c.node.body:
-                    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                        continue
-                    for n in ast.walk(fn):
-                        if isinstance(n, ast.Assign) and len(n.targets) == 1:
-                            t = n.targets[0]
-                            if isinstance(t, ast.Attribute) and t.attr == attr and \
-                                    isinstance(t.value, ast.Name) and t.value.id == "self":
-                                fscope = self.func_scope(fn, c)
-                                sym = self.eval(n.value, fscope, None)
-                                if sym is not None:
-                                    return sym
-            return None
+                for fn, value, ann in self._self_assignments(c).get(attr, ()):
+                    if ann is None and isinstance(value, ast.Constant) and value.value is None:
+                        continue  # `self.x = None` until it is set
+                    fscope = self.func_scope(fn, c)
+                    sym = self.annotation_type(ann, fscope) if ann is not None else None
+                    if sym is None and value is not None:
+                        sym = self.eval(value, fscope, None)
+                    found.append(sym)
+            out = self._common_type(found) if None not in found else None  # one unknown: unknown
         finally:
             self._resolving.discard(key)
+        cache[key] = out
+        return out
+
+    def _self_assignments(self, c: Sym):
+        """{attr: [(method node, value, annotation)]} of the `self.attr = value` statements in c's methods."""
+        cache = self.__dict__.setdefault("_assign_cache", {})
+        key = id(c.node)
+        if key not in cache:
+            out = {}
+            for fn in c.node.body:
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for n in _own_nodes(fn):
+                    if isinstance(n, ast.Assign) and len(n.targets) == 1:
+                        t, value, ann = n.targets[0], n.value, None
+                    elif isinstance(n, ast.AnnAssign):
+                        t, value, ann = n.target, n.value, n.annotation
+                    else:
+                        continue
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        out.setdefault(t.attr, []).append((fn, value, ann))
+            cache[key] = out
+        return cache[key]
+
+    def _common_type(self, syms):
+        """One type for all of syms (instances or lists of instances): the one they share or derive
+        from, else None."""
+        if not syms or any(s.kind not in ("inst", "seq") for s in syms):
+            return None
+        if any(s.kind == "seq" for s in syms):
+            if not all(s.kind == "seq" for s in syms):
+                return None
+            elt = self._common_type([s.items[0] for s in syms])
+            return Sym("seq", items=[elt]) if elt is not None else None
+        for cand in syms:
+            if all(any(c.kind == "class" and c.qual == cand.qual for c in self.mro(s.cls)) for s in syms):
+                return cand
+        return None
 
     def func_scope(self, fn, owner_cls: Sym | None, parent=None):
         if parent is None:
@@ -1025,9 +868,52 @@ class Analyzer:
                 cls = self._enclosing_class(scope)
                 return Sym("super", cls.mod, cls.name, cls=cls) if cls is not None else None
             return self.call_result(f)
-        if isinstance(expr, ast.Await):
+        if isinstance(expr, ast.Subscript):  # an element of a list or tuple of known objects
+            base = self.eval(expr.value, scope, ctx)
+            if base is not None and base.kind == "seq" and not isinstance(expr.slice, ast.Slice):
+                return base.items[0]
+            if base is not None and base.kind == "tuple" and isinstance(expr.slice, ast.Constant) and \
+                    isinstance(expr.slice.value, int) and -len(base.items) <= expr.slice.value < len(base.items):
+                return base.items[expr.slice.value]
+            return None
+        if isinstance(expr, ast.Tuple) and not any(isinstance(e, ast.Starred) for e in expr.elts):
+            return Sym("tuple", items=[self.eval(e, scope, ctx) for e in expr.elts])
+        if isinstance(expr, ast.List) and expr.elts:  # [DistributedDataParallel(...)]
+            elts = [self.eval(e, scope, ctx) for e in expr.elts]
+            if all(e is not None and e.kind == "inst" for e in elts) and len({e.qual for e in elts}) == 1:
+                return Sym("seq", items=[elts[0]])
             return None
         return None
+
+    def annotation_type(self, ann, scope: Scope):
+        """What an annotation says a value is: an instance (`T`, `T | None`, `Optional[T]`, a string),
+        a list of instances (`list[T]`, `Sequence[T]`, `tuple[T, ...]`), or None."""
+        if isinstance(ann, ast.Constant) and isinstance(ann.value, str):
+            try:
+                ann = ast.parse(ann.value, mode="eval").body
+            except SyntaxError:
+                return None
+        if isinstance(ann, ast.BinOp) and isinstance(ann.op, ast.BitOr):
+            parts = [a for a in (ann.left, ann.right) if not (isinstance(a, ast.Constant) and a.value is None)]
+            return self.annotation_type(parts[0], scope) if len(parts) == 1 else None
+        if isinstance(ann, ast.Subscript):
+            outer = ast.unparse(ann.value).split(".")[-1]
+            args = list(ann.slice.elts) if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+            args = [a for a in args if not (isinstance(a, ast.Constant) and a.value in (None, Ellipsis))]
+            if outer in ("Optional", "Union", "Annotated") and args:
+                return self.annotation_type(args[0], scope) if len(args) == 1 or outer == "Annotated" else None
+            variadic = isinstance(ann.slice, ast.Tuple) and len(ann.slice.elts) == 2 and \
+                isinstance(ann.slice.elts[1], ast.Constant) and ann.slice.elts[1].value is Ellipsis
+            if outer in ("tuple", "Tuple") and not variadic:  # tuple[A, B]: item by item
+                elts = list(ann.slice.elts) if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+                return Sym("tuple", items=[self.annotation_type(a, scope) for a in elts])
+            if outer in ("list", "List", "Sequence", "MutableSequence", "Iterable", "Iterator", "tuple",
+                         "Tuple") and len(args) == 1:
+                elt = self.annotation_type(args[0], scope)
+                return Sym("seq", items=[elt]) if elt is not None and elt.kind == "inst" else None
+            return None
+        sym = self.eval(ann, scope, None)
+        return Sym("inst", sym.mod, sym.name, cls=sym) if sym is not None and sym.kind == "class" else None
 
     def _enclosing_class(self, scope):
         s = scope
@@ -1040,45 +926,29 @@ class Analyzer:
     def call_result(self, f: Sym):
         if f.kind == "class":
             return Sym("inst", f.mod, f.name, cls=f)
-        if f.kind == "func":
-            for path, results in self.returns_table().items():
-                if path is not None and path.qual == f.qual:
-                    syms = results
-                    if len(syms) == 1:
-                        return syms[0]
-                    return Sym("multi", items=syms)
-            if not f.is_megatron:
-                return self._our_return_type(f)
+        if f.kind == "func" and (f.is_megatron or self.is_ours(f.mod)):
+            return self._return_type(f)
         return None
 
-    def returns_table(self):
-        if not hasattr(self, "_returns"):
-            self._returns = {}
-            for k, vs in RETURNS.items():
-                ks = self.resolve_path(k)
-                if ks is None:
-                    continue
-                self._returns[ks] = [s for s in (self.resolve_path(v) for v in vs) if s is not None]
-        return {k: v for k, v in self._returns.items()}
+    def is_ours(self, mod: str) -> bool:
+        return mod in self.our_files or mod == "megatron_dataeff" or mod.startswith("megatron_dataeff.")
 
-    def _our_return_type(self, f: Sym):
+    def _return_type(self, f: Sym):
+        """What a function returns: its return annotation; for ours without one, what its first
+        `return x` evaluates to."""
         key = ("ret", f.qual, id(f.node))
         if key in self._resolving or not isinstance(f.node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             return None
         self._resolving.add(key)
         try:
-            fscope = self.func_scope(f.node, f.cls, parent=f.scope if f.scope.kind != "class" else None)
             if f.node.returns is not None:
-                ann = f.node.returns
-                if isinstance(ann, ast.Constant) and isinstance(ann.value, str):
-                    try:
-                        ann = ast.parse(ann.value, mode="eval").body
-                    except SyntaxError:
-                        return None
-                sym = self.eval(ann, f.scope, None)
-                if sym is not None and sym.kind == "class":
-                    return Sym("inst", sym.mod, sym.name, cls=sym)
+                scope = f.scope
+                while scope is not None and scope.kind == "class":
+                    scope = scope.parent
+                return self.annotation_type(f.node.returns, scope)
+            if f.is_megatron:
                 return None
+            fscope = self.func_scope(f.node, f.cls, parent=f.scope if f.scope.kind != "class" else None)
             for n in _own_nodes(f.node):
                 if isinstance(n, ast.Return) and n.value is not None:
                     sym = self.eval(n.value, fscope, None)
@@ -1108,13 +978,15 @@ class Analyzer:
             return sig
         return None
 
-    def check_call(self, call: ast.Call, f: Sym, scope: Scope, ctx, target_desc=None, positional=()):
+    def check_call(self, call: ast.Call, f: Sym, scope: Scope, ctx, target_desc=None):
         sig = self.signature_of(f)
         if sig is None:
             return
         desc = target_desc or (f.qual if f.kind == "func" else f"{f.qual}()")
         line = call.lineno
         self.log(ctx, line, f"call {desc}")
+        if ctx is not None:
+            self.calls.append((ctx, call, desc, sig))
         npos = sum(1 for a in call.args if not isinstance(a, ast.Starred))
         star = any(isinstance(a, ast.Starred) for a in call.args)
         kws = [(k.arg, k.value.lineno, ctx, "") for k in call.keywords if k.arg is not None]
@@ -1130,14 +1002,7 @@ class Analyzer:
             self.report(ctx, line, f"{desc} takes {len(pos_params)} positional argument(s), we pass {npos} "
                                    f"({sig.where})")
         bound_names = [p.name for p in pos_params[:npos]]
-        if positional:
-            want = tuple(positional[:npos])
-            got = tuple(bound_names[: len(want)])
-            if got != want and not (sig.varargs and len(got) < len(want)):
-                self.report(ctx, line, f"{desc}: our positional arguments mean {want}, but the parameters there "
-                                       f"are now {got} ({sig.where})")
-        else:
-            self.positional_bindings[(ctx, line, desc)] = tuple(bound_names)
+        self.positional_bindings[(ctx, line, desc)] = tuple(bound_names)
         names = {p.name: p for p in sig.params}
         given = set(bound_names)
         for name, ln, where, via in kws:
@@ -1167,9 +1032,12 @@ class Analyzer:
         if s is None:
             return keys, False
         for how in s.bindings[expr.id]:
-            if how[0] != "expr":
+            if how[0] == "from" and self.is_ours(how[1]):  # a dict of another module of ours
+                k, c = self._module_dict_keys(how[1], how[2])
+            elif how[0] == "expr":
+                k, c = self._literal_keys(how[1], s.mod)
+            else:
                 return keys, False
-            k, c = self._literal_keys(how[1], s.mod)
             keys.update(k)
             complete = complete and c
         body = s.node
@@ -1201,12 +1069,29 @@ class Analyzer:
                         complete = False
         return keys, complete
 
-    def _literal_keys(self, expr, mod):
+    def _module_dict_keys(self, mod, name, _depth=0):
+        """_literal_keys of the module-level dict `name` of our module `mod` (followed through imports)."""
+        scope = self.module_scope(mod) if _depth < 10 else None
+        hows = scope.bindings.get(name, []) if scope is not None else []
+        if len(hows) != 1:
+            return {}, False
+        how = hows[0]
+        if how[0] == "expr":
+            return self._literal_keys(how[1], mod, _depth + 1)
+        if how[0] == "from" and self.is_ours(how[1]):
+            return self._module_dict_keys(how[1], how[2], _depth + 1)
+        return {}, False
+
+    def _literal_keys(self, expr, mod, _depth=0):
         file = self.file_of_mod.get(mod, mod)
         keys, complete = {}, True
         if isinstance(expr, ast.Dict):
-            for k in expr.keys:
-                if isinstance(k, ast.Constant) and isinstance(k.value, str):
+            for k, v in zip(expr.keys, expr.values):
+                if k is None and isinstance(v, ast.Name):  # {**OTHER, ...}: OTHER a module-level dict
+                    k2, c2 = self._module_dict_keys(mod, v.id, _depth)
+                    keys.update(k2)
+                    complete = complete and c2
+                elif isinstance(k, ast.Constant) and isinstance(k.value, str):
                     keys[k.value] = (file, k.lineno)
                 else:
                     complete = False
@@ -1278,7 +1163,7 @@ class Analyzer:
                 self._visit(stmt, cscope, ctx)
             return
         if isinstance(node, (ast.If, ast.IfExp, ast.BoolOp)) or (
-                isinstance(node, ast.Call) and ast.unparse(node.func) == "hasattr"):
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"):
             pairs = self._hasattr_pairs(node.test if isinstance(node, (ast.If, ast.IfExp)) else node)
             if pairs:
                 self.guards.extend(pairs)
@@ -1337,10 +1222,13 @@ class Analyzer:
         return out
 
     def _check_any_call(self, node, f, scope, ctx):
-        if f.kind == "multi":
-            for alt in f.items:
-                if alt.kind in ("func", "class"):
-                    self.check_call(node, alt, scope, ctx)
+        if f.kind == "inst":  # model(...): megatron's __call__, or a module's forward via nn.Module.__call__
+            call = self.class_member_sym(f.cls, "__call__", True)
+            if call is None or not call.is_megatron:
+                fwd = self.class_member_sym(f.cls, "forward", True)
+                call = fwd if fwd is not None and any(c.kind == "external" for c in self.mro(f.cls)) else call
+            if call is not None and call.kind == "func" and call.is_megatron:
+                self.check_call(node, call, scope, ctx)
             return
         if f.kind in ("func", "class") and f.is_megatron:
             self.check_call(node, f, scope, ctx)
@@ -1352,165 +1240,29 @@ class Analyzer:
             if sig_owner is not None and (sig_owner.is_megatron or self.is_dataclass(sig_owner)):
                 self.check_call(node, f, scope, ctx, target_desc=f"{f.name}() (on {sig_owner.qual})")
 
-    # -------------------------------------------------------------- hand lists
-    def check_hand_lists(self, display_to_mod):
-        for h in HAND_ATTRS:
-            line = self._hand_line(h)
-            if line is None:
+    # -------------------------------------------------------------- hand list
+    def check_hand_names(self, display_to_mod):
+        for h in HAND_NAMES:
+            mod = display_to_mod.get(h.file)
+            scope = self.module_scope(mod) if mod is not None else None
+            hows = [how for how in (scope.bindings.get(h.name, []) if scope else []) if how[0] == "expr"]
+            if not hows:
+                self.report(h.file, 0, f"hand list stale: no module-level {h.name} = {{...}} here")
                 continue
-            classes = h.cls if isinstance(h.cls, list) else [h.cls]
-            attrs = list(h.attrs)
-            for a in list(attrs):
-                if a.startswith("@dict-keys:"):
-                    attrs.remove(a)
-                    attrs += self._global_dict_keys(h.file, a.split(":", 1)[1], display_to_mod)
-            for cpath in classes:
-                cls = self.resolve_path(cpath)
-                if cls is None or cls.kind != "class":
-                    self.report(h.file, line, f"{cpath}: no such class in the tree (needed for "
-                                              f"{', '.join(attrs)})")
-                    continue
-                names, dynamic = self.class_members(cls)
-                for a in attrs:
-                    self.log(h.file, line, f"hand attribute {cpath}.{a}")
-                    if a not in names and self.class_member_sym(cls, a, True) is None and not dynamic:
-                        soft = " (our access is guarded, so this silently changes behaviour)" if h.soft else ""
-                        self.report(h.file, line, f"{cpath} has no attribute {a!r}{soft}")
-        for h in HAND_FIELD_TYPES:
-            found = self._hand_target(h, h.cls, "class")
-            if found is None:
+            line = hows[0][1].lineno
+            keys, complete = self._literal_keys(hows[0][1], mod)
+            if not complete:
+                self.report(h.file, line, f"hand list: cannot read every key of {h.name} (a literal dict, "
+                                          f"or **NAME of one, is needed)")
+            cls = self.resolve_path(h.cls)
+            if cls is None or cls.kind != "class":
+                self.report(h.file, line, f"{h.cls}: no such class in the tree")
                 continue
-            line, cls = found
-            ann = self._field_annotation(cls, h.field)
-            self.log(h.file, line, f"hand field type {h.cls}.{h.field}: {ann}")
-            if self._hand_handled(h):
-                continue
-            if ann is None:
-                self.report(h.file, line, f"{h.cls} has no field {h.field!r}")
-            elif h.mentions not in ann:
-                self.report(h.file, line, f"{h.cls}.{h.field} is now `{ann}`, not a {h.mentions}: {h.why}")
-        for h in HAND_SOURCE_REFS:
-            found = self._hand_target(h, h.func, "func")
-            if found is None:
-                continue
-            line, fn = found
-            if self._hand_handled(h):
-                self.log(h.file, line, f"hand source reference {h.func}: handled in {h.file}")
-                continue
-            roots = [fn.node]
-            if h.toplevel:  # statements not nested in if/for/while/try/with blocks
-                roots = [st for st in fn.node.body if not isinstance(
-                    st, (ast.If, ast.For, ast.While, ast.Try, ast.With, ast.FunctionDef, ast.ClassDef))]
-            idents = set()
-            for r in roots:
-                idents |= {n.id for n in ast.walk(r) if isinstance(n, ast.Name)}
-                idents |= {n.attr for n in ast.walk(r) if isinstance(n, ast.Attribute)}
-            self.log(h.file, line, f"hand source reference {h.func} {'->' if h.present else '-/->'} {h.ident}")
-            if h.present and h.ident not in idents:
-                self.report(h.file, line, f"{h.func} no longer uses {h.ident}: {h.why}")
-            elif not h.present and h.ident in idents:
-                self.report(h.file, line, f"{h.func} now uses {h.ident}: {h.why}")
-        for h in HAND_CALLS:
-            targets = h.target if isinstance(h.target, list) else [h.target]
-            if h.callee.startswith("@kw:"):
-                kw = h.callee[4:]
-                line = self._find_line(h.file, f'"{kw}"')
-                if line is None:
-                    self.report(h.file, 0, f"hand list stale: no line mentions {kw!r}")
-                    continue
-                for t in targets:
-                    sym = self.resolve_path(t.rsplit(".", 1)[0])
-                    if sym is None:
-                        self.report(h.file, line, f"{t}: not found in the tree")
-                        continue
-                    sig = self.init_signature(sym)
-                    if sig is not None and kw not in {p.name for p in sig.params} and not sig.varkw:
-                        self.report(h.file, line, f"{t} has no parameter {kw!r} ({sig.where})")
-                continue
-            mod = display_to_mod[h.file]
-            calls = self._find_calls(mod, h.callee, h.contains)
-            if not calls:
-                self.report(h.file, 0, f"hand list stale: no call of {h.callee}(...{h.contains}...)")
-                continue
-            for call, scope in calls:
-                for t in targets:
-                    sym = self.resolve_path(t)
-                    if sym is None or sym.kind != "func":
-                        self.report(h.file, call.lineno, f"calls {t}: not found in the tree")
-                        continue
-                    sym = Sym("func", sym.mod, sym.name, sym.node, sym.scope, sym.cls, bound=h.bound)
-                    self.check_call(call, sym, scope, h.file, target_desc=t, positional=h.positional)
-
-    def _field_annotation(self, cls, name):
-        for c in self.mro(cls):
-            if c.kind != "class":
-                continue
-            for stmt in c.node.body:
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
-                        stmt.target.id == name:
-                    return ast.unparse(stmt.annotation)
-        return None
-
-    def _global_dict_keys(self, file, name, display_to_mod):
-        tree = self.parse(self.our_files[display_to_mod[file]])
-        for stmt in tree.body:
-            if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
-                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-                if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                    keys, _ = self._literal_keys(stmt.value, "")
-                    return list(keys)
-        return []
-
-    def _hand_line(self, h) -> "int | None":
-        """The line of ours a hand-list entry stands for, or None after reporting the entry as stale."""
-        line = self._find_line(h.file, h.snippet)
-        if line is None:
-            self.report(h.file, 0, f"hand list stale: no line contains {h.snippet!r}")
-        return line
-
-    def _hand_target(self, h, path, kind):
-        """(our line, megatron's `kind` symbol at `path`) of a hand-list entry, or None after reporting why."""
-        line = self._hand_line(h)
-        if line is None:
-            return None
-        sym = self.resolve_path(path)
-        if sym is None or sym.kind != kind:
-            self.report(h.file, line, f"{path}: no such {'function' if kind == 'func' else kind} in the tree")
-            return None
-        return line, sym
-
-    def _hand_handled(self, h) -> bool:
-        """Whether our file already handles the change the entry watches for (its `unless` text is there,
-        or its `only_if` text, what we relied on, is gone)."""
-        text = (self.project / h.file).read_text()
-        only_if = getattr(h, "only_if", "")
-        return bool((h.unless and h.unless in text) or (only_if and only_if not in text))
-
-    def _find_line(self, file, snippet):
-        for i, text in enumerate((self.project / file).read_text().splitlines(), 1):
-            if snippet in text:
-                return i
-        return None
-
-    def _find_calls(self, mod, callee, contains):
-        tree = self.parse(self.our_files[mod])
-        src = self.our_files[mod].read_text()
-        out = []
-        mscope = self.scope_of(tree, mod, None, "module")
-
-        def walk(node, scope):
-            for child in ast.iter_child_nodes(node):
-                s = scope
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    s = self.scopes.get(id(child), scope)
-                if isinstance(child, ast.Call) and ast.unparse(child.func) == callee:
-                    seg = ast.get_source_segment(src, child) or ""
-                    if contains in seg:
-                        out.append((child, scope))
-                walk(child, s)
-
-        walk(tree, mscope)
-        return out
+            names, dynamic = self.class_members(cls)
+            for key in keys:
+                self.log(h.file, line, f"hand list: {h.cls}.{key}")
+                if key not in names and self.class_member_sym(cls, key, True) is None and not dynamic:
+                    self.report(h.file, line, f"{h.cls} has no attribute {key!r}: {h.why}")
 
     # -------------------------------------------------------------- import-time dependencies
     def import_closure_externals(self, roots):
@@ -1560,6 +1312,53 @@ class Analyzer:
         while self.import_parent.get(chain[-1]) and len(chain) < 50:
             chain.append(self.import_parent[chain[-1]])
         return " <- ".join(chain)
+
+
+class _OtherSources(Analyzer):
+    """Resolves classes of other installed packages from their sources (found with find_spec, which
+    imports nothing for a top-level name), so that what megatron's classes inherit from torch.nn.Module
+    or enum.Enum is known without importing torch."""
+
+    def __init__(self, tree: Path, project: Path):
+        super().__init__(tree, project)
+        self._roots = {}
+
+    def _module_path(self, mod: str):
+        path = super()._module_path(mod)
+        if path is not None or _is_megatron_module(mod) or self.is_ours(mod):
+            return path
+        top, *rest = mod.split(".")
+        if top not in self._roots:
+            try:
+                spec = importlib.util.find_spec(top)
+            except (ImportError, ValueError):
+                spec = None
+            root = None
+            if spec is not None and spec.submodule_search_locations:
+                root = Path(list(spec.submodule_search_locations)[0])
+            elif spec is not None and spec.origin and spec.origin.endswith(".py"):
+                root = Path(spec.origin)
+            self._roots[top] = root
+        root = self._roots[top]
+        if root is None or root.suffix == ".py":
+            return root if root is not None and not rest else None
+        base = root.joinpath(*rest)
+        for cand in (base.with_suffix(".py"), base / "__init__.py"):
+            if cand.is_file():
+                return cand
+        return None  # compiled modules (torch._C) stay unknown
+
+    def _external_attrs(self, dotted):
+        return _builtin_attrs(dotted)
+
+
+def _builtin_attrs(dotted):
+    """dir() of a builtin class (`dict`, `object`, `builtins.Exception`), else None."""
+    import builtins
+
+    name = dotted[len("builtins."):] if dotted.startswith("builtins.") else dotted
+    obj = getattr(builtins, name, None) if "." not in name else None
+    return set(dir(obj)) if isinstance(obj, type) else None
 
 
 def _walk_unguarded(body, guarded=False):
@@ -1624,34 +1423,24 @@ def analyse(tree: Path, project: Path = PROJECT):
         display_to_mod[display] = mod
     for mod, p in an.our_files.items():
         an.analyse_file(an.file_of_mod[mod], mod)
-    an.check_hand_lists(display_to_mod)
+    an.check_hand_names(display_to_mod)
     return an
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("tree", type=Path, help="directory holding megatron/core (e.g. an unzipped wheel)")
-    ap.add_argument("--baseline", type=Path, help="a tree our code is known to work with: also report "
-                                                   "positional arguments that bind to other parameters now")
-    ap.add_argument("--no-deps", action="store_true", help="skip the import-time dependency check")
-    ap.add_argument("--project", type=Path, default=PROJECT, help="our project root (default: this checkout)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="list every check made")
-    args = ap.parse_args(argv)
-    an = analyse(find_tree(args.tree), args.project.resolve())
-    if args.verbose:
-        for file, line, what in sorted(an.checked):
-            print(f"checked {file}:{line}: {what}")
-        print(f"{len(an.checked)} checks")
+def check(tree: Path, project: Path = PROJECT, baseline: Path | None = None, deps: bool = True):
+    """(mismatch lines, the analysis) of the sources of `project` against the megatron-core tree `tree`
+    (the directory holding megatron/core); no lines: OK.  `an.checked` holds every check made."""
+    an = analyse(find_tree(tree), project.resolve())
     problems = list(an.problems)
-    if args.baseline:
-        base = analyse(find_tree(args.baseline), args.project.resolve())
+    if baseline is not None:
+        base = analyse(find_tree(baseline), project.resolve())
         for key, names in an.positional_bindings.items():
             old = base.positional_bindings.get(key)
             if old is not None and old != names:
                 problems.append(Problem(key[0], key[1], f"{key[2]}: positional arguments bound to {old} in the "
                                                         f"baseline, to {names} now"))
     notes = []
-    if not args.no_deps:
+    if deps:
         ext = an.import_closure_externals(sorted(an.imported_modules))
         chains = {pkg: an.import_chain(mod) for pkg, (mod, _) in ext.items()}
         core = an.import_closure_externals(["megatron.core"])
@@ -1665,16 +1454,27 @@ def main(argv=None):
                 notes.append(f"import-time dependency {pkg!r} is not installed in this environment, so {where}: "
                              f"imported unguarded at {mod}:{line}, reached by {chain}")
     problems.sort(key=lambda p: (p.file, p.line, p.msg))
+    return [str(p) for p in problems] + notes, an
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("tree", type=Path, help="directory holding megatron/core (e.g. an unzipped wheel)")
+    ap.add_argument("--baseline", type=Path, help="a tree our code is known to work with: also report "
+                                                   "positional arguments that bind to other parameters now")
+    ap.add_argument("--no-deps", action="store_true", help="skip the import-time dependency check")
+    ap.add_argument("--project", type=Path, default=PROJECT, help="our project root (default: this checkout)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="list every check made")
+    args = ap.parse_args(argv)
+    lines, an = check(args.tree, args.project, args.baseline, deps=not args.no_deps)
+    if args.verbose:
+        for file, line, what in sorted(an.checked):
+            print(f"checked {file}:{line}: {what}")
+        print(f"{len(an.checked)} checks")
     for f in an.parse_failures:
         print(f"warning: {f}")
-    if not problems and not notes:
-        print("OK")
-        return 0
-    for p in problems:
-        print(p)
-    for n in notes:
-        print(n)
-    return 1
+    print("\n".join(lines) if lines else "OK")
+    return 1 if lines else 0
 
 
 if __name__ == "__main__":
