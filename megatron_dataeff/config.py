@@ -147,6 +147,8 @@ class _Section:
 
 Objective = Literal["ar", "mdm"]
 TokenDropoutSchedule = Literal["fixed", "uniform"]
+TokenDropoutNoise = Literal["mask", "random", "mixed"]
+TokenDropoutAnneal = Literal["none", "linear", "cosine"]
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
 AttentionBackend = Literal[ATTENTION_BACKENDS]
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
@@ -262,6 +264,21 @@ class ObjectiveConfig(_Section):
     """ar: replace each input token by the mask token with this probability (the targets stay clean)."""
     token_dropout_schedule: TokenDropoutSchedule = "fixed"
     """fixed: every sequence at --token-dropout-rate R; uniform: a rate r ~ U(0, R) per sequence."""
+    token_dropout_noise: TokenDropoutNoise = "mask"
+    """What replaces a dropped input token: mask (the mask token), random (a uniformly random vocabulary
+    token), mixed (BERT: 80% the mask token, 10% a random token, 10% the token itself)."""
+    token_dropout_span: Optional[float] = None
+    """Drop geometric spans of this mean length instead of independent tokens; the dropped fraction stays the
+    rate (spans are longer where a high rate needs it: at least r / (1 - r))."""
+    token_dropout_anneal: TokenDropoutAnneal = "none"
+    """Move the token-dropout rate over training, from --token-dropout-rate at the first step to
+    --token-dropout-final-rate at the last: linear or cosine; none keeps it fixed."""
+    token_dropout_final_rate: float = 0.0
+    """With --token-dropout-anneal: the rate at the last step."""
+    token_dropout_aux_weight: float = 0.0
+    """Masked-input regularisation (MIR): keep the clean next-token loss and add this weight x the loss of
+    the same samples with token-dropped inputs (each micro-batch goes through the model twice over: clean
+    and corrupted rows together); 0: the inputs themselves are corrupted."""
     mdm_eps: float = 1e-3
     """mdm: mask probability p = (1 - eps) t + eps for t ~ U(0, 1)."""
     mdm_stratified: bool = False
@@ -272,6 +289,32 @@ class ObjectiveConfig(_Section):
         _require(0.0 <= self.mdm_eps < 1.0, "--mdm-eps must be in [0, 1)")
         _require(not (self.diffusion and self.token_dropout_rate > 0),
                  "--token-dropout-rate applies to --objective ar; mdm masks by its own schedule")
+        _require(self.token_dropout_span is None or self.token_dropout_span >= 1,
+                 "--token-dropout-span must be >= 1 (a mean span length in tokens)")
+        _require(0.0 <= self.token_dropout_final_rate <= 1.0, "--token-dropout-final-rate must be in [0, 1]")
+        _require(self.token_dropout_aux_weight >= 0, "--token-dropout-aux-weight must be >= 0")
+        _require(self.token_dropout_final_rate == 0.0 or self.token_dropout_anneal != "none",
+                 "--token-dropout-final-rate needs --token-dropout-anneal linear or cosine")
+        dropout_on = self.token_dropout_rate > 0 or (self.token_dropout_anneal != "none"
+                                                     and self.token_dropout_final_rate > 0)
+        for flag, given in (("--token-dropout-noise", self.token_dropout_noise != "mask"),
+                            ("--token-dropout-span", self.token_dropout_span is not None),
+                            ("--token-dropout-anneal", self.token_dropout_anneal != "none"),
+                            ("--token-dropout-aux-weight", self.token_dropout_aux_weight > 0)):
+            _require(not given or (not self.diffusion and dropout_on),
+                     f"{flag} shapes token dropout: it needs --objective ar and a --token-dropout-rate "
+                     f"(or an annealed final rate) above 0")
+
+    @property
+    def token_dropout(self) -> bool:
+        """AR whose inputs are corrupted (or, with --token-dropout-aux-weight, an extra corrupted copy)."""
+        return not self.diffusion and (self.token_dropout_rate > 0 or (self.token_dropout_anneal != "none"
+                                                                        and self.token_dropout_final_rate > 0))
+
+    @property
+    def rows_per_sample(self) -> int:
+        """Model rows per training sample: 2 with --token-dropout-aux-weight (clean and corrupted), else 1."""
+        return 2 if self.token_dropout_aux_weight > 0 else 1
 
     @property
     def diffusion(self) -> bool:

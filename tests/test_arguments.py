@@ -9,7 +9,8 @@ import pytest
 
 from megatron_dataeff.arguments import SECTIONS, build_parser, config_from_args, parse_config
 from megatron_dataeff.config import (LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, CheckpointConfig, ComputeConfig,
-                                     ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, field_specs)
+                                     ConfigError, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, RunConfig,
+                                     field_specs)
 from tests.conftest import ROOT
 
 
@@ -60,6 +61,12 @@ def test_defaults_and_choices_come_from_the_dataclasses():
     (CheckpointConfig, {"exit_signal": ["SIGKILL"]}, "--exit-signal takes SIGTERM"),
     (ModelConfig, {"num_layers": None}, "--num-layers needs a value"),
     (CheckpointConfig, {"async_save": True}, "--async-save needs --save"),
+    (ObjectiveConfig, {"token_dropout_noise": "random"}, "--token-dropout-noise shapes token dropout: it needs"),
+    (ObjectiveConfig, {"name": "mdm", "token_dropout_span": 3.0}, "--token-dropout-span shapes token dropout"),
+    (ObjectiveConfig, {"token_dropout_rate": 0.3, "token_dropout_span": 0.5}, "--token-dropout-span must be >= 1"),
+    (ObjectiveConfig, {"token_dropout_rate": 0.3, "token_dropout_final_rate": 0.1},
+     "--token-dropout-final-rate needs --token-dropout-anneal"),
+    (ObjectiveConfig, {"token_dropout_noise": "bert"}, "--token-dropout-noise must be one of mask, random, mixed"),
 ])
 def test_choices_are_checked_when_a_config_is_built_in_code(section, kwargs, message):
     """A config made in code gets the checks the command line gets (argparse is not the only guard)."""

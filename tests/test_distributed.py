@@ -21,7 +21,12 @@ OBJECTIVES = {"ar": ["--objective", "ar"], "mdm": ["--objective", "mdm"],
               # MLP dropout masks are keyed by the element's place in the unsharded activation
               "ar+mlp_dropout": ["--objective", "ar", "--mlp-dropout", "0.3"],
               # megatron's unfused attention at TP=1: the reference for sdpa at TP=2
-              "mdm+unfused": ["--objective", "mdm", "--attention-backend", "local"]}
+              "mdm+unfused": ["--objective", "mdm", "--attention-backend", "local"],
+              # every token-dropout corruption at once (the torch path), annealed, as MIR's auxiliary loss
+              "ar+corruptions": ["--objective", "ar", "--token-dropout-rate", "0.5", "--token-dropout-schedule",
+                                 "uniform", "--token-dropout-noise", "mixed", "--token-dropout-span", "3",
+                                 "--token-dropout-anneal", "cosine", "--token-dropout-final-rate", "0.1",
+                                 "--token-dropout-aux-weight", "0.5"]}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +59,9 @@ DP2 = ["--use-distributed-optimizer"]  # 2 processes at TP=1 are DP=2
 @pytest.mark.parametrize("objective, layout", [
     ("ar", TP2), ("ar", DP2), ("mdm", TP2), ("mdm", DP2), ("ar+token_dropout", DP2), ("ar+mlp_dropout", TP2),
     ("ar", SP2), ("mdm", SP2), ("mdm+unfused", TP2 + ["--attention-backend", "sdpa"]),
-    ("ar", TP2 + ["--cross-entropy-chunk-size", "16"]),
+    ("ar", TP2 + ["--cross-entropy-chunk-size", "16"]), ("ar+corruptions", DP2),
 ], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2", "mlp_dropout-tp2", "ar-tp2-sp", "mdm-tp2-sp",
-        "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss"])
+        "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss", "corruptions-mir-dp2"])
 def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layout):
     """TP=2 (also with sequence parallelism, with sdpa against unfused attention, with the loss in
     16-token chunks over the vocabulary shards) and DP=2 (distributed optimizer) give the TP=1 train and
@@ -65,20 +70,22 @@ def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layou
     _assert_same_losses(baselines[objective], recs)
 
 
-def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path):
+@pytest.mark.parametrize("objective", ["mdm", "ar+corruptions"])
+def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
     """PP=2 (1F1B over 4 micro-batches, one layer a stage, the tied embedding's gradient summed over both
-    stages), started from the TP=1 baseline's initial weights, gives its train and validation losses."""
+    stages), started from the TP=1 baseline's initial weights, gives its train and validation losses; with
+    MIR the stages exchange micro-batches of twice the rows (clean and corrupted)."""
     # megatron seeds each stage apart (seed + 100 * stage), so PP=2 draws other initial weights than TP=1.
     # One TP=1 step at lr 1e-30 (updates below fp32 resolution) saves the baseline's initial weights;
     # --finetune loads only them, at iteration 0 with a fresh optimizer, so the runs see the same data.
     init = tmp_path / "init"
-    first = run_pretrain(COMMON + OBJECTIVES["mdm"] + ["--train-iters", "1", "--lr", "1e-30", "--lr-warmup-iters",
+    first = run_pretrain(COMMON + OBJECTIVES[objective] + ["--train-iters", "1", "--lr", "1e-30", "--lr-warmup-iters",
                                                        "0", "--eval-iters", "0", "--save", str(init)],
                          tmp_path / "init_run")
-    assert losses(first) == losses(baselines["mdm"])[:1]  # the baseline's initial weights, bit for bit
-    recs = run_pretrain(COMMON + OBJECTIVES["mdm"] + ["--pipeline-model-parallel-size", "2", "--load", str(init),
+    assert losses(first) == losses(baselines[objective])[:1]  # the baseline's initial weights, bit for bit
+    recs = run_pretrain(COMMON + OBJECTIVES[objective] + ["--pipeline-model-parallel-size", "2", "--load", str(init),
                                                       "--finetune"], tmp_path / "pp2", nproc=2)
-    _assert_same_losses(baselines["mdm"], recs)
+    _assert_same_losses(baselines[objective], recs)
 
 
 def test_pipeline_parallel_trains(tmp_path):
@@ -88,3 +95,13 @@ def test_pipeline_parallel_trains(tmp_path):
     curve = losses(recs)
     assert len(curve) == 20
     assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.3
+
+
+def test_mir_reports_both_halves_of_its_loss(baselines):
+    """With --token-dropout-aux-weight W every train record holds the clean and corrupted losses, and the loss
+    is clean + W x corrupted; the corrupted inputs are harder to predict from."""
+    recs = [r for r in baselines["ar+corruptions"] if r["split"] == "train"]
+    assert len(recs) == TRAIN_ITERS
+    for r in recs:
+        assert r["loss"] == pytest.approx(r["loss_clean"] + 0.5 * r["loss_corrupted"], rel=1e-5)
+    assert sum(r["loss_corrupted"] - r["loss_clean"] for r in recs) > 0

@@ -187,3 +187,115 @@ def test_mdm_evaluation_copies_are_stratified_per_window():
     assert torch.equal(strata, torch.arange(4).repeat(2, 1))
     with pytest.raises(ValueError, match="copies must be 1"):
         AutoregressiveObjective(MASK, SEED).prepare_evaluation(tok, idx, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-dropout corruptions: random / mixed noise, spans, an annealed rate, masked-input regularisation
+
+from megatron_dataeff.ops.corruption import corrupt_tokens, span_mask  # noqa: E402
+
+V = 258  # ids 0..257, the mask token last
+
+
+@pytest.mark.parametrize("noise", ["random", "mixed"])
+def test_random_and_mixed_noise_replace_the_dropped_positions_by_hand(noise):
+    """Dropped where u_token < R (the [MASK] case's positions); random ids floor(u_id (V - 1)) shifted past the
+    mask token, never the mask token; mixed: u_kind < 0.8 the mask token, < 0.9 the random id, else kept."""
+    tok, idx = _tokens(6, 40) % 250, torch.tensor([3, 4, 5, 6, 7, 10**9])
+    inputs = tok[:, :-1]
+    out = corrupt_tokens(inputs, idx, SEED, mode="fixed", rate=0.4, noise=noise, mask_token_id=MASK, vocab_ids=V)
+    dropped = philox.uniform(SEED, idx, philox.STREAM_TOKEN, 40) < torch.tensor(0.4, dtype=torch.float32)
+    assert torch.equal(out.mask, dropped)
+    rand = (philox.uniform(SEED, idx, philox.STREAM_NOISE_ID, 40).double() * (V - 1)).floor().long()
+    rand = rand + (rand >= MASK).long()
+    if noise == "random":
+        expect = torch.where(dropped, rand, inputs)
+    else:
+        kind = philox.uniform(SEED, idx, philox.STREAM_NOISE_KIND, 40)
+        expect = torch.where(dropped, torch.where(kind < 0.8, torch.tensor(MASK),
+                                                  torch.where(kind < 0.9, rand, inputs)), inputs)
+    assert torch.equal(out.input_ids, expect)
+    assert (rand != MASK).all() and int(rand.max()) < V
+
+
+def test_mixed_noise_is_eighty_ten_ten():
+    """Over many dropped positions: about 80% become the mask token, 10% a random id, 10% stay."""
+    tok = torch.full((400, 256), 7, dtype=torch.int64)
+    out = corrupt_tokens(tok, torch.arange(400), SEED, mode="fixed", rate=0.5, noise="mixed", mask_token_id=MASK,
+                         vocab_ids=V)
+    ids = out.input_ids[out.mask]
+    kept = (ids == 7).float().mean().item()  # a random id is 7 with probability 1/257
+    assert abs((ids == MASK).float().mean().item() - 0.8) < 0.01 and abs(kept - 0.1) < 0.01
+
+
+def _naive_span_chain(u, p, span):
+    out = torch.zeros(u.shape, dtype=torch.bool)
+    for i in range(u.shape[0]):
+        pi = float(p[i])
+        run = max(span, pi / (1 - pi)) if pi < 1 else float("inf")
+        leave = torch.tensor(0.0 if run == float("inf") else 1 / run, dtype=torch.float64).float()
+        enter = torch.tensor(1.0 if run == float("inf") else min(1.0, pi / (run * (1 - pi))),
+                             dtype=torch.float64).float()
+        state = bool(u[i, 0] < p[i])
+        out[i, 0] = state
+        for j in range(1, u.shape[1]):
+            state = bool(u[i, j] >= leave) if state else bool(u[i, j] < enter)
+            out[i, j] = state
+    return out
+
+
+@pytest.mark.parametrize("span", [1.0, 2.5, 12.0])
+def test_span_chain_vectorised_equals_the_step_by_step_chain(span):
+    """span_mask (vectorised) is the Markov chain of ops/corruption.py position by position, rates 0 and 1 included."""
+    g = torch.Generator().manual_seed(int(span * 10))
+    u, p = torch.rand(40, 150, generator=g), torch.rand(40, generator=g)
+    p[0], p[1], p[2] = 0.0, 1.0, 0.97
+    assert torch.equal(span_mask(u, p, span), _naive_span_chain(u, p, span))
+    assert not span_mask(u, p, span)[0].any() and span_mask(u, p, span)[1].all()
+
+
+def test_spans_keep_the_rate_and_have_the_mean_length():
+    """Geometric spans of mean 5 at rate 0.3: 30% of positions dropped, dropped runs 5 long on average."""
+    tok = torch.zeros(2000, 512, dtype=torch.int64)
+    out = corrupt_tokens(tok, torch.arange(2000), SEED, mode="fixed", rate=0.3, span=5.0, mask_token_id=MASK,
+                         vocab_ids=V)
+    m = out.mask.long()
+    runs = ((m[:, 1:] == 1) & (m[:, :-1] == 0)).sum() + m[:, 0].sum()
+    assert abs(m.float().mean().item() - 0.3) < 0.005 and abs(m.sum().item() / runs.item() - 5.0) < 0.1
+    assert torch.equal(out.input_ids, torch.where(out.mask, torch.tensor(MASK), tok))
+
+
+@pytest.mark.parametrize("anneal", ["linear", "cosine"])
+def test_annealed_rate_follows_the_step_of_the_samples(anneal):
+    """The rate goes from R at step 0 to the final rate at the last step; a micro-batch takes the rate of its
+    global batch (sample index // global batch) and one spanning two steps is refused."""
+    obj = TokenDropoutObjective(MASK, SEED, rate=0.6, anneal=anneal, final_rate=0.1, train_iters=11,
+                                global_batch_size=4)
+    assert obj.rate_at(0) == pytest.approx(0.6) and obj.rate_at(10) == pytest.approx(0.1)
+    assert obj.rate_at(5) == pytest.approx(0.35)  # the midpoint of both shapes
+    assert anneal == "linear" or obj.rate_at(2) == pytest.approx(0.6 - 0.5 * (1 - math.cos(math.pi * 0.2)) / 2)
+    tok = _tokens(4, 64)
+    got = obj.prepare(tok, torch.arange(20, 24))  # step 5
+    ref = TokenDropoutObjective(MASK, SEED, rate=obj.rate_at(5)).prepare(tok, torch.arange(20, 24))
+    assert torch.equal(got.input_ids, ref.input_ids)
+    with pytest.raises(ValueError, match="spans training steps"):
+        obj.prepare(tok, torch.arange(18, 22))
+
+
+def test_masked_input_regularisation_adds_the_corrupted_rows_loss():
+    """MIR: rows [clean; corrupted], labels clean twice; loss = (clean CE sum + W x corrupted CE sum) / (b s);
+    the parts report each half per token; evaluation is the clean batch alone."""
+    tok, idx = _tokens(3, 16), torch.tensor([0, 1, 2])
+    obj = TokenDropoutObjective(MASK, SEED, rate=0.5, aux_weight=0.3)
+    ob = obj.prepare(tok, idx)
+    assert obj.rows_per_sample == 2 and ob.input_ids.shape == (6, 16) and ob.num_tokens == 48
+    assert torch.equal(ob.input_ids[:3], tok[:, :-1])
+    corrupted = TokenDropoutObjective(MASK, SEED, rate=0.5).prepare(tok, idx).input_ids
+    assert torch.equal(ob.input_ids[3:], corrupted) and torch.equal(ob.labels, torch.cat([tok[:, 1:]] * 2))
+    ce = torch.rand(6, 16, dtype=torch.float64)
+    loss_sum, n = obj.loss(ce, ob)
+    assert loss_sum.item() == pytest.approx((ce[:3].sum() + 0.3 * ce[3:].sum()).item(), rel=1e-6) and n == 48
+    parts = obj.loss_parts(ce, ob)
+    assert parts["clean"][0].item() == pytest.approx(ce[:3].sum().item(), rel=1e-6) and parts["clean"][1] == 48
+    assert parts["corrupted"][0].item() == pytest.approx(ce[3:].sum().item(), rel=1e-6)
+    assert obj.prepare(tok, idx, evaluation=True).input_ids.shape == (3, 16)

@@ -26,6 +26,9 @@ class ObjectiveBatch:
     loss_weight: torch.Tensor  # [batch, seq] float32 weight of each position's cross-entropy
     num_tokens: int  # the loss normaliser of this micro-batch
     mask: torch.Tensor | None = None  # [batch, seq] bool, positions replaced by the mask token
+    # Named parts of the loss reported on their own (e.g. MIR's clean and corrupted rows):
+    # name -> (report weight [batch, seq] float32, tokens it is normalised by)
+    parts: dict[str, tuple[torch.Tensor, int]] | None = None
 
 
 class Objective(abc.ABC):
@@ -33,6 +36,8 @@ class Objective(abc.ABC):
 
     name: str = ""
     bidirectional: bool = False
+    rows_per_sample: int = 1  # model rows per sample in training batches (MIR: clean + corrupted)
+    part_names: tuple[str, ...] = ()  # the names of ObjectiveBatch.parts, the same for every batch
 
     def __init__(self, mask_token_id: int, seed: int):
         self.mask_token_id = int(mask_token_id)
@@ -47,6 +52,18 @@ class Objective(abc.ABC):
         """(weighted loss sum, num_tokens) of a micro-batch from per-token cross-entropy [batch, seq]."""
         weight = batch.loss_weight.to(device=per_token_loss.device)
         return (per_token_loss.float() * weight).sum(), batch.num_tokens
+
+    def describe(self) -> str:
+        """One line of what is trained (the start-up line)."""
+        return self.name
+
+    def loss_parts(self, per_token_loss: torch.Tensor, batch: ObjectiveBatch) -> dict[str, tuple[torch.Tensor, int]]:
+        """{part: (loss sum, tokens)} of the named parts of a training batch (none for most objectives)."""
+        out = {}
+        for name in self.part_names:
+            weight, tokens = batch.parts[name]
+            out[name] = ((per_token_loss.detach().float() * weight.to(per_token_loss.device)).sum(), tokens)
+        return out
 
     # Evaluation of a checkpoint: per-window values (for a standard error) and, for objectives whose
     # validation loss is a Monte-Carlo estimate, several noisy copies of each window.

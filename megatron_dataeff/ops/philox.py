@@ -29,6 +29,8 @@ STREAM_TOKEN = 0  # one uniform per token position: is the token masked?
 STREAM_RATE = 1  # one uniform per sample: its mask rate (t for mdm, r for uniform token dropout)
 STREAM_STRATA = 2  # reserved for batch-level draws
 STREAM_DROPOUT = 3  # activation dropout, keyed by a per-call key instead of a sample (ops/swiglu_dropout.py)
+STREAM_NOISE_ID = 4  # one uniform per token position: the random id replacing a dropped token (ops/corruption.py)
+STREAM_NOISE_KIND = 5  # one uniform per token position: [MASK], random or kept, for BERT-style noise
 EVAL_STREAM_OFFSET = 16
 
 

@@ -28,6 +28,7 @@ from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token
 from megatron_dataeff.models.builder import build_model, count_parameters
 from megatron_dataeff.objectives import build_objective
 from megatron_dataeff.ops import extension
+from megatron_dataeff.ops.corruption import corruption_implementation
 from megatron_dataeff.training import checkpointing, flops
 from megatron_dataeff.training.exits import ExitConditions
 from megatron_dataeff.training.distributed import Runtime, barrier, initialize, world_size_from_env
@@ -147,7 +148,9 @@ class Trainer:
             self.train_iters = max(1, math.ceil(d.epochs * self.data.samples_per_epoch / gbs))
         else:
             raise ConfigError("give --train-iters, --train-samples or --epochs")
-        self.objective = build_objective(cfg, self.mask_token_id)
+        self.objective = build_objective(cfg, self.mask_token_id, vocab_ids=self.vocab_ids,
+                                         train_iters=self.train_iters)
+        self.last_parts: dict[str, float] = {}  # the objective's named loss parts of the last step
         self.num_microbatches = cfg.num_microbatches(self.dp_size)
         self._build_model_and_optimizer()
         self.iteration = 0
@@ -197,7 +200,8 @@ class Trainer:
                              group=parallel_state.get_model_parallel_group())
         self.num_parameters = int(totals.item())
         padded_vocab = cfg.model.vocab_rows(self.vocab_ids)
-        self.flops_per_step = flops.flops_per_step(cfg, padded_vocab)
+        # MIR runs every sample twice (clean and corrupted rows): twice the model FLOPs per step
+        self.flops_per_step = flops.flops_per_step(cfg, padded_vocab) * cfg.objective.rows_per_sample
         name = torch.cuda.get_device_name() if rt.device == "cuda" else None
         self.peak_tflops = cfg.logging.peak_tflops or flops.peak_tflops(name, cfg.optim.bf16)
 
@@ -253,9 +257,14 @@ class Trainer:
         comm = [name for name, on in (("overlap grad reduce", p.overlap_grad_reduce),
                                       ("overlap param gather", p.overlap_param_gather),
                                       ("bf16 grad reduce", p.grad_reduce_in_bf16)) if on]
+        o = self.cfg.objective
+        corruption = ""
+        if o.token_dropout or o.diffusion:
+            noise, span = (o.token_dropout_noise, o.token_dropout_span) if o.token_dropout else ("mask", None)
+            corruption = f" | input corruption: {corruption_implementation(self.runtime.device, noise, span)}"
         return (f"[megatron_dataeff] {self.attention.describe()} | recompute {recompute} | sequence parallel "
                 f"{'on' if p.sequence_parallel else 'off'} | fusions: {', '.join(fused) or 'none'} | loss: {loss}"
-                f" | grads: {', '.join(comm) or 'reduce after backward, fp32'}")
+                f" | grads: {', '.join(comm) or 'reduce after backward, fp32'}{corruption}")
 
     def run_facts(self) -> dict:
         """What this run is, recorded in run.json and in every checkpoint's metadata (one source for both):
@@ -328,11 +337,16 @@ class Trainer:
         loss_sum, num_tokens = self.objective.loss(per_token_loss, ob)
         n = torch.tensor(num_tokens, dtype=torch.int, device=loss_sum.device)
         # The schedule divides the reported value in place: report a detached copy.
-        report = torch.stack([loss_sum.detach().clone().float(), n.float()])
-        return loss_sum, n, {"loss": report}
+        reports = {"loss": torch.stack([loss_sum.detach().clone().float(), n.float()])}
+        if ob.parts:  # training batches of objectives with named loss parts
+            for name, (part_sum, tokens) in self.objective.loss_parts(per_token_loss, ob).items():
+                reports[f"part_{name}"] = torch.stack([part_sum.float(), torch.tensor(float(tokens),
+                                                                                      device=part_sum.device)])
+        return loss_sum, n, reports
 
     def _run_batch(self, batch_fn, step: int, forward_only: bool):
-        """Forward(/backward) one global batch; returns the global (loss_sum, tokens)."""
+        """Forward(/backward) one global batch; returns the global (loss_sum, tokens), and in training also
+        each named loss part's (sum, tokens) after them (the objective's `part_names` order)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         fwd_bwd = get_forward_backward_func()
@@ -343,14 +357,16 @@ class Trainer:
             model=self.model,
             num_microbatches=self.num_microbatches,
             seq_length=seq,
-            micro_batch_size=self.cfg.optim.micro_batch_size,
+            # the rows the model sees per micro-batch (pipeline stages exchange tensors of this batch size)
+            micro_batch_size=self.cfg.optim.micro_batch_size * (1 if forward_only else self.objective.rows_per_sample),
             decoder_seq_length=seq,
             forward_only=forward_only,
         )
-        total = torch.zeros(2, dtype=torch.float64)
+        keys = ["loss"] + ([] if forward_only else [f"part_{name}" for name in self.objective.part_names])
+        total = torch.zeros(2 * len(keys), dtype=torch.float64)
         if self.runtime.is_last_stage:
             for out in outputs:
-                total += out["loss"].double().cpu()
+                total += torch.cat([out[k].double().cpu() for k in keys])
         # Every last-stage rank holds its data-parallel shard (repeated on each TP rank): summing
         # over all ranks repeats sum and count alike, so their ratio is the global loss everywhere.
         return _all_reduce(total, self.runtime.device)
@@ -379,6 +395,8 @@ class Trainer:
         self.optimizer.zero_grad()
         total = self._run_batch(self.data.train_batch, step, forward_only=False)
         loss = float(total[0] / total[1])
+        self.last_parts = {name: float(total[2 + 2 * i] / total[3 + 2 * i])
+                           for i, name in enumerate(self.objective.part_names)}
         if not math.isfinite(loss):
             if not self.cfg.optim.skip_nonfinite_steps:
                 raise NonFiniteLossError(
@@ -417,8 +435,7 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         gbs, seq = cfg.optim.global_batch_size, cfg.model.seq_length
         self.log.print(
-            f"[megatron_dataeff] {cfg.objective.name}"
-            f"{' + token dropout ' + str(cfg.objective.token_dropout_rate) if cfg.objective.token_dropout_rate else ''}"
+            f"[megatron_dataeff] {self.objective.describe()}"
             f" | {self.num_parameters / 1e6:.2f}M parameters | device {rt.device} | world {rt.world_size} "
             f"(TP {cfg.parallel.tensor_model_parallel_size}, PP {cfg.parallel.pipeline_model_parallel_size}, "
             f"DP {self.dp_size}) | {self.data.unique_tokens:,} unique tokens, "
@@ -450,6 +467,7 @@ class Trainer:
         gbs, seq = cfg.optim.global_batch_size, cfg.model.seq_length
         interval_start, interval_tokens, interval_steps = time.time(), 0, 0
         loss_acc, loss_n = 0.0, 0
+        parts_acc = dict.fromkeys(self.objective.part_names, 0.0)
         while self.iteration < self.train_iters:
             loss, grad_norm, stepped = self.train_step(self.iteration)
             self.iteration += 1
@@ -458,6 +476,8 @@ class Trainer:
             interval_steps += 1
             if math.isfinite(loss):
                 loss_acc, loss_n = loss_acc + loss, loss_n + 1
+                for name, value in self.last_parts.items():
+                    parts_acc[name] += value
                 last["train_loss"] = loss
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == self.train_iters:
                 elapsed = time.time() - interval_start
@@ -467,21 +487,24 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 epoch = self.data.epoch_of(self.consumed_samples)
                 avg = loss_acc / loss_n if loss_n else float("nan")
+                parts = {f"loss_{name}": v / loss_n if loss_n else float("nan") for name, v in parts_acc.items()}
                 rec = {"iteration": self.iteration, "split": "train", "loss": avg, "lr": lr,
                        "grad_norm": grad_norm, "tokens_per_s": interval_tokens / max(elapsed, 1e-9),
                        "ms_per_step": ms, "epoch": epoch, "consumed_tokens": self.consumed_samples * seq,
-                       "consumed_samples": self.consumed_samples}
+                       "consumed_samples": self.consumed_samples, **parts}
                 rec.update(self._speed_and_memory(elapsed / interval_steps))
                 if not stepped:
                     rec["skipped"] = True
                 self.log.log(rec)
                 self.log.print(
                     f" iteration {self.iteration:7d}/{self.train_iters} | epoch {epoch:7.2f} | "
-                    f"tokens {self.consumed_samples * seq:>12,} | loss {avg:.4f} | lr {lr:.3e} | "
+                    f"tokens {self.consumed_samples * seq:>12,} | loss {avg:.4f} | "
+                    + "".join(f"{k[5:]} {v:.4f} | " for k, v in parts.items()) + f"lr {lr:.3e} | "
                     f"grad norm {grad_norm:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {ms:.0f} ms/step | "
                     f"{_format_speed_and_memory(rec)} | ETA {format_duration(eta)}")
                 interval_start, interval_tokens, interval_steps = time.time(), 0, 0
                 loss_acc, loss_n = 0.0, 0
+                parts_acc = dict.fromkeys(self.objective.part_names, 0.0)
             if (cfg.logging.eval_interval and cfg.logging.eval_iters
                     and self.iteration % cfg.logging.eval_interval == 0 and self.iteration < self.train_iters):
                 last["valid_loss"] = self._log_valid()["loss"]

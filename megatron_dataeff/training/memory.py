@@ -163,7 +163,7 @@ def _shape(cfg: RunConfig, vocab_ids: int, device: str, te_available: bool) -> _
     else:
         fused_ext = True  # built by `pip install -e .` where nvcc exists (csrc/README.md)
     return _Shape(
-        s=m.seq_length, b=cfg.optim.micro_batch_size, h=m.hidden_size, ffn=m.ffn_hidden_size // tp,
+        s=m.seq_length, b=cfg.optim.micro_batch_size * cfg.objective.rows_per_sample, h=m.hidden_size, ffn=m.ffn_hidden_size // tp,
         nq=m.num_attention_heads // tp, nkv=max(1, m.num_query_groups // tp), d=m.kv_channels,
         vocab=m.vocab_rows(vocab_ids) // tp, tp=tp,
         sp=bool(p.sequence_parallel and tp > 1), e=2 if cfg.optim.bf16 else 4, device=device, impl=impl,
