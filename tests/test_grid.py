@@ -22,10 +22,11 @@ def _env():
 
 def test_grid_covers_the_paper_conditions():
     """The grid has the paper's 15 conditions (wd 0.1 is the AR baseline, so 14 runs) + 2 fresh-data
-    references; every run's flags parse as a RunConfig."""
+    references + 3 plain-AR budgets; every run's flags parse as a RunConfig; a budget run has F x the unique
+    tokens at the baseline's number of steps."""
     from megatron_dataeff.arguments import parse_config
 
-    assert len(PAPER_METHODS) == 14 and len(METHODS) == 16
+    assert len(PAPER_METHODS) == 14 and len(METHODS) == 19
     for method in METHODS:
         flags, facts = run_flags(SCALES["tiny"], method, 1, "/tmp/x")
         cfg = parse_config(flags)
@@ -35,6 +36,10 @@ def test_grid_covers_the_paper_conditions():
             assert cfg.model.mlp_dropout == float(method[6:])
         if method.endswith("_fresh"):  # the same steps on unique_tokens x epochs fresh tokens
             assert cfg.data.epochs == 1 and cfg.data.unique_tokens > 19 * SCALES["tiny"].unique_tokens
+        if method.startswith("ar_u"):
+            assert cfg.data.unique_tokens == int(float(method[4:]) * SCALES["tiny"].unique_tokens)
+            assert cfg.optim.train_iters == facts["train_iters"] == run_flags(SCALES["tiny"], "ar", 1, "/t")[1][
+                "train_iters"]
     paper = parse_config(run_flags(SCALES["paper"], "mdm", 1, "/tmp/x")[0])
     assert paper.model.num_layers == 28 and paper.optim.global_batch_size == 2048
     assert paper.model.seq_length == 4096 and paper.data.epochs == 120 and paper.data.unique_tokens == 3_000_000_000

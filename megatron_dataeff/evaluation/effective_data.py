@@ -52,23 +52,31 @@ class PowerLaw:
         return (self.A / (loss - self.E)) ** (1.0 / self.alpha)
 
 
-def fit_power_law(tokens: Sequence[float], losses: Sequence[float]) -> Optional[PowerLaw]:
-    """Least-squares fit of log(L - E) = log A - alpha log D over a grid of floors E."""
+def fit_power_law(tokens: Sequence[float], losses: Sequence[float], min_points: int = 4) -> Optional[PowerLaw]:
+    """Least-squares fit of log(L - E) = log A - alpha log D over a grid of floors E (None with fewer than
+    `min_points` points or no falling law)."""
     d = np.asarray(tokens, dtype=float)
     y = np.asarray(losses, dtype=float)
     keep = (d > 0) & np.isfinite(y)
     d, y = d[keep], y[keep]
-    if len(d) < 4:
+    if len(d) < min_points:
         return None
-    best = None
-    for E in np.linspace(0.0, 0.999 * y.min(), 400):
-        X = np.stack([np.ones_like(d), -np.log(d)], 1)
-        coef, *_ = np.linalg.lstsq(X, np.log(y - E), rcond=None)
-        pred = E + np.exp(coef[0]) * d ** (-coef[1])
-        sse = float(((pred - y) ** 2).sum())
-        if coef[1] > 0 and (best is None or sse < best[0]):
-            best = (sse, PowerLaw(float(E), float(np.exp(coef[0])), float(coef[1])))
-    return None if best is None else best[1]
+    # every floor E of the grid at once: the least-squares line of log(L - E) on -log D, in closed form
+    floors = np.linspace(0.0, 0.999 * y.min(), 400)[:, None]
+    t, z = -np.log(d)[None, :], np.log(y[None, :] - floors)
+    tm, zm = t.mean(axis=1, keepdims=True), z.mean(axis=1, keepdims=True)
+    var = ((t - tm) ** 2).sum(axis=1)
+    if float(var[0]) == 0.0:
+        return None
+    alpha = ((t - tm) * (z - zm)).sum(axis=1) / var
+    log_a = zm[:, 0] - alpha * tm[:, 0]
+    pred = floors + np.exp(log_a)[:, None] * d[None, :] ** (-alpha[:, None])
+    sse = ((pred - y[None, :]) ** 2).sum(axis=1)
+    sse = np.where(alpha > 0, sse, np.inf)
+    i = int(np.argmin(sse))
+    if not np.isfinite(sse[i]):
+        return None
+    return PowerLaw(float(floors[i, 0]), float(np.exp(log_a[i])), float(alpha[i]))
 
 
 def effective_data(R, unique_tokens: float, r_star: float):

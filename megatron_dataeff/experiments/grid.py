@@ -12,6 +12,10 @@ Methods (Gao et al. 2025, see docs/evaluation.md):
     ar_fresh, mdm_fresh     references without repetition: the same number of steps on
                             unique_tokens x epochs fresh tokens (1 epoch); they calibrate the
                             effective-data fit (R*) and are not part of the paper's grid
+    ar_u{0.5,2,4}           plain AR at 0.5 / 2 / 4 x the unique tokens, the same number of steps (so
+                            2 / 0.5 / 0.25 x the epochs): with `ar` they give best loss vs unique
+                            tokens, through which each method's best loss becomes an effective-data
+                            multiple (experiments/statistics.py); not part of the paper's grid
 
 A token-dropout rate of 1.0 with a fixed rate would mask every input token, so the 1.0 point of
 the sweep is the per-sequence uniform schedule (the paper's masked-input condition); 0.1-0.5 are
@@ -39,9 +43,13 @@ METHODS: dict[str, list[str]] = {
     "mdm": ["--objective", "mdm"],
     "ar_fresh": [],
     "mdm_fresh": ["--objective", "mdm"],
+    "ar_u0.5": [],
+    "ar_u2": [],
+    "ar_u4": [],
 }
 FRESH = {"ar_fresh": "ar", "mdm_fresh": "mdm"}  # reference run -> the family it calibrates
-PAPER_METHODS = [m for m in METHODS if m not in FRESH]
+BUDGETS = {"ar_u0.5": 0.5, "ar": 1.0, "ar_u2": 2.0, "ar_u4": 4.0}  # plain AR at F x the unique tokens
+PAPER_METHODS = [m for m in METHODS if m not in FRESH and (m not in BUDGETS or m == "ar")]
 
 
 def reference_of(method: str) -> str:
@@ -114,9 +122,14 @@ def run_flags(scale: Scale, method: str, seed: int, run_dir: str, *, unique_toke
     fresh = method in FRESH
     samples = (u - 1) // scale.seq_length
     steps = max(1, round(e * samples / scale.global_batch_size))
-    # a fresh-data reference sees as many tokens in one epoch as the grid's runs in e epochs
-    data = (["--unique-tokens", str(int(u * e) + 1), "--epochs", "1"] if fresh
-            else ["--unique-tokens", str(u), "--epochs", str(e)])
+    # a fresh-data reference sees as many tokens in one epoch as the grid's runs in e epochs; a budget run
+    # F x the unique tokens for e / F epochs (the same steps)
+    if fresh:
+        data = ["--unique-tokens", str(int(u * e) + 1), "--epochs", "1"]
+    elif method in BUDGETS and method != "ar":
+        data = ["--unique-tokens", str(int(u * BUDGETS[method]))]
+    else:
+        data = ["--unique-tokens", str(u), "--epochs", str(e)]
     eval_interval = max(1, round(steps / (e * scale.evals_per_epoch)))
     save_interval = max(1, steps // max(1, scale.downstream_evals))
     flags = [*scale.flags, *METHODS[method], *data, "--train-iters", str(steps), "--seed", str(seed),
@@ -124,5 +137,5 @@ def run_flags(scale: Scale, method: str, seed: int, run_dir: str, *, unique_toke
              "--run-dir", run_dir, "--save", f"{run_dir}/checkpoints", "--load", f"{run_dir}/checkpoints",
              "--save-interval", str(save_interval), *extra]
     facts = {"method": method, "seed": seed, "unique_tokens": u, "epochs": e, "train_iters": steps,
-             "fresh_reference": fresh, "save_interval": save_interval}
+             "fresh_reference": fresh, "save_interval": save_interval, "budget": BUDGETS.get(method)}
     return flags, facts

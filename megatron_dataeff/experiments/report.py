@@ -2,7 +2,9 @@
 
 Per run: best and final validation loss, the epoch of the best, the rise after the best (final -
 best: how much the run overfits), offline-task accuracy of the last scored checkpoint, and
-Muennighoff's R* (see effective_data.py).  Per method: mean ± std over seeds.
+Muennighoff's R* (see effective_data.py).  Per method: mean ± standard error over seeds, a paired test
+against plain AR and the effective-data multiple (statistics.py); plots draw each method's mean curve with
+a ± standard-error band when it has several seeds.
 """
 
 from __future__ import annotations
@@ -114,8 +116,11 @@ def summarise_run(run: Run, reference: Optional[Run]) -> dict:
 
 
 def summarise(runs: list[Run]) -> list[dict]:
-    """One row per method: mean and std over seeds of each per-run figure."""
-    from megatron_dataeff.experiments.grid import METHODS, reference_of
+    """One row per method: mean and standard error over seeds of each per-run figure, the paired test of its
+    best validation loss against plain AR's (same seeds), and its effective-data multiple (plain AR at
+    several budgets, experiments/statistics.py)."""
+    from megatron_dataeff.experiments.grid import BUDGETS, METHODS, reference_of
+    from megatron_dataeff.experiments.statistics import effective_data, mean_se, paired_test
 
     refs = {(r.method, r.seed): r for r in runs if r.method.endswith("_fresh")}
     per_run = []
@@ -126,39 +131,64 @@ def summarise(runs: list[Run]) -> list[dict]:
         per_run.append(summarise_run(r, ref))
     order = list(METHODS)
     methods = sorted({p["method"] for p in per_run}, key=lambda m: (order.index(m) if m in order else 99, m))
+    best = {m: {p["seed"]: p["best_val_loss"] for p in per_run if p["method"] == m} for m in methods}
+    budgets = {BUDGETS[m]: list(best[m].values()) for m in methods if m in BUDGETS}
     rows = []
     keys = ["best_val_loss", "best_epoch", "final_val_loss", "rise_after_best", *TASK_METRICS, "r_star"]
     for m in methods:
         group = [p for p in per_run if p["method"] == m]
         row = {"method": m, "seeds": len(group)}
         for k in keys:
-            vals = [p[k] for p in group if p.get(k) is not None]
-            row[k] = float(np.mean(vals)) if vals else None
-            row[k + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+            row[k], row[k + "_se"] = mean_se([p[k] for p in group if p.get(k) is not None])
         notes = {p.get("r_star_note") for p in group if p.get("r_star") is None}
         row["r_star_note"] = "; ".join(sorted(n for n in notes if n)) if notes else ""
+        comparable = m != "ar" and "ar" in best and not m.startswith("mdm")  # ELBO and NLL are not compared
+        row["delta_vs_ar"], row["p_vs_ar"], row["pairs_vs_ar"] = (paired_test(best[m], best["ar"]) if comparable
+                                                                  else (None, None, 0))
+        if not m.startswith("mdm"):
+            eff = effective_data(budgets, list(best[m].values()))
+            row["effective_data"], row["effective_data_low"], row["effective_data_high"] = eff.multiple, eff.low, eff.high
+            row["effective_data_note"] = eff.note
         rows.append(row)
     return rows
 
 
 def _fmt(row, k, digits=3) -> str:
-    v, s = row.get(k), row.get(k + "_std")
+    v, s = row.get(k), row.get(k + "_se")
     if v is None:
         return "n/a"
     return f"{v:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{v:.{digits}f}"
 
 
+def _fmt_delta(row) -> str:
+    if row.get("delta_vs_ar") is None:
+        return ""
+    p = row.get("p_vs_ar")
+    return f"{row['delta_vs_ar']:+.3f}" + (f" (p={p:.2g})" if p is not None else "")
+
+
+def _fmt_effective(row) -> str:
+    if row.get("effective_data") is None:
+        return "" if "effective_data_note" not in row else f"n/a ({row['effective_data_note']})"
+    lo, hi = row.get("effective_data_low"), row.get("effective_data_high")
+    return f"x{row['effective_data']:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else "")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ["method", "seeds", "best val loss", "best epoch", "final val loss", "rise after best",
-            "cloze acc", "continuation acc", "continuation acc_norm", "R*"]
+    """Mean ± standard error over seeds; Δ vs ar: the best validation loss minus plain AR's at the same seeds,
+    with the paired t-test's p-value; effective data: the unique tokens plain AR would need for the method's
+    best loss, as a multiple of the grid's budget (68% interval over resampled seeds)."""
+    head = ["method", "seeds", "best val loss", "Δ vs ar (paired p)", "effective data", "best epoch",
+            "final val loss", "rise after best", "cloze acc", "continuation acc", "continuation acc_norm", "R*"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rstar = _fmt(r, "r_star", 1)
         if rstar == "n/a" and r.get("r_star_note"):
             rstar = f"n/a ({r['r_star_note']})"
-        lines.append("| " + " | ".join([r["method"], str(r["seeds"]), _fmt(r, "best_val_loss"), _fmt(r, "best_epoch", 1),
-                                        _fmt(r, "final_val_loss"), _fmt(r, "rise_after_best"), _fmt(r, "cloze_acc"),
-                                        _fmt(r, "continuation_acc"), _fmt(r, "continuation_acc_norm"), rstar]) + " |")
+        lines.append("| " + " | ".join([r["method"], str(r["seeds"]), _fmt(r, "best_val_loss"), _fmt_delta(r),
+                                        _fmt_effective(r), _fmt(r, "best_epoch", 1), _fmt(r, "final_val_loss"),
+                                        _fmt(r, "rise_after_best"), _fmt(r, "cloze_acc"), _fmt(r, "continuation_acc"),
+                                        _fmt(r, "continuation_acc_norm"), rstar]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,8 +212,26 @@ def _style(method: str):
     return {"color": "gray", "alpha": 1.0, "linestyle": "-"}
 
 
+def _by_method(runs: list[Run]) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.method, []).append(r)
+    return out
+
+
+def _mean_curve(group: list[Run], xkey: int):
+    """(x, mean validation loss, standard error or None) of the seeds of one method, point by point over the
+    validation points they all have (the same schedule puts them at the same epochs)."""
+    n = min(len(r.valid) for r in group)
+    x = np.array([v[xkey] for v in group[0].valid[:n]], dtype=float)
+    y = np.array([[v[2] for v in r.valid[:n]] for r in group], dtype=float)
+    se = y.std(axis=0, ddof=1) / math.sqrt(len(group)) if len(group) > 1 else None
+    return x, y.mean(axis=0), se
+
+
 def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
-    """PNGs: validation loss vs epoch, vs tokens seen, and offline-task accuracy vs epoch."""
+    """PNGs: validation loss vs epoch and vs tokens seen (a method's mean over seeds with a ± standard-error
+    band), and offline-task accuracy vs epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,10 +241,13 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
     written = []
     for xkey, xlabel, fname in ((0, "epoch", "val_loss.png"), (1, "tokens seen", "val_loss_vs_tokens.png")):
         fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=False)
-        for r in runs:
-            ax = axes[1] if r.objective == "mdm" else axes[0]
-            x = [v[xkey] for v in r.valid]
-            ax.plot(x, [v[2] for v in r.valid], label=f"{r.method} s{r.seed}", lw=1.4, **_style(r.method))
+        for method, group in _by_method(runs).items():
+            ax = axes[1] if group[0].objective == "mdm" else axes[0]
+            x, mean, se = _mean_curve(group, xkey)
+            label = method if len(group) == 1 else f"{method} ({len(group)} seeds)"
+            line, = ax.plot(x, mean, label=label, lw=1.4, **_style(method))
+            if se is not None:
+                ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
         for ax, title in zip(axes, ("AR variants: validation NLL", "masked diffusion: validation ELBO")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("nats / token")

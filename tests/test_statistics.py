@@ -1,0 +1,87 @@
+"""Grid statistics over seeds (experiments/statistics.py, experiments/report.py) on synthetic runs whose
+best losses follow a known law: mean ± standard error, the paired test against plain AR, the effective-data
+multiple with its interval, and plots with bands."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from megatron_dataeff.experiments.report import find_runs, markdown_table, plot_runs, summarise
+from megatron_dataeff.experiments.statistics import effective_data, mean_se, paired_test
+
+E, A, ALPHA = 2.0, 0.6, 0.5  # plain AR's best loss at F x the budget: E + A F^-alpha
+
+
+def _law(f):
+    return E + A * f ** -ALPHA
+
+
+def _write_run(root, method, seed, best, objective="ar"):
+    """A run directory whose validation curve falls to `best` at epoch 10 and rises after."""
+    d = root / f"{method}_s{seed}"
+    d.mkdir()
+    epochs = np.arange(1, 21)
+    losses = best + 0.02 * (epochs - 10) ** 2 / 10
+    lines = [json.dumps({"iteration": int(10 * e), "split": "valid", "loss": float(v), "epoch": float(e),
+                         "consumed_tokens": int(1000 * e)}) for e, v in zip(epochs, losses)]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "run.json").write_text(json.dumps({"unique_tokens": 1000, "config": {"objective": {"name": objective}}}))
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    noise = np.random.default_rng(0).normal(0, 0.004, size=(6, 3))
+    for k, (method, f) in enumerate({"ar_u0.5": 0.5, "ar": 1.0, "ar_u2": 2.0, "ar_u4": 4.0, "ar_td0.3": 2.5}.items()):
+        for s in range(3):
+            _write_run(root, method, s + 1, _law(f) + noise[k, s])
+    for s in range(3):
+        _write_run(root, "mdm", s + 1, 2.9 + noise[5, s], objective="mdm")
+    return root
+
+
+def test_mean_standard_error_and_paired_test_by_hand():
+    """mean ± std/sqrt(n); the paired test is scipy's ttest_rel on the seeds both have."""
+    from scipy import stats
+
+    assert mean_se([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, np.std([1, 2, 4], ddof=1) / math.sqrt(3)))
+    assert mean_se([3.0]) == (3.0, None)
+    a, b = {1: 2.0, 2: 2.3, 3: 2.1, 9: 5.0}, {1: 2.1, 2: 2.35, 3: 2.3}
+    delta, p, n = paired_test(a, b)
+    assert n == 3 and delta == pytest.approx(np.mean([-0.1, -0.05, -0.2]))
+    assert p == pytest.approx(stats.ttest_rel([2.0, 2.3, 2.1], [2.1, 2.35, 2.3]).pvalue)
+    assert paired_test({1: 2.0}, {1: 2.5})[1] is None
+
+
+def test_effective_data_recovers_the_multiple_of_a_known_law():
+    """A method whose best loss is plain AR's at 2.5 x the budget is worth x2.5, inside its interval; fewer
+    than 3 budgets or a loss below the law's floor say why instead of a number."""
+    rng = np.random.default_rng(1)
+    budgets = {f: list(_law(f) + rng.normal(0, 0.002, 3)) for f in (0.5, 1.0, 2.0, 4.0)}
+    eff = effective_data(budgets, list(_law(2.5) + rng.normal(0, 0.002, 3)))
+    assert eff.multiple == pytest.approx(2.5, rel=0.1) and eff.low <= eff.multiple <= eff.high
+    assert effective_data({1.0: [2.5], 2.0: [2.4]}, [2.45]).note.startswith("needs plain AR at >= 3 budgets")
+    assert effective_data(budgets, [1.0]).multiple is None
+
+
+def test_summary_table_and_banded_plots(grid, tmp_path):
+    """The report's rows: mean ± SE over the 3 seeds, Δ and paired p against ar, the effective-data multiple
+    (none for the ELBO of mdm); the table shows them; the plots are written with one band per method."""
+    runs = find_runs([str(grid)])
+    assert len(runs) == 18
+    rows = {r["method"]: r for r in summarise(runs)}
+    td = rows["ar_td0.3"]
+    bests = [min(json.loads(x)["loss"] for x in (grid / f"ar_td0.3_s{s}" / "metrics.jsonl").read_text().splitlines())
+             for s in (1, 2, 3)]
+    assert td["seeds"] == 3 and td["best_val_loss"] == pytest.approx(np.mean(bests))
+    assert td["best_val_loss_se"] == pytest.approx(np.std(bests, ddof=1) / math.sqrt(3))
+    assert td["delta_vs_ar"] < -0.1 and td["p_vs_ar"] < 0.01 and td["pairs_vs_ar"] == 3
+    assert td["effective_data"] == pytest.approx(2.5, rel=0.15)
+    assert rows["ar"]["effective_data"] == pytest.approx(1.0, rel=0.15) and rows["ar"]["delta_vs_ar"] is None
+    assert rows["mdm"]["delta_vs_ar"] is None and "effective_data" not in rows["mdm"]
+    table = markdown_table(list(rows.values()))
+    assert "| ar_td0.3 | 3 |" in table and "(p=" in table and "x2." in table
+    written = plot_runs(runs, str(tmp_path / "report"))
+    assert all(p.endswith(".png") for p in written) and len(written) == 2
