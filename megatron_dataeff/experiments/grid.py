@@ -12,6 +12,12 @@ Methods (Gao et al. 2025, see docs/evaluation.md):
     ar_fresh, mdm_fresh     references without repetition: the same number of steps on
                             unique_tokens x epochs fresh tokens (1 epoch); they calibrate the
                             effective-data fit (R*) and are not part of the paper's grid
+    beyond the paper (not in its grid; in both scales' default lists):
+    ar_td0.3_{random,mixed} token dropout 0.3 with random-token / BERT 80-10-10 replacement
+    ar_td0.3_span3          token dropout 0.3 in geometric spans of mean 3
+    ar_td0.5_anneal         token dropout annealed linearly from 0.5 to 0 over the run
+    ar_mir0.3               masked-input regularisation: the clean loss + 0.5 x the loss at token dropout 0.3
+    ar_mlp0.1_td0.3         MLP dropout 0.1 and token dropout 0.3 together
     ar_u{0.5,2,4}           plain AR at 0.5 / 2 / 4 x the unique tokens, the same number of steps (so
                             2 / 0.5 / 0.25 x the epochs): with `ar` they give best loss vs unique
                             tokens, through which each method's best loss becomes an effective-data
@@ -41,6 +47,12 @@ METHODS: dict[str, list[str]] = {
     "ar_wd0.3": ["--weight-decay", "0.3"],
     "ar_wd0.5": ["--weight-decay", "0.5"],
     "mdm": ["--objective", "mdm"],
+    "ar_td0.3_random": ["--token-dropout-rate", "0.3", "--token-dropout-noise", "random"],
+    "ar_td0.3_mixed": ["--token-dropout-rate", "0.3", "--token-dropout-noise", "mixed"],
+    "ar_td0.3_span3": ["--token-dropout-rate", "0.3", "--token-dropout-span", "3"],
+    "ar_td0.5_anneal": ["--token-dropout-rate", "0.5", "--token-dropout-anneal", "linear"],
+    "ar_mir0.3": ["--token-dropout-rate", "0.3", "--token-dropout-aux-weight", "0.5"],
+    "ar_mlp0.1_td0.3": ["--mlp-dropout", "0.1", "--token-dropout-rate", "0.3"],
     "ar_fresh": [],
     "mdm_fresh": ["--objective", "mdm"],
     "ar_u0.5": [],
@@ -49,7 +61,8 @@ METHODS: dict[str, list[str]] = {
 }
 FRESH = {"ar_fresh": "ar", "mdm_fresh": "mdm"}  # reference run -> the family it calibrates
 BUDGETS = {"ar_u0.5": 0.5, "ar": 1.0, "ar_u2": 2.0, "ar_u4": 4.0}  # plain AR at F x the unique tokens
-PAPER_METHODS = [m for m in METHODS if m not in FRESH and (m not in BUDGETS or m == "ar")]
+BEYOND = ["ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal", "ar_mir0.3", "ar_mlp0.1_td0.3"]
+PAPER_METHODS = [m for m in METHODS if m not in FRESH and m not in BEYOND and (m not in BUDGETS or m == "ar")]
 
 
 def reference_of(method: str) -> str:
@@ -103,7 +116,7 @@ SCALES: dict[str, Scale] = {
                "--clip-grad", "1.0", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--eval-iters", "20",
                "--use-distributed-optimizer"],
         evals_per_epoch=1.0, downstream_evals=12, num_examples=500, mc_samples=32,
-        default_methods=list(PAPER_METHODS), distributed=True,
+        default_methods=[*PAPER_METHODS, *BEYOND], distributed=True,
     ),
 }
 
