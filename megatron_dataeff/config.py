@@ -145,7 +145,7 @@ class _Section:
 # ----------------------------------------------------------------------------------------------
 # Choices
 
-Objective = Literal["ar", "mdm"]
+Objective = Literal["ar", "mdm", "dual"]
 TokenDropoutSchedule = Literal["fixed", "uniform"]
 TokenDropoutNoise = Literal["mask", "random", "mixed"]
 TokenDropoutAnneal = Literal["none", "linear", "cosine"]
@@ -259,7 +259,11 @@ class ObjectiveConfig(_Section):
 
     name: Objective = cli("ar", flag="--objective")
     """ar: next-token prediction with causal attention (with --token-dropout-rate: token dropout); mdm:
-    masked diffusion with bidirectional attention and the 1/t-weighted ELBO loss."""
+    masked diffusion with bidirectional attention and the 1/t-weighted ELBO loss; dual: both in one model,
+    each sample trained AR or masked diffusion as its key decides (--ar-fraction), with its own attention
+    mask (Samuel & Charpentier, "Dual Language Models")."""
+    ar_fraction: Optional[float] = None
+    """dual: the fraction of samples trained AR (the rest masked diffusion); default 0.5."""
     token_dropout_rate: float = 0.0
     """ar: replace each input token by the mask token with this probability (the targets stay clean)."""
     token_dropout_schedule: TokenDropoutSchedule = "fixed"
@@ -285,10 +289,15 @@ class ObjectiveConfig(_Section):
     """mdm: stratify t over each global batch (one t per stratum, lower-variance loss)."""
 
     def validate(self):
+        if self.name == "dual" and self.ar_fraction is None:
+            self.ar_fraction = 0.5
+        _require(self.name == "dual" or self.ar_fraction is None, "--ar-fraction needs --objective dual")
+        _require(self.ar_fraction is None or 0.0 < self.ar_fraction < 1.0,
+                 "--ar-fraction must be in (0, 1) (0 and 1 are --objective mdm and ar)")
         _require(0.0 <= self.token_dropout_rate <= 1.0, "--token-dropout-rate must be in [0, 1]")
         _require(0.0 <= self.mdm_eps < 1.0, "--mdm-eps must be in [0, 1)")
-        _require(not (self.diffusion and self.token_dropout_rate > 0),
-                 "--token-dropout-rate applies to --objective ar; mdm masks by its own schedule")
+        _require(not (self.name != "ar" and self.token_dropout_rate > 0),
+                 f"--token-dropout-rate applies to --objective ar; {self.name} masks by its own schedule")
         _require(self.token_dropout_span is None or self.token_dropout_span >= 1,
                  "--token-dropout-span must be >= 1 (a mean span length in tokens)")
         _require(0.0 <= self.token_dropout_final_rate <= 1.0, "--token-dropout-final-rate must be in [0, 1]")
@@ -301,14 +310,14 @@ class ObjectiveConfig(_Section):
                             ("--token-dropout-span", self.token_dropout_span is not None),
                             ("--token-dropout-anneal", self.token_dropout_anneal != "none"),
                             ("--token-dropout-aux-weight", self.token_dropout_aux_weight > 0)):
-            _require(not given or (not self.diffusion and dropout_on),
+            _require(not given or (self.name == "ar" and dropout_on),
                      f"{flag} shapes token dropout: it needs --objective ar and a --token-dropout-rate "
                      f"(or an annealed final rate) above 0")
 
     @property
     def token_dropout(self) -> bool:
         """AR whose inputs are corrupted (or, with --token-dropout-aux-weight, an extra corrupted copy)."""
-        return not self.diffusion and (self.token_dropout_rate > 0 or (self.token_dropout_anneal != "none"
+        return self.name == "ar" and (self.token_dropout_rate > 0 or (self.token_dropout_anneal != "none"
                                                                         and self.token_dropout_final_rate > 0))
 
     @property
@@ -322,9 +331,15 @@ class ObjectiveConfig(_Section):
         return self.name == "mdm"
 
     @property
+    def dual(self) -> bool:
+        """AR and masked diffusion in one model (per-sample attention masks; both validation losses)."""
+        return self.name == "dual"
+
+    @property
     def bidirectional(self) -> bool:
-        """Attention both ways (masked diffusion); AR is causal."""
-        return self.name == "mdm"
+        """The layer spec attends both ways: masked diffusion, and the dual objective (whose AR samples get a
+        causal mask of their own); AR is causal."""
+        return self.name in ("mdm", "dual")
 
 
 @dataclass
@@ -691,6 +706,9 @@ class RunConfig:
                      f"--sequence-parallel: --tensor-model-parallel-size {tp} does not divide --seq-length "
                      f"{m.seq_length}")
         c = self.compute
+        _require(not self.objective.dual or c.attention_backend in ("auto", "sdpa"),
+                 f"--objective dual gives each sample its own attention mask (causal or none), which only "
+                 f"--attention-backend sdpa takes, not {c.attention_backend}")
         _require(not c.cross_entropy_loss_fusion or o.bf16,
                  "--cross-entropy-loss-fusion: megatron-core's fused cross entropy returns bf16 gradients; "
                  "use it with --bf16 (the default chunked loss keeps fp32 gradients)")

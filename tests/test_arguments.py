@@ -67,6 +67,9 @@ def test_defaults_and_choices_come_from_the_dataclasses():
     (ObjectiveConfig, {"token_dropout_rate": 0.3, "token_dropout_final_rate": 0.1},
      "--token-dropout-final-rate needs --token-dropout-anneal"),
     (ObjectiveConfig, {"token_dropout_noise": "bert"}, "--token-dropout-noise must be one of mask, random, mixed"),
+    (ObjectiveConfig, {"ar_fraction": 0.3}, "--ar-fraction needs --objective dual"),
+    (ObjectiveConfig, {"name": "dual", "ar_fraction": 1.0}, r"--ar-fraction must be in \(0, 1\)"),
+    (ObjectiveConfig, {"name": "dual", "token_dropout_rate": 0.3}, "--token-dropout-rate applies to --objective ar"),
 ])
 def test_choices_are_checked_when_a_config_is_built_in_code(section, kwargs, message):
     """A config made in code gets the checks the command line gets (argparse is not the only guard)."""

@@ -26,7 +26,9 @@ OBJECTIVES = {"ar": ["--objective", "ar"], "mdm": ["--objective", "mdm"],
               "ar+corruptions": ["--objective", "ar", "--token-dropout-rate", "0.5", "--token-dropout-schedule",
                                  "uniform", "--token-dropout-noise", "mixed", "--token-dropout-span", "3",
                                  "--token-dropout-anneal", "cosine", "--token-dropout-final-rate", "0.1",
-                                 "--token-dropout-aux-weight", "0.5"]}
+                                 "--token-dropout-aux-weight", "0.5"],
+              # AR and masked diffusion per sample, each row with its own attention mask
+              "dual": ["--objective", "dual", "--ar-fraction", "0.4"]}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +61,9 @@ DP2 = ["--use-distributed-optimizer"]  # 2 processes at TP=1 are DP=2
 @pytest.mark.parametrize("objective, layout", [
     ("ar", TP2), ("ar", DP2), ("mdm", TP2), ("mdm", DP2), ("ar+token_dropout", DP2), ("ar+mlp_dropout", TP2),
     ("ar", SP2), ("mdm", SP2), ("mdm+unfused", TP2 + ["--attention-backend", "sdpa"]),
-    ("ar", TP2 + ["--cross-entropy-chunk-size", "16"]), ("ar+corruptions", DP2),
+    ("ar", TP2 + ["--cross-entropy-chunk-size", "16"]), ("ar+corruptions", DP2), ("dual", TP2),
 ], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2", "mlp_dropout-tp2", "ar-tp2-sp", "mdm-tp2-sp",
-        "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss", "corruptions-mir-dp2"])
+        "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss", "corruptions-mir-dp2", "dual-tp2"])
 def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layout):
     """TP=2 (also with sequence parallelism, with sdpa against unfused attention, with the loss in
     16-token chunks over the vocabulary shards) and DP=2 (distributed optimizer) give the TP=1 train and
@@ -105,3 +107,12 @@ def test_mir_reports_both_halves_of_its_loss(baselines):
     for r in recs:
         assert r["loss"] == pytest.approx(r["loss_clean"] + 0.5 * r["loss_corrupted"], rel=1e-5)
     assert sum(r["loss_corrupted"] - r["loss_clean"] for r in recs) > 0
+
+
+def test_dual_reports_both_objectives(baselines):
+    """--objective dual: each train record has the AR and diffusion halves, and validation both views (the
+    record's loss is the AR NLL)."""
+    train = [r for r in baselines["dual"] if r["split"] == "train"]
+    assert len(train) == TRAIN_ITERS and all(r["loss_ar"] > 0 and r["loss_mdm"] > 0 for r in train)
+    (valid,) = [r for r in baselines["dual"] if r["split"] == "valid"]
+    assert valid["loss"] == valid["loss_ar"] and valid["loss_mdm"] > 0 and valid["loss_mdm"] != valid["loss_ar"]

@@ -355,3 +355,23 @@ def test_chain_rule_and_mc_agree_on_trained_tiny_model(mdm_checkpoint, megatron_
     chain = sc.score(ctx, cont, method="chain", chain_order="random", mc_samples=48, greedy=False)
     assert abs(mc.logprob - exact) < 4 * mc.stderr + 1e-6
     assert abs(chain.logprob - exact) < 4 * chain.stderr + 1e-6
+
+
+def test_evaluate_reports_both_views_of_a_dual_checkpoint(tmp_path):
+    """tools/evaluate.py on an --objective dual checkpoint: the AR NLL (val_loss, val_loss_ar) and the
+    diffusion ELBO (val_loss_mdm) the trainer logged for the same windows; tools/generate.py needs --view."""
+    ckpt = tmp_path / "ckpt"
+    records = run_pretrain(["--objective", "dual", "--num-layers", "1", "--seq-length", "32", "--micro-batch-size",
+                            "8", "--train-iters", "4", "--eval-interval", "4", "--eval-iters", "2", "--save", str(ckpt),
+                            "--tensorboard-dir", ""], tmp_path / "run")
+    logged = [r for r in records if r["split"] == "valid"][-1]
+    res = _evaluate_json("--load", str(ckpt), "--eval-windows", "16", "--mc-samples", "1")
+    assert res["objective"] == "dual" and res["val_loss"] == res["val_loss_ar"]
+    assert res["val_loss_ar"] == pytest.approx(logged["loss_ar"], rel=1e-6)
+    assert res["val_loss_mdm"] == pytest.approx(logged["loss_mdm"], rel=1e-6)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--load", str(ckpt), "--prompt", "The",
+                          "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "--view ar or --view mdm" in out.stderr

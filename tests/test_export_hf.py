@@ -49,10 +49,10 @@ def make_checkpoint(save_dir, flags, seed=0):
     return str(save_dir)
 
 
-def megatron_logits(ckpt, tokens):
+def megatron_logits(ckpt, tokens, view=None):
     from megatron_dataeff.inference.loading import load_model_for_inference
 
-    model, _, _ = load_model_for_inference(ckpt)
+    model, _, _ = load_model_for_inference(ckpt, view=view)
     pos = torch.arange(tokens.shape[1])[None, :].expand(tokens.shape[0], -1)
     with torch.no_grad():
         return model(tokens, pos, None)
@@ -82,6 +82,9 @@ CASES = {
                          "--rotary-base", "20000"], "DataEffMDMForMaskedLM", {}),
     "mdm-untied": (["--objective", "mdm", "--untie-embeddings-and-output-weights", "--norm-epsilon", "1e-6"],
                    "DataEffMDMForMaskedLM", {}),
+    # one dual-objective model, both ways: a stock causal LM and the diffusion model
+    "dual-as-ar": (["--objective", "dual", "--num-query-groups", "2"], "LlamaForCausalLM", {"view": "ar"}),
+    "dual-as-mdm": (["--objective", "dual", "--num-query-groups", "2"], "DataEffMDMForMaskedLM", {"view": "mdm"}),
 }
 
 
@@ -101,7 +104,7 @@ def test_exported_logits_match_megatron(exports, name):
     """The exported model (stock Llama / Qwen3, or our remote-code mdm model) gives megatron's logits."""
     ckpt, hf_dir = exports[name]
     cls, got = hf_logits(hf_dir, TOKENS, remote=CASES[name][1].startswith("DataEff"))
-    want = megatron_logits(ckpt, TOKENS)
+    want = megatron_logits(ckpt, TOKENS, view=CASES[name][2].get("view"))
     assert cls == CASES[name][1]
     assert got.shape == want.shape == (2, 24, 384)  # HF vocab = megatron's padded rows
     err = (got - want).abs().max().item()

@@ -299,3 +299,46 @@ def test_masked_input_regularisation_adds_the_corrupted_rows_loss():
     assert parts["clean"][0].item() == pytest.approx(ce[:3].sum().item(), rel=1e-6) and parts["clean"][1] == 48
     assert parts["corrupted"][0].item() == pytest.approx(ce[3:].sum().item(), rel=1e-6)
     assert obj.prepare(tok, idx, evaluation=True).input_ids.shape == (3, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dual objective
+
+from megatron_dataeff.objectives import DualObjective  # noqa: E402
+
+
+def test_dual_rows_are_the_ar_and_mdm_batches_of_their_samples():
+    """Each sample is AR iff uniform(seed, sample, STREAM_OBJECTIVE) < A: its row is then the AR batch's row
+    (causal attention mask), else the masked-diffusion batch's (no mask); parts split the loss by kind."""
+    tok, idx = _tokens(8, 16), torch.arange(100, 108)
+    obj = DualObjective(MASK, SEED, ar_fraction=0.5)
+    ob = obj.prepare(tok, idx)
+    ar = philox.uniform(SEED, idx, philox.STREAM_OBJECTIVE, 1)[:, 0] < 0.5
+    assert torch.equal(obj.is_ar(idx), ar) and 0 < int(ar.sum()) < 8
+    a = AutoregressiveObjective(MASK, SEED).prepare(tok, idx)
+    m = MaskedDiffusionObjective(MASK, SEED).prepare(tok, idx)
+    for name in ("input_ids", "labels", "loss_weight"):
+        want = torch.where(ar[:, None], getattr(a, name), getattr(m, name))
+        assert torch.equal(getattr(ob, name), want), name
+    assert torch.equal(ob.attention_mask[:, 0], torch.ones(16, 16, dtype=torch.bool).triu(1) & ar[:, None, None])
+    ce = torch.rand(8, 16, dtype=torch.float64)
+    parts = obj.loss_parts(ce, ob)
+    assert parts["ar"][1] == int(ar.sum()) * 16 and parts["mdm"][1] == int((~ar).sum()) * 16
+    assert parts["ar"][0].item() + parts["mdm"][0].item() == pytest.approx(obj.loss(ce, ob)[0].item(), rel=1e-6)
+
+
+def test_dual_fraction_and_views():
+    """About A of the samples are AR; the ar view is every row AR with a causal mask, the mdm view every row
+    masked diffusion (its Monte-Carlo copies as mdm's), and the mixed batch is not a validation batch."""
+    obj = DualObjective(MASK, SEED, ar_fraction=0.3)
+    assert abs(obj.is_ar(torch.arange(20000)).float().mean().item() - 0.3) < 0.01
+    tok, idx = _tokens(3, 16), torch.tensor([4, 5, 6])
+    ar = obj.view("ar").prepare(tok, idx, evaluation=True)
+    assert torch.equal(ar.input_ids, tok[:, :-1]) and ar.attention_mask.all(dim=0)[0].equal(
+        torch.ones(16, 16, dtype=torch.bool).triu(1))
+    mdm = obj.view("mdm").prepare_evaluation(tok, idx, 4)
+    want = MaskedDiffusionObjective(MASK, SEED).prepare_evaluation(tok, idx, 4)
+    assert torch.equal(mdm.input_ids, want.input_ids) and not mdm.attention_mask.any()
+    assert obj.view("mdm").monte_carlo and not obj.view("ar").monte_carlo
+    with pytest.raises(ValueError, match="validates each view"):
+        obj.prepare(tok, idx, evaluation=True)

@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--all-checkpoints", action="store_true",
                    help="evaluate every iter_N under --load (one JSON line each with --json)")
+    p.add_argument("--view", choices=["ar", "mdm"], default=None,
+                   help="a dual-objective checkpoint: score the tasks as a causal LM (ar, default) or a diffusion "
+                        "model (mdm); its validation reports both")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
                                           num_examples=args.num_examples, task_seed=args.task_seed,
                                           data_path=args.data_path, batch_size=args.batch_size,
                                           validation=not args.no_validation, method=args.method,
-                                          greedy_order=args.greedy_order)
+                                          greedy_order=args.greedy_order, view=args.view)
                 if args.json:
                     print(json.dumps(res), flush=True)
                 else:
@@ -85,6 +88,9 @@ def _print(res: dict, tasks) -> None:
         extra = f", {res['mc_samples']} MC samples/window" if res["kind"] == "elbo" else ""
         print(f"  {label}: {res['val_loss']:.4f} ± {res['val_loss_stderr']:.4f} nats/token "
               f"(ppl {math.exp(min(res['val_loss'], 50)):.2f}; {res['windows']} windows, {res['tokens']} tokens{extra})")
+        if "val_loss_mdm" in res:
+            print(f"  validation ELBO (the dual model as a diffusion model): {res['val_loss_mdm']:.4f} ± "
+                  f"{res['val_loss_stderr_mdm']:.4f} nats/token")
     if "greedy_order" in res:
         print(f"  greedy decoding order: {res['greedy_order']}")
     for t in tasks:

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="weight dtype (default: bf16 for a --bf16 run, else fp32)")
     p.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size (e.g. 500MB)")
+    p.add_argument("--view", choices=["ar", "mdm"], default=None,
+                   help="a dual-objective checkpoint: export it as a stock causal LM (ar) or as the diffusion "
+                        "model with its generate (mdm)")
     return p
 
 
@@ -35,7 +38,8 @@ def main(argv=None) -> int:
 
     try:
         with owned_process_group():
-            out = export_checkpoint(args.load, args.output, args.iteration, args.dtype, args.max_shard_size)
+            out = export_checkpoint(args.load, args.output, args.iteration, args.dtype, args.max_shard_size,
+                                    view=args.view)
     except (UnsupportedModelError, CheckpointError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true",
                    help="AR: recompute the whole sequence each step instead of decoding with a KV cache")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--view", choices=["ar", "mdm"], default=None,
+                   help="a dual-objective checkpoint: decode it as a causal LM (ar) or with the diffusion sampler (mdm)")
     p.add_argument("--json", action="store_true", help="print one JSON line with text and token_ids")
     return p
 
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
             result = generate_text(args.load, args.prompt, args.max_new_tokens, iteration=args.iteration,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    seed=args.seed, steps=args.steps, block_length=args.block_length,
-                                   kv_cache=not args.no_kv_cache, device=args.device)
+                                   kv_cache=not args.no_kv_cache, device=args.device, view=args.view)
     except (UserError, ValueError) as exc:  # bad flags or checkpoint (the samplers check their arguments)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -26,23 +26,37 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
                         mc_samples: int = 32, val_mc_samples: Optional[int] = None,
                         eval_windows: Optional[int] = None, num_examples: int = 200, task_seed: int = 1234,
                         data_path: Optional[Sequence[str]] = None, batch_size: int = 32, validation: bool = True,
-                        method: str = "mc", greedy_order: str = "confidence") -> dict:
-    """Everything `tools/evaluate.py --json` prints, as a dict."""
+                        method: str = "mc", greedy_order: str = "confidence", view: Optional[str] = None) -> dict:
+    """Everything `tools/evaluate.py --json` prints, as a dict.  A dual-objective checkpoint is validated in
+    both views (`val_loss_ar`, the NLL, is `val_loss`; `val_loss_mdm` the ELBO) and scored on the tasks as
+    `view` (default ar)."""
     from megatron_dataeff.evaluation.validation import validation_loss
+    from megatron_dataeff.inference.loading import VIEWS
     from megatron_dataeff.objectives import build_objective
+    from megatron_dataeff.training.checkpointing import read_metadata, resolve_checkpoint
 
     check_greedy_order(greedy_order)  # before the checkpoint loads
     t0 = time.time()
-    scorer = ModelScorer.from_checkpoint(path, iteration=iteration, batch_size=batch_size)
+    dual = read_metadata(resolve_checkpoint(path, iteration))["config"]["objective"].get("name") == "dual"
+    views = VIEWS if dual else (None,)
+    task_view = (view or "ar") if dual else view
+    scorer = ModelScorer.from_checkpoint(path, iteration=iteration, batch_size=batch_size, view=task_view)
     cfg, meta = scorer.config, scorer.metadata
     data = checkpoint_data(scorer, data_path) if (validation or tasks) else None
     out = {"checkpoint": path, "iteration": meta.get("iteration"), "epoch": meta.get("epoch"),
-           "objective": cfg.objective.name, "consumed_tokens": meta.get("consumed_samples", 0)
-           * cfg.model.seq_length}
+           "objective": meta["config"]["objective"].get("name", cfg.objective.name),
+           "consumed_tokens": meta.get("consumed_samples", 0) * cfg.model.seq_length}
     if validation:
         n_mc = val_mc_samples if val_mc_samples is not None else mc_samples
-        objective = build_objective(cfg, scorer.mask_token_id)
-        out.update(validation_loss(scorer, objective, data, eval_windows, mc_samples=n_mc))
+        for v in views:
+            sc = scorer if v == task_view else ModelScorer.from_checkpoint(path, iteration=iteration,
+                                                                          batch_size=batch_size, view=v)
+            res = validation_loss(sc, build_objective(sc.config, sc.mask_token_id), data, eval_windows,
+                                  mc_samples=n_mc)
+            if v is None or v == "ar":
+                out.update(res)
+            if v is not None:
+                out.update({f"{k}_{v}": value for k, value in res.items() if k.startswith("val_loss")})
     if tasks:
         docs = validation_documents(data, scorer.tokenizer)
         built = build_tasks(docs, tasks, num_examples=num_examples, seed=task_seed,

@@ -7,7 +7,7 @@ model_args: `load` (a --save directory or iter_N directory), `iteration`, `mc_sa
 answer ELBO samples, default 32; single-token answers use 1), `method` (mc | exact | chain),
 `greedy_order` (confidence | l2r: diffusion `is_greedy` decoding order, default confidence),
 `batch_size`, `seed`, `device`, `gen_steps` / `gen_block_length` (diffusion sampler; default one
-token per step, one block).
+token per step, one block), `view` (ar | mdm: how a dual-objective checkpoint is scored).
 
 * loglikelihood: AR = exact log p(continuation | context) and greedy check; diffusion = the ELBO of
   the continuation with only it masked (see `scoring.py`), greedy = decoding one token per step
@@ -46,7 +46,7 @@ class MegatronDataEffLM(_LMBase):
 
     def __init__(self, load: Optional[str] = None, iteration=None, mc_samples=32, method: str = "mc",
                  batch_size=16, seed=None, device: str = "cpu", gen_steps=None, gen_block_length=None,
-                 scorer=None, max_gen_toks=None, greedy_order: str = "confidence", **kwargs):
+                 scorer=None, max_gen_toks=None, greedy_order: str = "confidence", view=None, **kwargs):
         if _LMBase is not object:
             super().__init__()
         from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
@@ -64,7 +64,7 @@ class MegatronDataEffLM(_LMBase):
         if scorer is None:
             scorer = ModelScorer.from_checkpoint(load, iteration=None if iteration is None else int(iteration),
                                                  device=device, batch_size=bs,
-                                                 seed=None if seed is None else int(seed))
+                                                 seed=None if seed is None else int(seed), view=view)
         self.scorer = scorer
         self.mc_samples = int(mc_samples)
         self.method = method

@@ -93,12 +93,14 @@ class ModelScorer:
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str, iteration: Optional[int] = None, device: str = "cpu",
-                        batch_size: int = 32, seed: Optional[int] = None) -> "ModelScorer":
-        """A scorer for a `--save` directory (its latest checkpoint) or one `iter_N` directory."""
+                        batch_size: int = 32, seed: Optional[int] = None, view: Optional[str] = None
+                        ) -> "ModelScorer":
+        """A scorer for a `--save` directory (its latest checkpoint) or one `iter_N` directory; a dual
+        checkpoint is scored as `view` ("ar" or "mdm")."""
         from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
         from megatron_dataeff.inference.loading import load_model_for_inference
 
-        model, cfg, meta = load_model_for_inference(path, iteration=iteration, device=device)
+        model, cfg, meta = load_model_for_inference(path, iteration=iteration, device=device, view=view)
         tokenizer = tokenizer_from_metadata(meta["tokenizer"])
         return cls(model, diffusion=cfg.objective.diffusion, mask_token_id=meta["mask_token_id"],
                    max_length=cfg.model.seq_length, eps=cfg.objective.mdm_eps, tokenizer=tokenizer,

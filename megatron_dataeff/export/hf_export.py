@@ -48,12 +48,13 @@ def parse_size(size) -> int:
 
 
 def export_checkpoint(load: str, output: str, iteration: int | None = None, dtype: str | None = None,
-                      max_shard_size="2GB") -> str:
-    """Export the checkpoint at `load` (a --save directory or one iter_N directory) to `output`."""
+                      max_shard_size="2GB", view: str | None = None) -> str:
+    """Export the checkpoint at `load` (a --save directory or one iter_N directory) to `output`; a dual-
+    objective checkpoint as `view`: "ar" a stock causal LM, "mdm" the diffusion model."""
     from megatron_dataeff.inference.loading import load_model_for_inference
 
     _check_output(output)
-    model, cfg, meta = load_model_for_inference(load, iteration, device="cpu", dtype=torch.float32)
+    model, cfg, meta = load_model_for_inference(load, iteration, device="cpu", dtype=torch.float32, view=view)
     if dtype is None:
         dtype = "bf16" if cfg.optim.bf16 else "fp32"
     return export_model(model, cfg, meta, output, dtype=dtype, max_shard_size=max_shard_size)
@@ -99,7 +100,9 @@ def _record(cfg, meta: dict, has_tokenizer: bool) -> dict:
     if not has_tokenizer:
         tok["note"] = (f"{tok.get('tokenizer_type')} has no Hugging Face form; token ids are those of "
                        "megatron_dataeff's tokenizer of this type")
-    return {"objective": cfg.objective.name, "iteration": meta.get("iteration"),
+    trained = meta.get("config", {}).get("objective", {}).get("name", cfg.objective.name)
+    return {"objective": cfg.objective.name, **({"trained_objective": trained} if trained != cfg.objective.name else {}),
+            "iteration": meta.get("iteration"),
             "vocab_ids": meta["vocab_ids"], "mask_token_id": meta["mask_token_id"], "tokenizer": tok,
             "note": "vocab_size is the padded embedding size; ids >= vocab_ids are padding, never sampled"}
 

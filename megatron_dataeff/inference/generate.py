@@ -17,8 +17,9 @@ from megatron_dataeff.errors import UserError
 def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Optional[int] = None,
                   temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   seed: int = 1234, steps: Optional[int] = None, block_length: Optional[int] = None,
-                  kv_cache: bool = True, device: str = "cpu") -> dict:
-    """{"text", "token_ids"}: the continuation of `prompt` (ids without the prompt; text up to EOD)."""
+                  kv_cache: bool = True, device: str = "cpu", view: Optional[str] = None) -> dict:
+    """{"text", "token_ids"}: the continuation of `prompt` (ids without the prompt; text up to EOD); a dual-
+    objective checkpoint generates as `view` ("ar" or "mdm")."""
     import torch
 
     from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
@@ -26,7 +27,7 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
     from megatron_dataeff.inference.loading import load_model_for_inference
     from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
 
-    model, cfg, meta = load_model_for_inference(load, iteration, device=device)
+    model, cfg, meta = load_model_for_inference(load, iteration, device=device, view=view)
     tokenizer = tokenizer_from_meta(meta["tokenizer"])
     eod = meta["tokenizer"].get("eod")  # None: a tokenizer without EOS/SEP; AR then runs to the end
     ids = torch.tensor([tokenizer.tokenize(prompt)], dtype=torch.long)

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
-from megatron_dataeff.training.checkpointing import (check_checkpoint_files, load_sharded, read_metadata,
-                                                     resolve_checkpoint)
+from megatron_dataeff.training.checkpointing import (CheckpointError, check_checkpoint_files, load_sharded,
+                                                     read_metadata, resolve_checkpoint)
+
+VIEWS = ("ar", "mdm")
 
 
-def load_model_for_inference(path: str, iteration: int | None = None, device: str = "cpu", dtype=None):
+def objective_view(objective, view: str | None, ckpt: str = "the checkpoint"):
+    """The ObjectiveConfig a checkpoint is used as: a dual model as `view` (required), any other as itself
+    (`view`, when given, must be its own objective)."""
+    from dataclasses import replace
+
+    if objective.dual:
+        if view not in VIEWS:
+            raise CheckpointError(f"{ckpt} was trained with --objective dual: it is a causal LM and a diffusion "
+                                  f"model with the same weights; say which with --view ar or --view mdm")
+        return replace(objective, name=view, ar_fraction=None)
+    if view is not None and view != objective.name:
+        raise CheckpointError(f"{ckpt} was trained with --objective {objective.name}; --view {view} is only for "
+                              f"--objective dual checkpoints")
+    return objective
+
+
+def load_model_for_inference(path: str, iteration: int | None = None, device: str = "cpu", dtype=None,
+                             view: str | None = None):
     """(model, RunConfig, metadata): the model of a checkpoint of any TP/PP layout, in this process, in eval
     mode (in `dtype` when given).
 
     Starts a 1-process group at TP=PP=1 when none exists (dist_checkpointing reshards the saved
-    layout into it). `path` is a `--save` directory or one `iter_N` directory.
+    layout into it). `path` is a `--save` directory or one `iter_N` directory.  A dual-objective
+    checkpoint is two models with the same weights: `view` "ar" builds it causal (and the returned config
+    says --objective ar), "mdm" bidirectional (--objective mdm).
     """
     from megatron_dataeff.config import RunConfig
     from megatron_dataeff.models.builder import build_model
@@ -21,6 +42,7 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
     meta = read_metadata(ckpt)
     check_checkpoint_files(ckpt, meta)
     cfg = RunConfig.from_dict(meta["config"])
+    cfg.objective = objective_view(cfg.objective, view, ckpt)
     cfg.parallel.tensor_model_parallel_size = 1
     cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.device = device

@@ -74,6 +74,13 @@ def resolve_attention_backend(requested: str, device: str, te_available: bool,
 
 def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoice:
     """What a RunConfig's --attention-backend / --transformer-impl mean on `device` (trainer and memory
-    estimate alike)."""
-    return resolve_attention_backend(cfg.compute.attention_backend, device, te_available,
-                                     cfg.model.attention_dropout, cfg.compute.transformer_impl)
+    estimate alike).  The dual objective gives every sample its own attention mask, which only the sdpa
+    backend takes: `auto` means sdpa for it, and another backend is refused."""
+    requested = cfg.compute.attention_backend
+    if cfg.objective.dual:
+        if requested not in ("auto", "sdpa"):
+            raise ConfigError(f"--objective dual gives each sample its own attention mask (causal or none), which "
+                              f"only --attention-backend sdpa takes, not {requested}")
+        return AttentionChoice(requested, "sdpa", "auto", f"{requested}: --objective dual needs per-sample masks")
+    return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout,
+                                     cfg.compute.transformer_impl)

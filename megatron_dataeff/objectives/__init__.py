@@ -1,9 +1,10 @@
-"""Training objectives: AR, AR with token dropout, masked diffusion (one contract, see base.py)."""
+"""Training objectives: AR, AR with token dropout, masked diffusion, dual (one contract, see base.py)."""
 
 from __future__ import annotations
 
 from megatron_dataeff.objectives.ar import AutoregressiveObjective
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
+from megatron_dataeff.objectives.dual import DualObjective
 from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective
 from megatron_dataeff.objectives.token_dropout import TokenDropoutObjective
 
@@ -14,6 +15,8 @@ def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train
     annealed token-dropout rate); evaluation, which never corrupts AR inputs, does not."""
     o = cfg.objective
     seed = cfg.optim.seed
+    if o.dual:
+        return DualObjective(mask_token_id, seed, ar_fraction=o.ar_fraction, eps=o.mdm_eps)
     if o.diffusion:
         group = cfg.optim.global_batch_size if o.mdm_stratified else 0
         return MaskedDiffusionObjective(mask_token_id, seed, eps=o.mdm_eps, stratify_group=group or 0)
@@ -27,4 +30,4 @@ def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train
 
 
 __all__ = ["Objective", "ObjectiveBatch", "AutoregressiveObjective", "TokenDropoutObjective",
-           "MaskedDiffusionObjective", "build_objective"]
+           "MaskedDiffusionObjective", "DualObjective", "build_objective"]

@@ -29,6 +29,9 @@ class ObjectiveBatch:
     # Named parts of the loss reported on their own (e.g. MIR's clean and corrupted rows):
     # name -> (report weight [batch, seq] float32, tokens it is normalised by)
     parts: dict[str, tuple[torch.Tensor, int]] | None = None
+    # [batch, 1, seq, seq] bool, True = masked out, where rows need their own attention mask (the dual
+    # objective); None: the layer spec's mask type decides
+    attention_mask: torch.Tensor | None = None
 
 
 class Objective(abc.ABC):
@@ -38,6 +41,7 @@ class Objective(abc.ABC):
     bidirectional: bool = False
     rows_per_sample: int = 1  # model rows per sample in training batches (MIR: clean + corrupted)
     part_names: tuple[str, ...] = ()  # the names of ObjectiveBatch.parts, the same for every batch
+    evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
 
     def __init__(self, mask_token_id: int, seed: int):
         self.mask_token_id = int(mask_token_id)
@@ -52,6 +56,10 @@ class Objective(abc.ABC):
         """(weighted loss sum, num_tokens) of a micro-batch from per-token cross-entropy [batch, seq]."""
         weight = batch.loss_weight.to(device=per_token_loss.device)
         return (per_token_loss.float() * weight).sum(), batch.num_tokens
+
+    def view(self, name: str) -> "Objective":
+        """The objective one validation view evaluates with (itself, for single-view objectives)."""
+        return self
 
     def describe(self) -> str:
         """One line of what is trained (the start-up line)."""

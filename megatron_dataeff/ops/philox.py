@@ -31,6 +31,7 @@ STREAM_STRATA = 2  # reserved for batch-level draws
 STREAM_DROPOUT = 3  # activation dropout, keyed by a per-call key instead of a sample (ops/swiglu_dropout.py)
 STREAM_NOISE_ID = 4  # one uniform per token position: the random id replacing a dropped token (ops/corruption.py)
 STREAM_NOISE_KIND = 5  # one uniform per token position: [MASK], random or kept, for BERT-style noise
+STREAM_OBJECTIVE = 6  # one uniform per sample: AR or masked diffusion, for the dual objective
 EVAL_STREAM_OFFSET = 16
 
 

@@ -321,30 +321,30 @@ class Trainer:
         for m in range(self.num_microbatches):
             yield batch_fn(start + m * mbs, mbs)
 
-    def _forward_step(self, evaluation: bool, data_iterator, model):
+    def _forward_step(self, evaluation: bool, objective, data_iterator, model):
         batch = next(data_iterator)
         device = self.runtime.device
         # Corrupt on the device: the fused masking kernel runs there when it is built.
         tokens = batch["tokens"].to(device, non_blocking=True)
-        ob = self.objective.prepare(tokens, batch["sample_index"], evaluation=evaluation)
+        ob = objective.prepare(tokens, batch["sample_index"], evaluation=evaluation)
         input_ids, labels = ob.input_ids, ob.labels
         b, s = input_ids.shape
         position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-        output = model(input_ids, position_ids, None, labels=labels)
-        return output, partial(self._loss_func, ob)
+        output = model(input_ids, position_ids, ob.attention_mask, labels=labels)
+        return output, partial(self._loss_func, objective, ob)
 
-    def _loss_func(self, ob, per_token_loss):
-        loss_sum, num_tokens = self.objective.loss(per_token_loss, ob)
+    def _loss_func(self, objective, ob, per_token_loss):
+        loss_sum, num_tokens = objective.loss(per_token_loss, ob)
         n = torch.tensor(num_tokens, dtype=torch.int, device=loss_sum.device)
         # The schedule divides the reported value in place: report a detached copy.
         reports = {"loss": torch.stack([loss_sum.detach().clone().float(), n.float()])}
         if ob.parts:  # training batches of objectives with named loss parts
-            for name, (part_sum, tokens) in self.objective.loss_parts(per_token_loss, ob).items():
+            for name, (part_sum, tokens) in objective.loss_parts(per_token_loss, ob).items():
                 reports[f"part_{name}"] = torch.stack([part_sum.float(), torch.tensor(float(tokens),
                                                                                       device=part_sum.device)])
         return loss_sum, n, reports
 
-    def _run_batch(self, batch_fn, step: int, forward_only: bool):
+    def _run_batch(self, batch_fn, step: int, forward_only: bool, view: str = ""):
         """Forward(/backward) one global batch; returns the global (loss_sum, tokens), and in training also
         each named loss part's (sum, tokens) after them (the objective's `part_names` order)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -352,7 +352,7 @@ class Trainer:
         fwd_bwd = get_forward_backward_func()
         seq = self.cfg.model.seq_length
         outputs = fwd_bwd(
-            forward_step_func=partial(self._forward_step, forward_only),
+            forward_step_func=partial(self._forward_step, forward_only, self.objective.view(view)),
             data_iterator=self._microbatches(batch_fn, step),
             model=self.model,
             num_microbatches=self.num_microbatches,
@@ -373,20 +373,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Validation loss over --eval-iters fixed batches (AR: clean NLL; mdm: ELBO, fixed noise)."""
+        """Validation loss over --eval-iters fixed batches (AR: clean NLL; mdm: ELBO, fixed noise; dual: both
+        views, `loss` the AR NLL, `loss_ar` and `loss_mdm` each)."""
         for m in self.model:
             m.eval()
         t0 = time.time()
-        total = torch.zeros(2, dtype=torch.float64)
+        views = self.objective.evaluation_views
+        totals = {view: torch.zeros(2, dtype=torch.float64) for view in views}
         with torch.no_grad(), self._params_synced():
-            for k in range(self.cfg.logging.eval_iters):
-                total += self._run_batch(self.data.valid_batch, k, forward_only=True)
+            for view in views:
+                for k in range(self.cfg.logging.eval_iters):
+                    totals[view] += self._run_batch(self.data.valid_batch, k, forward_only=True, view=view)
         for m in self.model:
             m.train()
         elapsed = time.time() - t0
-        tokens = self.cfg.logging.eval_iters * self.cfg.optim.global_batch_size * self.cfg.model.seq_length
-        loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
-        return {"loss": loss, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        tokens = len(views) * self.cfg.logging.eval_iters * self.cfg.optim.global_batch_size * self.cfg.model.seq_length
+        losses = {view: float(t[0] / t[1]) if t[1] > 0 else float("nan") for view, t in totals.items()}
+        out = {"loss": losses[views[0]], "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        if len(views) > 1:
+            out.update({f"loss_{view}": value for view, value in losses.items()})
+        return out
 
     def train_step(self, step: int) -> tuple[float, float, bool]:
         """One optimizer step on global batch `step`; (loss, grad_norm, stepped)."""
@@ -421,12 +427,16 @@ class Trainer:
 
     def _log_valid(self):
         res = self.evaluate()
-        rec = {"iteration": self.iteration, "split": "valid", "loss": res["loss"],
-               "tokens_per_s": res["tokens_per_s"], "epoch": self.data.epoch_of(self.consumed_samples),
-               "consumed_tokens": self.consumed_samples * self.cfg.model.seq_length}
+        rec = {"iteration": self.iteration, "split": "valid", "tokens_per_s": res["tokens_per_s"],
+               "epoch": self.data.epoch_of(self.consumed_samples),
+               "consumed_tokens": self.consumed_samples * self.cfg.model.seq_length,
+               **{k: v for k, v in res.items() if k.startswith("loss")}}
         self.log.log(rec)
-        label = "val ELBO" if self.cfg.objective.diffusion else "val loss"
-        self.log.print(f" validation | iteration {self.iteration:7d} | {label} {res['loss']:.4f} | "
+        if self.cfg.objective.dual:
+            shown = f"val AR NLL {res['loss_ar']:.4f} | val ELBO {res['loss_mdm']:.4f}"
+        else:
+            shown = f"{'val ELBO' if self.cfg.objective.diffusion else 'val loss'} {res['loss']:.4f}"
+        self.log.print(f" validation | iteration {self.iteration:7d} | {shown} | "
                        f"ppl {math.exp(min(res['loss'], 50)):.2f}")
         return res
 
