@@ -22,11 +22,11 @@ def _env():
 
 def test_grid_covers_the_paper_conditions():
     """The grid has the paper's 15 conditions (wd 0.1 is the AR baseline, so 14 runs) + 2 fresh-data
-    references + 3 plain-AR budgets + 6 methods beyond the paper; every run's flags parse as a RunConfig; a
+    references + 3 plain-AR budgets + 7 methods beyond the paper; every run's flags parse as a RunConfig; a
     budget run has F x the unique tokens at the baseline's number of steps."""
     from megatron_dataeff.arguments import parse_config
 
-    assert len(PAPER_METHODS) == 14 and len(METHODS) == 25
+    assert len(PAPER_METHODS) == 14 and len(METHODS) == 26
     for method in METHODS:
         flags, facts = run_flags(SCALES["tiny"], method, 1, "/tmp/x")
         cfg = parse_config(flags)
