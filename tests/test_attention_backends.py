@@ -162,6 +162,7 @@ COMMON = ["--train-iters", "10", "--log-interval", "1", "--eval-interval", "0", 
           "--num-layers", "2"]
 
 
+@pytest.mark.slow  # the default suite compares sdpa at TP=2 with unfused at TP=1 (test_distributed.py)
 def test_sdpa_loss_curve_matches_unfused(tmp_path):
     """Ten AR training steps: the sdpa and unfused loss curves agree to 1e-4 relative (masked diffusion:
     tests/test_distributed.py compares sdpa at TP=2 with unfused at TP=1)."""

@@ -90,6 +90,7 @@ def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
     _assert_same_losses(baselines[objective], recs)
 
 
+@pytest.mark.slow  # the default suite reproduces the TP=1 curve at PP=2 (test_pipeline_parallel_reproduces_tp1)
 def test_pipeline_parallel_trains(tmp_path):
     """PP=2 (1F1B over 4 micro-batches) trains: the loss falls."""
     recs = run_pretrain(COMMON + ["--objective", "mdm", "--pipeline-model-parallel-size", "2",

@@ -295,6 +295,17 @@ def _evaluate_json(*args) -> dict:
     return json.loads(lines[0])
 
 
+def _evaluate_in_process(capsys, *args) -> dict:
+    """tools/evaluate.py's main in this process (its --json line as a dict): no interpreter start-up."""
+    from tools.evaluate import main
+
+    capsys.readouterr()
+    assert main(["--json", *args]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
 @pytest.fixture(scope="module")
 def mdm_checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("eval_mdm")
@@ -319,7 +330,7 @@ def test_evaluate_cli_json_reproduces_trainer_validation(mdm_checkpoint):
     assert res["greedy_order"] == "l2r"
 
 
-def test_evaluate_reproduces_trainer_validation_on_a_blended_run(tmp_path):
+def test_evaluate_reproduces_trainer_validation_on_a_blended_run(megatron_cpu, tmp_path, capsys):
     """--data-path 0.5 A 0.5 B: tools/evaluate.py validates on the blend's windows (both datasets, built by
     the trainer's own data builder) and reproduces the trainer's final validation loss; B alone differs."""
     import numpy as np
@@ -339,9 +350,9 @@ def test_evaluate_reproduces_trainer_validation_on_a_blended_run(tmp_path):
                             "--train-iters", "4", "--eval-interval", "4", "--eval-iters", "4", "--save", str(ckpt),
                             "--tensorboard-dir", ""], tmp_path / "run")
     logged = [r for r in records if r["split"] == "valid"][-1]["loss"]
-    res = _evaluate_json("--load", str(ckpt), "--eval-windows", "32")
+    res = _evaluate_in_process(capsys, "--load", str(ckpt), "--eval-windows", "32")
     assert res["windows"] == 32 and res["val_loss"] == pytest.approx(logged, rel=1e-6)
-    b_only = _evaluate_json("--load", str(ckpt), "--eval-windows", "32", "--data-path", prefixes["b"])
+    b_only = _evaluate_in_process(capsys, "--load", str(ckpt), "--eval-windows", "32", "--data-path", prefixes["b"])
     assert abs(b_only["val_loss"] - logged) > 0.05
 
 
@@ -357,7 +368,7 @@ def test_chain_rule_and_mc_agree_on_trained_tiny_model(mdm_checkpoint, megatron_
     assert abs(chain.logprob - exact) < 4 * chain.stderr + 1e-6
 
 
-def test_evaluate_reports_both_views_of_a_dual_checkpoint(tmp_path):
+def test_evaluate_reports_both_views_of_a_dual_checkpoint(megatron_cpu, tmp_path, capsys):
     """tools/evaluate.py on an --objective dual checkpoint: the AR NLL (val_loss, val_loss_ar) and the
     diffusion ELBO (val_loss_mdm) the trainer logged for the same windows; tools/generate.py needs --view."""
     ckpt = tmp_path / "ckpt"
@@ -365,13 +376,11 @@ def test_evaluate_reports_both_views_of_a_dual_checkpoint(tmp_path):
                             "8", "--train-iters", "4", "--eval-interval", "4", "--eval-iters", "2", "--save", str(ckpt),
                             "--tensorboard-dir", ""], tmp_path / "run")
     logged = [r for r in records if r["split"] == "valid"][-1]
-    res = _evaluate_json("--load", str(ckpt), "--eval-windows", "16", "--mc-samples", "1")
+    res = _evaluate_in_process(capsys, "--load", str(ckpt), "--eval-windows", "16", "--mc-samples", "1")
     assert res["objective"] == "dual" and res["val_loss"] == res["val_loss_ar"]
     assert res["val_loss_ar"] == pytest.approx(logged["loss_ar"], rel=1e-6)
     assert res["val_loss_mdm"] == pytest.approx(logged["loss_mdm"], rel=1e-6)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--load", str(ckpt), "--prompt", "The",
-                          "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 2 and "--view ar or --view mdm" in out.stderr
+    from tools.generate import main as generate_main
+
+    assert generate_main(["--load", str(ckpt), "--prompt", "The", "--max-new-tokens", "4"]) == 2
+    assert "--view ar or --view mdm" in capsys.readouterr().err
