@@ -5,6 +5,7 @@
 #
 #   bash examples/paper_grid.sh                                  # -> runs/tiny_grid, runs/tiny_grid/report
 #   OUTPUT=runs/g SEEDS=1,2,3 bash examples/paper_grid.sh --methods ar,mdm,ar_td0.3
+#   SCALE=demo SEEDS=1,2,3 OUTPUT=runs/demo_grid bash examples/paper_grid.sh   # plain AR overfits clearly; ~1 h
 #
 # Resumable: run it again after an interruption and finished runs are skipped.
 set -euo pipefail
@@ -15,6 +16,6 @@ bash "$ROOT/scripts/setup_env.sh"
 OUTPUT=${OUTPUT:-runs/tiny_grid}
 SEEDS=${SEEDS:-1234}
 
-GRID_ARGS=(--scale tiny --seeds "$SEEDS" --output "$OUTPUT")
+GRID_ARGS=(--scale "${SCALE:-tiny}" --seeds "$SEEDS" --output "$OUTPUT")
 python "$ROOT/tools/run_grid.py" "${GRID_ARGS[@]}" "$@"
 python "$ROOT/tools/plot_runs.py" "$OUTPUT" --output "$OUTPUT/report"

@@ -40,6 +40,9 @@ def test_grid_covers_the_paper_conditions():
             assert cfg.data.unique_tokens == int(float(method[4:]) * SCALES["tiny"].unique_tokens)
             assert cfg.optim.train_iters == facts["train_iters"] == run_flags(SCALES["tiny"], "ar", 1, "/t")[1][
                 "train_iters"]
+    demo = SCALES["demo"]
+    assert set(demo.default_methods) <= set(METHODS) and {"ar", "mdm", "dual", "ar_u2"} <= set(demo.default_methods)
+    assert parse_config(run_flags(demo, "ar_mir0.3", 1, "/tmp/x")[0]).objective.token_dropout_aux_weight == 0.5
     paper = parse_config(run_flags(SCALES["paper"], "mdm", 1, "/tmp/x")[0])
     assert paper.model.num_layers == 28 and paper.optim.global_batch_size == 2048
     assert paper.model.seq_length == 4096 and paper.data.epochs == 120 and paper.data.unique_tokens == 3_000_000_000
@@ -56,6 +59,7 @@ def test_grid_runs_resumes_and_reports(tmp_path):
                       "--seq-length 32 --micro-batch-size 8 --global-batch-size 8 --eval-iters 1"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[grid] 2 of 2 runs to train: about" in first.stdout  # the estimate, printed before any training
     for m in ("ar", "mdm"):
         run = out / f"{m}_s1234"
         assert (run / "complete.json").exists()
@@ -63,6 +67,7 @@ def test_grid_runs_resumes_and_reports(tmp_path):
         assert ds and "continuation_acc" in ds[-1]
     second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
     assert second.returncode == 0 and second.stdout.count("complete, skipped") == 2
+    assert "[grid] 0 of 2 runs to train" in second.stdout
 
     report = tmp_path / "report"
     plot = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_runs.py"), str(out), "--output", str(report)],

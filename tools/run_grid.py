@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated, default: the scale's list. Known: {','.join(METHODS)}")
+                   help=f"comma-separated, or all; default: the scale's list. Known: {','.join(METHODS)}")
     p.add_argument("--seeds", default="1234", help="comma-separated seeds")
     p.add_argument("--output", default="runs/grid", help="grid directory")
     p.add_argument("--unique-tokens", type=int, default=None, help="override the scale's budget")

@@ -80,7 +80,7 @@ def run_grid(args: GridArgs, command: str = "") -> int:
     scale = SCALES[args.scale]
     if args.downstream_evals is not None:
         scale.downstream_evals = args.downstream_evals
-    methods = args.methods or scale.default_methods
+    methods = list(METHODS) if args.methods == ["all"] else (args.methods or scale.default_methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown methods {unknown}; known: {', '.join(METHODS)}")
@@ -103,6 +103,15 @@ def run_grid(args: GridArgs, command: str = "") -> int:
     evaluate = bool(scale.downstream_evals and args.tasks)
     t_grid = time.time()
     failures, trained = [], []
+
+    if scale.seconds_per_step and not args.dry_run:
+        todo = [(m, run_flags(scale, m, s, "", unique_tokens=args.unique_tokens, epochs=args.epochs)[1])
+                for s in seeds for m in methods
+                if not os.path.exists(os.path.join(args.output, run_name(m, s), "complete.json"))]
+        seconds = sum(f["train_iters"] * scale.seconds_per_step * scale.cost(m) for m, f in todo)
+        print(f"[grid] {len(todo)} of {len(methods) * len(seeds)} runs to train: about {seconds / 60:.0f} min on a "
+              f"2-core CPU ({scale.seconds_per_step:g} s/step measured there; scale by your cores), plus the "
+              f"offline evaluations", flush=True)
 
     # Phase 1, every node: train each run that has not reached its last step.
     for seed in seeds:
