@@ -11,6 +11,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+from megatron_dataeff.ops import extension
 
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
@@ -64,3 +67,23 @@ def run_pretrain(args: list[str], run_dir: Path, nproc: int = 1, timeout: int = 
 def losses(records: list[dict], split: str = "train") -> list[float]:
     """The loss of each record of a split, in order."""
     return [r["loss"] for r in records if r["split"] == split]
+
+
+# Kernel tests (masking, SwiGLU dropout): the devices each case runs on, and the implementation it must get.
+KERNEL = {"cpu": "cpp", "cuda": "cuda"}  # the implementation each device's kernel test must run
+
+
+def _cuda_skip_reason() -> str | None:
+    """Why the CUDA cases cannot run here: no GPU, or _C_cuda not built (it needs nvcc; a build that is
+    there but fails to load is not a reason: the test then fails, naming the load error)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    if isinstance(extension.load_error("cuda"), ModuleNotFoundError):
+        return f"megatron_dataeff._C_cuda is not built ({extension.load_error('cuda')})"
+    return None
+
+
+# CPU never skips: `pip install -e .` builds _C, so without it the kernel tests fail instead of comparing
+# the torch reference with itself.
+KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(_cuda_skip_reason() is not None,
+                                                                       reason=str(_cuda_skip_reason())))]

@@ -10,24 +10,9 @@ import torch
 from megatron_dataeff.ops import extension, philox
 from megatron_dataeff.ops.masking import mask_tokens, mask_tokens_reference
 
+from tests.conftest import KERNEL, KERNEL_DEVICES as DEVICES
+
 SEED = 0x1234_5678_9ABC  # uses both key words
-KERNEL = {"cpu": "cpp", "cuda": "cuda"}  # the implementation each device's kernel test must run
-
-
-def _cuda_skip_reason() -> str | None:
-    """Why the CUDA cases cannot run here: no GPU, or _C_cuda not built (it needs nvcc; a build that is
-    there but fails to load is not a reason: the test then fails, naming the load error)."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (torch.cuda.is_available() is False)"
-    if isinstance(extension.load_error("cuda"), ModuleNotFoundError):
-        return f"megatron_dataeff._C_cuda is not built ({extension.load_error('cuda')})"
-    return None
-
-
-# CPU never skips: `pip install -e .` builds _C, so without it the kernel tests fail instead of comparing
-# the torch reference with itself.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(_cuda_skip_reason() is not None,
-                                                                reason=str(_cuda_skip_reason())))]
 # (eps, stratify_group, stream_offset, mask_token_id) variants checked inside each case
 VARIANTS = [(1e-3, 0, 0, 3), (0.0, 4, 0, 50257), (0.5, 3, philox.EVAL_STREAM_OFFSET, 0), (0.999, 1, 7, 1)]
 

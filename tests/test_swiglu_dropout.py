@@ -11,24 +11,9 @@ from megatron_dataeff.ops.swiglu_dropout import (
     dropout_keep_mask, dropout_keep_mask_reference, swiglu_dropout, swiglu_dropout_reference,
 )
 
+from tests.conftest import KERNEL, KERNEL_DEVICES as DEVICES
+
 SEED, KEY = 0xDEADBEEF_0042, 0x0123_4567_89AB_CDEF
-KERNEL = {"cpu": "cpp", "cuda": "cuda"}  # the implementation each device's kernel test must run
-
-
-def _cuda_skip_reason() -> str | None:
-    """Why the CUDA cases cannot run here: no GPU, or _C_cuda not built (it needs nvcc; a build that is
-    there but fails to load is not a reason: the test then fails, naming the load error)."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (torch.cuda.is_available() is False)"
-    if isinstance(extension.load_error("cuda"), ModuleNotFoundError):
-        return f"megatron_dataeff._C_cuda is not built ({extension.load_error('cuda')})"
-    return None
-
-
-# CPU never skips: `pip install -e .` builds _C, so without it the kernel tests fail instead of comparing
-# the torch reference with itself.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(_cuda_skip_reason() is not None,
-                                                                reason=str(_cuda_skip_reason())))]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 

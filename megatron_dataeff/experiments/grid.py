@@ -102,18 +102,23 @@ class Scale:
         return samples / self.global_batch_size
 
 
+def _cpu_flags(hidden: int, ffn: int) -> list[str]:
+    """The CPU scales' model / optimizer / logging flags: 2 layers of width `hidden`, 16 x 128 tokens a step."""
+    return ["--num-layers", "2", "--hidden-size", str(hidden), "--ffn-hidden-size", str(ffn),
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "128",
+            "--micro-batch-size", "16", "--global-batch-size", "16", "--split", "90,10,0",
+            "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "30", "--lr-decay-style", "cosine",
+            "--weight-decay", "0.1", "--clip-grad", "1.0", "--eval-iters", "4", "--device", "cpu",
+            "--tensorboard-dir", ""]
+
+
 SCALES: dict[str, Scale] = {
     # The embedded corpus on a 2-core CPU: 0.44M parameters, 50k unique tokens, 20 epochs
     # (about 490 steps of 16 x 128 tokens per run).  AR's validation loss bottoms out around
     # the middle of the run and rises after.
     "tiny": Scale(
         name="tiny", unique_tokens=50_000, epochs=20, seq_length=128, global_batch_size=16,
-        flags=["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "384",
-               "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "128",
-               "--micro-batch-size", "16", "--global-batch-size", "16", "--split", "90,10,0",
-               "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "30", "--lr-decay-style", "cosine",
-               "--weight-decay", "0.1", "--clip-grad", "1.0", "--eval-iters", "4", "--device", "cpu",
-               "--tensorboard-dir", ""],
+        flags=_cpu_flags(hidden=128, ffn=384),
         evals_per_epoch=2.0, downstream_evals=3, num_examples=100, mc_samples=8,
         default_methods=list(METHODS), seconds_per_step=0.15,  # 16 runs of 488 steps in 20 minutes
     ),
@@ -123,12 +128,7 @@ SCALES: dict[str, Scale] = {
     # Default methods: a selection that runs 3 seeds in about an hour (--methods all: every method).
     "demo": Scale(
         name="demo", unique_tokens=20_000, epochs=30, seq_length=128, global_batch_size=16,
-        flags=["--num-layers", "2", "--hidden-size", "192", "--ffn-hidden-size", "576",
-               "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "128",
-               "--micro-batch-size", "16", "--global-batch-size", "16", "--split", "90,10,0",
-               "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "30", "--lr-decay-style", "cosine",
-               "--weight-decay", "0.1", "--clip-grad", "1.0", "--eval-iters", "4", "--device", "cpu",
-               "--tensorboard-dir", ""],
+        flags=_cpu_flags(hidden=192, ffn=576),
         evals_per_epoch=1.0, downstream_evals=1, num_examples=100, mc_samples=8,
         default_methods=["ar", "ar_td0.3", "ar_td1.0", "ar_attn0.3", "ar_mlp0.3", "ar_wd0.5", "mdm", "dual",
                          "ar_mir0.3", "ar_td0.3_span3", "ar_u0.5", "ar_u2", "ar_u4"],
