@@ -27,8 +27,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96", "
         "--seq-length", "32"]
 
 
-def make_checkpoint(save_dir, flags, seed=0):
-    """A random tiny model saved as a (model-only) checkpoint with ByteTokenizer metadata."""
+def make_checkpoint(save_dir, flags, seed=0, tokenizer=None):
+    """A random tiny model saved as a (model-only) checkpoint with ByteTokenizer metadata (or `tokenizer`'s)."""
     cfg = config_from_args(build_parser().parse_args(TINY + list(flags)))
     cfg.parallel.device = "cpu"
     cfg.validate_layout(1)
@@ -41,7 +41,7 @@ def make_checkpoint(save_dir, flags, seed=0):
             else:
                 std = 0.5 if "embedding" in name else p.shape[1] ** -0.5
                 p.copy_(std * torch.randn(p.shape, generator=gen))
-    tok = ByteTokenizer()
+    tok = tokenizer or ByteTokenizer()
     meta = {"iteration": 7, "consumed_samples": 0, "epoch": 0.0, "scheduler": None, "config": cfg.to_dict(),
             "tokenizer": tok.metadata(), "mask_token_id": 257, "vocab_ids": 258, "unique_tokens": None,
             "world_size": 1}
@@ -295,3 +295,16 @@ def test_gpt2_and_null_tokenizer_forms(tmp_path):
     assert hf(text).input_ids == ours.tokenize(text) and 256 in ours.tokenize(text)
     assert hf.decode(ours.tokenize(text)) == text and hf.eos_token_id == ours.eod == 257
     assert save_hf_tokenizer({"tokenizer_type": "NullTokenizer", "vocab_size": 10}, str(tmp_path / "n")) is False
+
+
+def test_export_without_hf_tokenizer_says_so(megatron_cpu, tmp_path, capsys):
+    """A NullTokenizer run exports its model; config.json and one printed line say there is no tokenizer."""
+    from megatron_dataeff.data.tokenizers import NullTokenizer
+    from tools.export_hf import main
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", ["--objective", "ar"], tokenizer=NullTokenizer(256))
+    assert main(["--load", ckpt, "--output", str(tmp_path / "hf")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(lines) == 1 and "NullTokenizer has no Hugging Face form" in lines[0]
+    record = json.load(open(tmp_path / "hf" / "config.json"))["megatron_dataeff"]["tokenizer"]
+    assert record["hf_tokenizer"] is False and not (tmp_path / "hf" / "tokenizer.json").exists()

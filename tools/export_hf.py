@@ -10,6 +10,8 @@ megatron_dataeff/export/hf_mapping.py).  OUTPUT is replaced only once the new ex
 """
 
 import argparse
+import json
+import os
 import sys
 import warnings
 
@@ -44,6 +46,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(f"exported {args.load} -> {out}")
+    tokenizer = json.load(open(os.path.join(out, "config.json")))["megatron_dataeff"]["tokenizer"]
+    if not tokenizer["hf_tokenizer"]:
+        print(f"note: no tokenizer written: {tokenizer['note']}")
     return 0
 
 
