@@ -191,3 +191,31 @@ def parse_config(argv=None) -> RunConfig:
         return config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def command_line(cfg: RunConfig) -> list[str]:
+    """The flags that rebuild `cfg` (those whose value differs from what the command line gives without them):
+    `config_from_args(build_parser().parse_args(command_line(cfg)))` equals `cfg`."""
+    preset = PRESETS[build_parser().get_default("model_preset")]
+    argv: list[str] = []
+    for attr, cls, _ in SECTIONS:
+        section = getattr(cfg, attr)
+        for spec in field_specs(cls):
+            value = getattr(section, spec.name)
+            reference = preset.get(spec.name, spec.default) if cls is _PRESET_FILLED else spec.default
+            if value == reference:
+                continue
+            if spec.base is bool and not spec.is_list:
+                if value:
+                    argv.append(spec.flag)
+                elif spec.cli.get("negatable") or (spec.default and cls is not _PRESET_FILLED):
+                    argv.append("--no-" + spec.flag[2:])
+                else:
+                    raise ConfigError(f"{spec.flag}: off here but on in the default --model-preset; no flag says so")
+            elif value is None:
+                raise ConfigError(f"{spec.flag}: None here, {reference!r} by default; no flag says so")
+            elif spec.is_list:
+                argv += [spec.flag, *map(str, value)]
+            else:
+                argv += [spec.flag, str(value)]
+    return argv

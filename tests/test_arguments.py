@@ -124,3 +124,18 @@ def test_objective_flag_and_configs_of_earlier_versions():
     old = cfg.to_dict()
     old["objective"]["objective"] = old["objective"].pop("name")
     assert RunConfig.from_dict(old) == cfg
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--objective", "mdm", "--num-layers", "3", "--bf16", "--weight-decay", "0.3", "--no-bias-swiglu-fusion"],
+    ["--model-preset", "qwen3-0.6b", "--objective", "dual", "--ar-fraction", "0.5", "--data-path", "1", "a", "1", "b",
+     "--mlp-dropout", "0.1"],
+    ["--token-dropout-rate", "0.2", "--token-dropout-noise", "mixed", "--lr", "3e-4", "--seed", "7"],
+])
+def test_command_line_rebuilds_the_config(argv):
+    """command_line(cfg) (the model card's flags) parses back to the same config."""
+    from megatron_dataeff.arguments import command_line
+
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert config_from_args(build_parser().parse_args(command_line(cfg))).to_dict() == cfg.to_dict()

@@ -160,12 +160,14 @@ def test_byte_tokenizer_exported_equivalent(exports):
 
 
 def test_export_from_tensor_parallel_checkpoint(megatron_cpu, tmp_path):
-    """A checkpoint trained at TP=2 (2 gloo processes) exports in one step and matches its model."""
+    """A checkpoint trained at TP=2 (2 gloo processes) exports in one step, matches its model, and carries a
+    model card with the run's objective, data budget, flags and validation numbers."""
     ckpt = tmp_path / "ckpt"
-    run_pretrain(TINY + ["--objective", "ar", "--qk-layernorm", "--num-query-groups", "2",
-                         "--untie-embeddings-and-output-weights", "--tensor-model-parallel-size", "2",
-                         "--train-iters", "2", "--eval-iters", "0", "--micro-batch-size", "2",
-                         "--save", str(ckpt)], tmp_path / "run", nproc=2)
+    records = run_pretrain(TINY + ["--objective", "ar", "--qk-layernorm", "--num-query-groups", "2",
+                                   "--untie-embeddings-and-output-weights", "--tensor-model-parallel-size", "2",
+                                   "--train-iters", "3", "--eval-iters", "1", "--eval-interval", "1",
+                                   "--micro-batch-size", "2", "--token-dropout-rate", "0.2", "--weight-decay", "0.3",
+                                   "--save", str(ckpt)], tmp_path / "run", nproc=2)
     from tools.export_hf import main
 
     assert main(["--load", str(ckpt), "--output", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
@@ -173,6 +175,16 @@ def test_export_from_tensor_parallel_checkpoint(megatron_cpu, tmp_path):
     err = (got - megatron_logits(str(ckpt), TOKENS)).abs().max().item()
     print(f"parity tp2-qwen3: max abs logit error {err:.2e}")
     assert cls == "Qwen3ForCausalLM" and err <= TOL
+    # The model card: objective, data budget, flags, and the run's own validation numbers (last and best).
+    card = (tmp_path / "hf" / "README.md").read_text()
+    run = json.load(open(tmp_path / "run" / "run.json"))
+    valid = [r for r in records if r["split"] == "valid"]
+    best = min(valid, key=lambda r: r["loss"])
+    assert "pipeline_tag: text-generation" in card and "Qwen3ForCausalLM" in card
+    assert "ar + token dropout 0.2" in card and "--token-dropout-rate 0.2" in card and "--weight-decay 0.3" in card
+    assert f"{run['unique_tokens']:,}" in card and "3 iterations" in card
+    assert f"| last | 3 | {valid[-1]['epoch']:.2f} | loss {valid[-1]['loss']:.4f}" in card
+    assert f"| best | {best['iteration']} | {best['epoch']:.2f} | loss {best['loss']:.4f}" in card
 
 
 @pytest.mark.distributed

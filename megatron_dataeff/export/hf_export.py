@@ -6,7 +6,7 @@
   config.json carries `auto_map`, `mask_token_id` and `bidirectional: true`; load with
   `trust_remote_code=True`; `model.generate(...)` does masked-diffusion sampling.
 
-Files: config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index above
+Files: README.md (the model card: `model_card.py`), config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index above
 `max_shard_size`), generation_config.json (AR), the tokenizer's HF form when it has one
 (`hf_tokenizer.py`), and for mdm the two Python files.  config.json also records, under
 `megatron_dataeff`, the objective, iteration, ids in use (`vocab_ids`; rows beyond are padding),
@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_dataeff.atomic import publish_directory, temporary_name
+from megatron_dataeff.atomic import publish_directory, temporary_name, write_text_atomic
 from megatron_dataeff.export.hf_mapping import ModelShape, check_megatron_model, megatron_to_hf
 from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
+from megatron_dataeff.export.model_card import model_card
 
 if TYPE_CHECKING:  # for annotations only
     from megatron.core.models.gpt import GPTModel
@@ -79,9 +80,13 @@ def export_model(model: GPTModel, cfg, meta: dict, output: str, dtype: str = "fp
         has_tokenizer = save_hf_tokenizer(meta["tokenizer"], tmp)
         record = _record(cfg, meta, has_tokenizer)
         if cfg.objective.diffusion:
-            _write_mdm_config(cfg, meta, shape, dtype, record, tmp)
+            architecture = _write_mdm_config(cfg, meta, shape, dtype, record, tmp)
         else:
-            _write_ar_config(cfg, meta, shape, dtype, record, tmp)
+            architecture = _write_ar_config(cfg, meta, shape, dtype, record, tmp)
+        card = model_card(cfg, meta, architecture=architecture,
+                          trained_objective=record.get("trained_objective", cfg.objective.name),
+                          num_parameters=_num_parameters(tensors, shape), has_tokenizer=has_tokenizer)
+        write_text_atomic(os.path.join(tmp, "README.md"), card)
         write_safetensors(tensors, tmp, parse_size(max_shard_size))
         _publish(tmp, output)
     except BaseException:
@@ -122,7 +127,7 @@ def _common_fields(cfg, shape: ModelShape, dtype: str) -> dict:
                 torch_dtype=DTYPES[dtype])  # transformers 5 stores it as `dtype`, 4.x as `torch_dtype`
 
 
-def _write_ar_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, out: str) -> None:
+def _write_ar_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, out: str) -> str:
     from transformers import GenerationConfig, LlamaConfig, Qwen3Config
 
     eod = meta["tokenizer"].get("eod")
@@ -140,6 +145,7 @@ def _write_ar_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, out
     gen = GenerationConfig(bos_token_id=None, eos_token_id=eod, pad_token_id=eod,
                            suppress_tokens=_suppressed_ids(meta, shape.vocab_rows))
     gen.save_pretrained(out)
+    return arch
 
 
 def _add_legacy_rope_theta(out: str, theta) -> None:
@@ -153,7 +159,7 @@ def _add_legacy_rope_theta(out: str, theta) -> None:
         f.write("\n")
 
 
-def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, out: str) -> None:
+def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, out: str) -> str:
     from megatron_dataeff.export.configuration_dataeff_mdm import DataEffMDMConfig
 
     eod = meta["tokenizer"].get("eod")
@@ -169,6 +175,12 @@ def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, ou
     config.save_pretrained(out)
     for name in MDM_FILES:
         shutil.copyfile(os.path.join(_HERE, name), os.path.join(out, name))
+    return config.architectures[0]
+
+
+def _num_parameters(tensors: dict, shape: ModelShape) -> int:
+    """Parameters of the exported model (a tied output layer counted once, as HF's num_parameters does)."""
+    return sum(t.numel() for name, t in tensors.items() if not (shape.tied and name == "lm_head.weight"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ def _metadata(trainer) -> dict:
         "epoch": trainer.data.epoch_of(trainer.consumed_samples),
         "scheduler": trainer.scheduler.state_dict(),
         "schedule": trainer.schedule,
+        "validation": trainer.validation,
         "model_only": False,
     }
 

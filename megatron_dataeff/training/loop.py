@@ -155,6 +155,8 @@ class Trainer:
         self._build_model_and_optimizer()
         self.iteration = 0
         self.consumed_samples = 0
+        # The latest and the best validation of the run ({"last": record, "best": record}), kept in checkpoints.
+        self.validation: dict[str, dict] = {}
         ck = cfg.checkpoint
         if ck.load:
             fresh = (ck.save and os.path.abspath(ck.save) == os.path.abspath(ck.load)
@@ -165,6 +167,8 @@ class Trainer:
                 state = checkpointing.load(self, ck.load, finetune=ck.finetune)
                 self.iteration = state["iteration"]
                 self.consumed_samples = state["consumed_samples"]
+                if self.iteration:  # a resumed run, not weights to start from
+                    self.validation = dict(state.get("validation") or {})
         self._write_run_record()
 
     # ------------------------------------------------------------------------------------------
@@ -432,6 +436,8 @@ class Trainer:
                "consumed_tokens": self.consumed_samples * self.cfg.model.seq_length,
                **{k: v for k, v in res.items() if k.startswith("loss")}}
         self.log.log(rec)
+        best = self.validation.get("best")
+        self.validation = {"last": rec, "best": rec if best is None or rec["loss"] < best["loss"] else best}
         if self.cfg.objective.dual:
             shown = f"val AR NLL {res['loss_ar']:.4f} | val ELBO {res['loss_mdm']:.4f}"
         else:
