@@ -47,6 +47,7 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
     cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.device = device
     cfg.optim.global_batch_size = None
+    _runnable_attention(cfg, device)
     cfg.validate_layout(1)
     runtime = initialize(1, 1, cfg.optim.seed, device)
     model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True)
@@ -56,3 +57,16 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
         model = model.to(dtype)
     model.eval()
     return model, cfg, meta
+
+
+def _runnable_attention(cfg, device: str) -> None:
+    """Keep the checkpoint's --attention-backend where this machine runs it; otherwise (a GPU run with
+    transformer-engine's fused kernel, read on a CPU) take `auto`: the kernel changes speed, not the model."""
+    from megatron_dataeff.errors import ConfigError
+    from megatron_dataeff.models.attention_backends import attention_for_config
+    from megatron_dataeff.models.layer_specs import transformer_engine_available
+
+    try:
+        attention_for_config(cfg, device, transformer_engine_available())
+    except ConfigError:
+        cfg.compute.attention_backend = "auto"

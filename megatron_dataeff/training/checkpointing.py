@@ -97,6 +97,7 @@ def _metadata(trainer) -> dict:
         "scheduler": trainer.scheduler.state_dict(),
         "schedule": trainer.schedule,
         "validation": trainer.validation,
+        "device": trainer.runtime.device,  # the RNG states are this device's generators
         "model_only": False,
     }
 
@@ -243,10 +244,57 @@ def check_checkpoint_files(ckpt: str, meta: dict) -> None:
                               f"{installed}, installed here, cannot read it: install megatron-core >= 0.19")
 
 
+def checkpoint_keys(ckpt: str) -> set[str]:
+    """The keys a torch_dist checkpoint holds (a sharded object's key without its `/shard_...` suffix)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(ckpt).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt}: cannot read its .metadata: {type(exc).__name__}: {exc}") from exc
+    return {key.split("/shard_")[0] for key in metadata.state_dict_metadata}
+
+
+def fit_request(request: dict, ckpt: str) -> dict:
+    """`request` (a sharded state dict) as the checkpoint at `ckpt` can answer it.
+
+    megatron-core's local layer spec stores its norms under transformer-engine's names
+    (`input_layernorm.weight` as `self_attention.linear_qkv.layer_norm_weight`, ...), so the two specs'
+    weights share their keys; what differs is the `_extra_state` objects (TE's FP8 bookkeeping, None in the
+    local spec, and TE's core attention has one of its own).  An `_extra_state` the checkpoint lacks keeps the
+    module's own value; any other missing key is refused here, by name, before any collective load."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject, ShardedTensor
+
+    keys = checkpoint_keys(ckpt)
+    missing: list[str] = []
+
+    def fit(node):
+        if isinstance(node, dict):
+            return {k: fit(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fit(v) for v in node]
+        if isinstance(node, ShardedObject) and node.key.endswith("_extra_state") and node.key not in keys:
+            return LocalNonpersistentObject(node.data)
+        if isinstance(node, (ShardedTensor, ShardedObject)) and node.key not in keys:
+            missing.append(node.key)
+        return node
+
+    fitted = fit(request)
+    if missing:
+        shown = sorted(set(missing))
+        raise CheckpointError(
+            f"{ckpt} has no {', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''} ({len(shown)} keys this model "
+            f"needs): it holds another architecture (e.g. --qk-layernorm, --untie-embeddings-and-output-weights, "
+            f"--num-layers) or another optimizer state")
+    return fitted
+
+
 def load_sharded(request: dict, ckpt: str, what: str) -> dict:
-    """dist_checkpointing.load of `request` from `ckpt`; any failure is a CheckpointError naming it."""
+    """dist_checkpointing.load of `request` (fitted to the checkpoint: `fit_request`) from `ckpt`; any failure
+    is a CheckpointError naming it."""
     from megatron.core import dist_checkpointing
 
+    request = fit_request(request, ckpt)
     try:
         return dist_checkpointing.load(request, ckpt)
     except (KeyboardInterrupt, SystemExit):
@@ -260,14 +308,17 @@ def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = 
 
     `finetune` (or a model-only checkpoint, e.g. imported from Hugging Face) loads the weights only
     and starts at iteration 0 with a fresh optimizer.  RNG states are restored when the layout is
-    the one they were saved at (dropout masks then continue exactly); otherwise they are reseeded.
+    the one they were saved at, on the same kind of device (dropout masks then continue exactly); otherwise
+    they are reseeded.  A checkpoint of transformer-engine's layer spec loads into the local spec and back
+    (`fit_request`), so a GPU run with TE resumes, or is evaluated, on a CPU or a GPU without TE.
     """
     ckpt = resolve_checkpoint(load_dir, iteration)
     meta = read_metadata(ckpt)
     check_compatible(ckpt, meta, trainer)
     check_checkpoint_files(ckpt, meta)
     model_only = finetune or meta.get("model_only", False)
-    same_layout = meta.get("layout") == layout_of(trainer)
+    same_layout = (meta.get("layout") == layout_of(trainer)
+                   and meta.get("device", trainer.runtime.device) == trainer.runtime.device)
     with_rng = same_layout and not model_only
     request = _sharded_state(trainer, is_loading=True, with_optimizer=not model_only, with_rng=with_rng)
     state = load_sharded(request, ckpt, "model" if model_only else "model/optimizer")
@@ -280,7 +331,7 @@ def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = 
     if with_rng:
         _restore_rng(trainer, state["rng_state"])
     trainer.log.print(f" loaded checkpoint {ckpt} (iteration {meta['iteration']}, epoch {meta['epoch']:.2f}"
-                      f"{'' if with_rng else ', saved at another layout: RNG reseeded'})")
+                      f"{'' if with_rng else ', saved at another layout or device: RNG reseeded'})")
     return meta
 
 
