@@ -87,3 +87,19 @@ def _cuda_skip_reason() -> str | None:
 # the torch reference with itself.
 KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(_cuda_skip_reason() is not None,
                                                                        reason=str(_cuda_skip_reason())))]
+
+
+def train_in_process(argv: list[str], run_dir: Path) -> list[dict]:
+    """Train with pretrain_diffusion.py's flags in this process (1 process, CPU; megatron_cpu must be set
+    up); its metrics.jsonl records.  Several runs may follow each other in one process."""
+    from megatron_dataeff.arguments import build_parser, config_from_args
+    from megatron_dataeff.training.loop import Trainer
+
+    cfg = config_from_args(build_parser().parse_args(
+        list(argv) + ["--run-dir", str(run_dir), "--device", "cpu", "--tensorboard-dir", ""]))
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]

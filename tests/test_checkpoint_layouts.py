@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from tests.conftest import losses
+from tests.conftest import losses, train_in_process
 
 FLAGS = ["--train-iters", "4", "--log-interval", "1", "--eval-iters", "0", "--micro-batch-size", "2",
          "--global-batch-size", "4", "--seq-length", "32", "--num-layers", "2", "--lr-decay-iters", "4",
-         "--hidden-dropout", "0.1", "--device", "cpu", "--tensorboard-dir", ""]
+         "--hidden-dropout", "0.1"]
 TE_BLOB = b"transformer-engine fp8 metadata"  # what TE's get_extra_state serialises
 
 
@@ -38,11 +38,8 @@ def _as_transformer_engine(sharded: dict) -> dict:
 
 def _train(tmp_path, name, extra=(), te_form=None, monkeypatch=None):
     """Train in this process (with the checkpoint state in TE's form when `te_form`); the train losses."""
-    from megatron_dataeff.arguments import build_parser, config_from_args
     from megatron_dataeff.training import checkpointing
-    from megatron_dataeff.training.loop import Trainer
 
-    run_dir = tmp_path / name
     if te_form:
         original = checkpointing._sharded_state
         monkeypatch.setattr(checkpointing, "_sharded_state",
@@ -65,15 +62,11 @@ def _train(tmp_path, name, extra=(), te_form=None, monkeypatch=None):
                 assert len(core) == 2 and all(bytes(v.numpy()) == TE_BLOB for v in core.values())
                 return load_state_dict(model, state, *args, **kwargs)
             monkeypatch.setattr(DataEffGPTModel, "load_state_dict", te_load)
-    cfg = config_from_args(build_parser().parse_args(FLAGS + ["--run-dir", str(run_dir)] + list(extra)))
-    trainer = Trainer(cfg)
     try:
-        trainer.train()
+        return losses(train_in_process(FLAGS + list(extra), tmp_path / name))
     finally:
-        trainer.close()
         if monkeypatch is not None:
             monkeypatch.undo()
-    return losses([json.loads(line) for line in open(run_dir / "metrics.jsonl")])
 
 
 @pytest.mark.parametrize("direction", ["te-to-local", "local-to-te"])

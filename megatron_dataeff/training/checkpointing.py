@@ -200,7 +200,12 @@ def latest_iteration(load_dir: str) -> int:
 
 def read_metadata(ckpt_dir: str) -> dict:
     """Our JSON metadata of one checkpoint directory."""
+    from megatron_dataeff.training.megatron_lm import is_megatron_lm_checkpoint
+
     path = os.path.join(ckpt_dir, METADATA)
+    if not os.path.exists(path) and is_megatron_lm_checkpoint(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} is a Megatron-LM checkpoint: pretrain_diffusion.py --load reads its "
+                              f"weights (and starts at iteration 0); save that run to evaluate or export it")
     if not os.path.exists(path):
         raise CheckpointError(f"{ckpt_dir}: missing {METADATA}; not a complete megatron_dataeff checkpoint")
     with open(path) as f:
@@ -306,13 +311,17 @@ def load_sharded(request: dict, ckpt: str, what: str) -> dict:
 def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = False) -> dict:
     """Restore model, optimizer, scheduler and RNG state from DIR (its latest checkpoint by default).
 
-    `finetune` (or a model-only checkpoint, e.g. imported from Hugging Face) loads the weights only
-    and starts at iteration 0 with a fresh optimizer.  RNG states are restored when the layout is
+    `finetune` (or a model-only checkpoint, e.g. imported from Hugging Face, or a Megatron-LM checkpoint:
+    `megatron_lm.load_weights`) loads the weights only and starts at iteration 0 with a fresh optimizer.  RNG states are restored when the layout is
     the one they were saved at, on the same kind of device (dropout masks then continue exactly); otherwise
     they are reseeded.  A checkpoint of transformer-engine's layer spec loads into the local spec and back
     (`fit_request`), so a GPU run with TE resumes, or is evaluated, on a CPU or a GPU without TE.
     """
+    from megatron_dataeff.training import megatron_lm
+
     ckpt = resolve_checkpoint(load_dir, iteration)
+    if megatron_lm.is_megatron_lm_checkpoint(ckpt):
+        return megatron_lm.load_weights(trainer, ckpt)
     meta = read_metadata(ckpt)
     check_compatible(ckpt, meta, trainer)
     check_checkpoint_files(ckpt, meta)
@@ -370,9 +379,17 @@ def load_schedule(trainer, ckpt: str, meta: dict) -> None:
 
 
 def resolve_checkpoint(path: str, iteration: int | None = None) -> str:
-    """A checkpoint directory from a `--save` directory (latest or given iteration) or itself."""
-    if os.path.exists(os.path.join(path, METADATA)):
+    """A checkpoint directory from a `--save` directory (latest or given iteration; Megatron-LM's `release`
+    marker too) or itself."""
+    from megatron_dataeff.training.megatron_lm import RELEASE, is_megatron_lm_checkpoint
+
+    if os.path.exists(os.path.join(path, METADATA)) or is_megatron_lm_checkpoint(path):
         return path
+    marker = os.path.join(path, LATEST)
+    if iteration is None and os.path.exists(marker) and open(marker).read().strip() == RELEASE:
+        if not os.path.isdir(os.path.join(path, RELEASE)):
+            raise CheckpointError(f"{marker} says {RELEASE}, but {os.path.join(path, RELEASE)} is missing")
+        return os.path.join(path, RELEASE)
     if iteration is None:
         iteration = latest_iteration(path)
     ckpt = os.path.join(path, checkpoint_name(iteration))
