@@ -118,3 +118,32 @@ print(json.dumps([cached, plain]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     cached, plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert cached == plain and all(cached)
+
+
+@pytest.mark.skipif(not LM_EVAL_AVAILABLE, reason="lm-evaluation-harness is not installed")
+def test_stock_hf_model_on_the_export_agrees_with_our_adapter(megatron_cpu, tmp_path, monkeypatch):
+    """lm-eval's stock `hf` model on an AR checkpoint's HF export and our adapter on the checkpoint give the same
+    per-example log-likelihoods and greedy flags (and rolling log-likelihoods) on a byte-level model."""
+    from lm_eval.models.huggingface import HFLM
+
+    from megatron_dataeff.export.hf_export import export_checkpoint
+    from tests.conftest import train_in_process
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train_in_process(["--objective", "ar", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                      "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
+                      "--micro-batch-size", "4", "--train-iters", "20", "--lr-decay-iters", "20", "--eval-iters", "0",
+                      "--save", str(tmp_path / "ckpt")], tmp_path / "run")
+    hf_dir = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "hf"), dtype="fp32")
+    requests = [_req("The quick brown fox", " jumps over the lazy dog"), _req("data", " is scarce"),
+                _req("Once upon a time ", "there"), _req("a", "b"), _req("naïve 東京", " ✓")]
+    rolling = [_req("A whole document to score, long enough to need more than one sixty-four-token window here.")]
+    ours = MegatronDataEffLM(load=str(tmp_path / "ckpt"))
+    stock = HFLM(pretrained=hf_dir, backend="causal", device="cpu", dtype="float32", batch_size=1,
+                 max_length=64)
+    mine, theirs = ours.loglikelihood(requests), stock.loglikelihood(requests, disable_tqdm=True)
+    for (a, greedy_a), (b, greedy_b) in zip(mine, theirs):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert len({round(a, 3) for a, _ in mine}) == len(requests)  # distinct values: a real comparison
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
+        stock.loglikelihood_rolling(rolling, disable_tqdm=True)[0], abs=1e-3)
