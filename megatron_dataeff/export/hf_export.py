@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_dataeff.atomic import publish_directory, temporary_name, write_text_atomic
-from megatron_dataeff.export.hf_mapping import ModelShape, check_megatron_model, megatron_to_hf
+from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelError, check_megatron_model,
+                                                megatron_checkpoint_key, megatron_group_to_hf, megatron_groups,
+                                                megatron_to_hf)
 from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
 from megatron_dataeff.export.model_card import model_card
 
@@ -51,14 +53,31 @@ def parse_size(size) -> int:
 def export_checkpoint(load: str, output: str, iteration: int | None = None, dtype: str | None = None,
                       max_shard_size="2GB", view: str | None = None) -> str:
     """Export the checkpoint at `load` (a --save directory or one iter_N directory) to `output`; a dual-
-    objective checkpoint as `view`: "ar" a stock causal LM, "mdm" the diffusion model."""
-    from megatron_dataeff.inference.loading import load_model_for_inference
+    objective checkpoint as `view`: "ar" a stock causal LM, "mdm" the diffusion model.
+
+    Streams: the weights are read from the checkpoint one layer at a time (any saved TP/PP layout, resharded
+    by dist_checkpointing) and written shard by shard, so host memory holds about one output shard and one
+    layer, never the model (benchmarks/bench_export_memory.py measures it)."""
+    from megatron_dataeff.inference.loading import inference_config
+    from megatron_dataeff.training.distributed import initialize
 
     _check_output(output)
-    model, cfg, meta = load_model_for_inference(load, iteration, device="cpu", dtype=torch.float32, view=view)
+    ckpt, cfg, meta = inference_config(load, iteration, "cpu", view)
     if dtype is None:
         dtype = "bf16" if cfg.optim.bf16 else "fp32"
-    return export_model(model, cfg, meta, output, dtype=dtype, max_shard_size=max_shard_size)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    initialize(1, 1, cfg.optim.seed, "cpu")
+    _check_options(cfg, meta)
+    shape = ModelShape.from_run_config(cfg, cfg.model.vocab_rows(meta["vocab_ids"]))
+
+    def tensors():
+        for group in megatron_groups(shape):
+            converted = megatron_group_to_hf(read_checkpoint_tensors(ckpt, group, shape.num_layers), shape)
+            for name, t in converted.items():
+                yield name, t.to("cpu", DTYPES[dtype]).contiguous()
+
+    return _write_export(cfg, meta, shape, dtype, tensors(), output, max_shard_size)
 
 
 def export_model(model: GPTModel, cfg, meta: dict, output: str, dtype: str = "fp32", max_shard_size="2GB") -> str:
@@ -69,9 +88,50 @@ def export_model(model: GPTModel, cfg, meta: dict, output: str, dtype: str = "fp
     check_megatron_model(model, cfg.model.rotary_base)
     rows = model.embedding.word_embeddings.weight.shape[0]
     shape = ModelShape.from_run_config(cfg, rows)
-    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous()
-               for k, v in megatron_to_hf(model.state_dict(), shape).items()}
+    tensors = ((k, v.detach().to("cpu", DTYPES[dtype]).contiguous())
+               for k, v in megatron_to_hf(model.state_dict(), shape).items())
+    return _write_export(cfg, meta, shape, dtype, tensors, output, max_shard_size)
 
+
+def _check_options(cfg, meta: dict) -> None:
+    """check_megatron_model on a one-layer model of the checkpoint's config: the options (RoPE, norms,
+    activation) are the model's, at the cost of one layer and a small embedding."""
+    import copy
+
+    from megatron_dataeff.models.builder import build_model
+
+    probe = copy.deepcopy(cfg)
+    probe.model.num_layers = 1
+    model = build_model(probe, min(meta["vocab_ids"], probe.model.make_vocab_size_divisible_by), "cpu",
+                        pre_process=True, post_process=True)
+    check_megatron_model(model, cfg.model.rotary_base)
+
+
+def read_checkpoint_tensors(ckpt: str, names: list[str], num_layers: int) -> dict[str, torch.Tensor]:
+    """{megatron name: tensor} of some tensors of a checkpoint (e.g. one layer's), read without building the
+    model or reading the rest: a layer's tensor is its slice of the key's layer-stacked tensor."""
+    from megatron_dataeff.training.checkpointing import checkpoint_tensor_shapes, read_tensor_regions
+
+    shapes = checkpoint_tensor_shapes(ckpt)
+    regions, keys = {}, {}
+    for name in names:
+        key, layer = megatron_checkpoint_key(name)
+        if key not in shapes:
+            raise UnsupportedModelError(f"{ckpt} has no {key} (for {name})")
+        shape = shapes[key]
+        if layer is None:
+            regions[key] = ((0,) * len(shape), shape)
+        else:
+            if shape[0] != num_layers:
+                raise UnsupportedModelError(f"{ckpt}: {key} has {shape[0]} layers, the config says {num_layers}")
+            regions[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
+        keys[name] = (key, layer is not None)
+    read = read_tensor_regions(ckpt, regions)
+    return {name: read[key][0] if stacked else read[key] for name, (key, stacked) in keys.items()}
+
+
+def _write_export(cfg, meta: dict, shape: ModelShape, dtype: str, tensors, output: str, max_shard_size) -> str:
+    """Write the export directory from (HF name, tensor) pairs, under a temporary name, then publish it."""
     output = os.path.abspath(output)
     tmp = temporary_name(output)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,11 +143,11 @@ def export_model(model: GPTModel, cfg, meta: dict, output: str, dtype: str = "fp
             architecture = _write_mdm_config(cfg, meta, shape, dtype, record, tmp)
         else:
             architecture = _write_ar_config(cfg, meta, shape, dtype, record, tmp)
+        written = write_safetensors(tensors, tmp, parse_size(max_shard_size))
         card = model_card(cfg, meta, architecture=architecture,
                           trained_objective=record.get("trained_objective", cfg.objective.name),
-                          num_parameters=_num_parameters(tensors, shape), has_tokenizer=has_tokenizer)
+                          num_parameters=written.num_parameters(shape.tied), has_tokenizer=has_tokenizer)
         write_text_atomic(os.path.join(tmp, "README.md"), card)
-        write_safetensors(tensors, tmp, parse_size(max_shard_size))
         _publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,41 +238,71 @@ def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, ou
     return config.architectures[0]
 
 
-def _num_parameters(tensors: dict, shape: ModelShape) -> int:
-    """Parameters of the exported model (a tied output layer counted once, as HF's num_parameters does)."""
-    return sum(t.numel() for name, t in tensors.items() if not (shape.tied and name == "lm_head.weight"))
 
 
 # ----------------------------------------------------------------------------------------------
 # Weights and publication
 
 
-def write_safetensors(tensors: dict, out: str, max_shard_bytes: int) -> list[str]:
-    """model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes."""
-    from safetensors.torch import save_file
+class ShardWriter:
+    """safetensors shards written as tensors arrive: a shard is written when the next tensor would take it
+    past `max_shard_bytes`, then dropped.  `close` names them model.safetensors (one) or
+    model-0000k-of-0000n.safetensors with model.safetensors.index.json."""
 
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
-        names.append(fname)
-        weight_map.update({n: fname for n in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names
+    def __init__(self, out: str, max_shard_bytes: int):
+        self.out, self.max_shard_bytes = out, max_shard_bytes
+        self.current: dict = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self.total = 0
+        self.numels: dict[str, int] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.size + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.current[name] = tensor
+        self.size += nbytes
+        self.total += nbytes
+        self.numels[name] = tensor.numel()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        fname = f"shard-{len(self.files):05d}.partial"
+        save_file(self.current, os.path.join(self.out, fname), metadata={"format": "pt"})
+        self.files.append((fname, list(self.current)))
+        self.current, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard and name the files; returns their names."""
+        self._flush()
+        if len(self.files) == 1:
+            os.replace(os.path.join(self.out, self.files[0][0]), os.path.join(self.out, "model.safetensors"))
+            return ["model.safetensors"]
+        names, weight_map = [], {}
+        for k, (partial, tensors) in enumerate(self.files, 1):
+            fname = f"model-{k:05d}-of-{len(self.files):05d}.safetensors"
+            os.replace(os.path.join(self.out, partial), os.path.join(self.out, fname))
+            names.append(fname)
+            weight_map.update({n: fname for n in tensors})
+        with open(os.path.join(self.out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+        return names
+
+    def num_parameters(self, tied: bool) -> int:
+        """Parameters written (a tied output layer counted once, as HF's num_parameters does)."""
+        return sum(n for name, n in self.numels.items() if not (tied and name == "lm_head.weight"))
+
+
+def write_safetensors(tensors, out: str, max_shard_bytes: int) -> ShardWriter:
+    """model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes, from a
+    dict or an iterable of (name, tensor) pairs (consumed as it is written)."""
+    writer = ShardWriter(out, max_shard_bytes)
+    for name, t in (tensors.items() if isinstance(tensors, dict) else tensors):
+        writer.add(name, t)
+    writer.close()
+    return writer
 
 
 def _check_output(output: str) -> None:

@@ -209,10 +209,32 @@ def megatron_to_hf(state_dict: dict, shape: ModelShape) -> dict[str, torch.Tenso
         sd.pop("output_layer.weight")
     entries = list(_entries(shape))
     _check_names(set(sd), {m for m, _, _ in entries}, "megatron")
-    hf_shapes = _expected_hf_shapes(shape)
     out = {}
-    for mname, hnames, kind in entries:
-        t = sd[mname]
+    for group in megatron_groups(shape):
+        out.update(megatron_group_to_hf({m: sd[m] for m in group}, shape))
+    return out
+
+
+def megatron_groups(shape: ModelShape) -> list[list[str]]:
+    """The megatron tensor names of a model in export order, one group per step: the embedding, each
+    layer's tensors, then the final norm and output layer (what a streaming export holds at once)."""
+    groups: dict = {}
+    for mname, _, _ in _entries(shape):
+        layer = mname.split(".")[2] if mname.startswith("decoder.layers.") else ("end" if "final" in mname or
+                                                                                   "output" in mname else "start")
+        groups.setdefault(layer, []).append(mname)
+    return list(groups.values())
+
+
+def megatron_group_to_hf(tensors: dict[str, torch.Tensor], shape: ModelShape) -> dict[str, torch.Tensor]:
+    """Megatron tensors {name: tensor} (some of a model's, TP=1, local names) -> their HF tensors."""
+    hf_shapes = _expected_hf_shapes(shape)
+    entries = {m: (hnames, kind) for m, hnames, kind in _entries(shape)}
+    out = {}
+    for mname, t in tensors.items():
+        if mname not in entries:
+            raise UnsupportedModelError(f"a tensor the megatron map does not know: {mname}")
+        hnames, kind = entries[mname]
         _check_shape(mname, t, _expected_megatron_shape([hf_shapes[h] for h in hnames]))
         if kind == "qkv":
             parts = split_qkv(t, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
@@ -223,6 +245,20 @@ def megatron_to_hf(state_dict: dict, shape: ModelShape) -> dict[str, torch.Tenso
         for hname, part in zip(hnames, parts):
             out[hname] = part.detach()
     return out
+
+
+def megatron_checkpoint_key(name: str) -> tuple[str, int | None]:
+    """(dist_checkpointing key, layer index or None) of a megatron module-state-dict name: a layer's tensors
+    are stacked along a leading layer axis under one key, and the norms stored under transformer-engine's
+    names (megatron-core's local spec maps them so: one checkpoint for both specs)."""
+    parts = name.split(".")
+    if not (name.startswith("decoder.layers.") and parts[2].isdigit()):
+        return name, None
+    rest = "." + ".".join(parts[3:])
+    for te_name, local_name in _MEGATRON_ALIASES.items():
+        if rest == local_name:
+            rest = te_name
+    return "decoder.layers" + rest, int(parts[2])
 
 
 def hf_to_megatron(hf_state: dict, shape: ModelShape) -> dict[str, torch.Tensor]:

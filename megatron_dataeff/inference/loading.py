@@ -24,19 +24,10 @@ def objective_view(objective, view: str | None, ckpt: str = "the checkpoint"):
     return objective
 
 
-def load_model_for_inference(path: str, iteration: int | None = None, device: str = "cpu", dtype=None,
-                             view: str | None = None):
-    """(model, RunConfig, metadata): the model of a checkpoint of any TP/PP layout, in this process, in eval
-    mode (in `dtype` when given).
-
-    Starts a 1-process group at TP=PP=1 when none exists (dist_checkpointing reshards the saved
-    layout into it). `path` is a `--save` directory or one `iter_N` directory.  A dual-objective
-    checkpoint is two models with the same weights: `view` "ar" builds it causal (and the returned config
-    says --objective ar), "mdm" bidirectional (--objective mdm).
-    """
+def inference_config(path: str, iteration: int | None = None, device: str = "cpu", view: str | None = None):
+    """(checkpoint directory, RunConfig at TP=PP=1 on `device`, metadata) of a checkpoint read outside training:
+    the run's config with a kernel this machine has and, for a dual model, the `view` asked for."""
     from megatron_dataeff.config import RunConfig
-    from megatron_dataeff.models.builder import build_model
-    from megatron_dataeff.training.distributed import initialize
 
     ckpt = resolve_checkpoint(path, iteration)
     meta = read_metadata(ckpt)
@@ -49,6 +40,23 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
     cfg.optim.global_batch_size = None
     _runnable_attention(cfg, device)
     cfg.validate_layout(1)
+    return ckpt, cfg, meta
+
+
+def load_model_for_inference(path: str, iteration: int | None = None, device: str = "cpu", dtype=None,
+                             view: str | None = None):
+    """(model, RunConfig, metadata): the model of a checkpoint of any TP/PP layout, in this process, in eval
+    mode (in `dtype` when given).
+
+    Starts a 1-process group at TP=PP=1 when none exists (dist_checkpointing reshards the saved
+    layout into it). `path` is a `--save` directory or one `iter_N` directory.  A dual-objective
+    checkpoint is two models with the same weights: `view` "ar" builds it causal (and the returned config
+    says --objective ar), "mdm" bidirectional (--objective mdm).
+    """
+    from megatron_dataeff.models.builder import build_model
+    from megatron_dataeff.training.distributed import initialize
+
+    ckpt, cfg, meta = inference_config(path, iteration, device, view)
     runtime = initialize(1, 1, cfg.optim.seed, device)
     model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True)
     state = load_sharded({"model": model.sharded_state_dict()}, ckpt, "model")

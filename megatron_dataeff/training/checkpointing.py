@@ -251,13 +251,7 @@ def check_checkpoint_files(ckpt: str, meta: dict) -> None:
 
 def checkpoint_keys(ckpt: str) -> set[str]:
     """The keys a torch_dist checkpoint holds (a sharded object's key without its `/shard_...` suffix)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        metadata = FileSystemReader(ckpt).read_metadata()
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt}: cannot read its .metadata: {type(exc).__name__}: {exc}") from exc
-    return {key.split("/shard_")[0] for key in metadata.state_dict_metadata}
+    return {key.split("/shard_")[0] for key in _storage_metadata(ckpt)}
 
 
 def fit_request(request: dict, ckpt: str) -> dict:
@@ -306,6 +300,77 @@ def load_sharded(request: dict, ckpt: str, what: str) -> dict:
         raise
     except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
         raise CheckpointError(f"{ckpt}: cannot load {what} state: {type(exc).__name__}: {exc}") from exc
+
+
+def read_tensor_regions(ckpt: str, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+                        ) -> dict[str, "torch.Tensor"]:
+    """{key: tensor} of regions {key: (offsets, sizes)} of a checkpoint's saved tensors (e.g. one layer of a
+    layer-stacked key), each in the dtype it was saved in, read by torch.distributed.checkpoint from the files
+    that hold the region: nothing else of the checkpoint is read into memory.  (megatron-core's own load
+    needs every fragment of a key to be asked for, across ranks.)"""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    saved = _storage_metadata(ckpt)
+    missing = [key for key in regions if key not in saved]
+    if missing:
+        raise CheckpointError(f"{ckpt} has no {', '.join(missing)}")
+    out = {key: torch.empty(sizes, dtype=saved[key].properties.dtype) for key, (_, sizes) in regions.items()}
+    try:
+        dcp.load(out, checkpoint_id=ckpt, planner=_RegionPlanner(regions), no_dist=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
+        raise CheckpointError(f"{ckpt}: cannot read {', '.join(regions)}: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def checkpoint_tensor_shapes(ckpt: str) -> dict[str, tuple[int, ...]]:
+    """{key: global shape} of the tensors a torch_dist checkpoint holds."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return {key: tuple(md.size) for key, md in _storage_metadata(ckpt).items()
+            if isinstance(md, TensorStorageMetadata)}
+
+
+def _storage_metadata(ckpt: str) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt}: cannot read its .metadata: {type(exc).__name__}: {exc}") from exc
+
+
+def _region_planner_class():
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class RegionPlanner(DefaultLoadPlanner):
+        """Reads one region of each saved tensor into state_dict[key] (whose shape is the region's sizes)."""
+
+        def __init__(self, regions):
+            super().__init__()
+            self.regions = regions
+
+        def create_local_plan(self):
+            items = []
+            for key, (offsets, sizes) in self.regions.items():
+                chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def lookup_tensor(self, index):
+            return self.state_dict[index.fqn]  # the region itself (its read items' offsets are relative to it)
+
+    return RegionPlanner
+
+
+def _RegionPlanner(regions):
+    return _region_planner_class()(regions)
 
 
 def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = False) -> dict:
