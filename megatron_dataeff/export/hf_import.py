@@ -30,7 +30,7 @@ import shutil
 
 import torch
 
-from megatron_dataeff.export.hf_mapping import ModelShape, UnsupportedModelError, hf_to_megatron, read_hf_config
+from megatron_dataeff.export.hf_mapping import ModelShape, UnsupportedModelError, hf_to_megatron_stream, read_hf_config
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -57,23 +57,29 @@ def read_hf_dir_config(hf_dir: str) -> tuple[dict, dict]:
     return raw, read_hf_config(full)
 
 
-def load_hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors or of the shards its index names."""
-    from safetensors.torch import load_file
+class HFTensors:
+    """The tensors of an HF directory's model.safetensors (or of the shards its index names), read one at a
+    time: `names` lists them, `get(name)` reads one from its file."""
 
-    single = os.path.join(hf_dir, "model.safetensors")
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(single):
-        return load_file(single)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        out = {}
-        for name in files:
-            out.update(load_file(os.path.join(hf_dir, name)))
-        return out
-    raise FileNotFoundError(f"--hf-dir {hf_dir}: no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors weights are read)")
+    def __init__(self, hf_dir: str):
+        from safetensors import safe_open
+
+        single = os.path.join(hf_dir, "model.safetensors")
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.exists(single):
+            files = {"model.safetensors"}
+        elif os.path.exists(index):
+            with open(index) as f:
+                files = set(json.load(f)["weight_map"].values())
+        else:
+            raise FileNotFoundError(f"--hf-dir {hf_dir}: no model.safetensors or model.safetensors.index.json "
+                                    "(only safetensors weights are read)")
+        self._handles = {name: safe_open(os.path.join(hf_dir, name), framework="pt") for name in sorted(files)}
+        self.file_of = {key: name for name, h in self._handles.items() for key in h.keys()}
+        self.names = set(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self.file_of[name]].get_tensor(name)
 
 
 def _tokenizer_for(hf_dir: str, raw: dict, vocab_rows: int):
@@ -163,20 +169,24 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
 
     shape = ModelShape(hf["num_layers"], hf["hidden_size"], hf["ffn_hidden_size"], hf["num_attention_heads"],
                        hf["num_query_groups"], hf["head_dim"], hf["vocab_size"], hf["qk_layernorm"], hf["tied"])
-    state = hf_to_megatron(load_hf_tensors(hf_dir), shape)
-    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if name in state:
-            state[name] = _resize_rows(state[name], rows)
-
     build_cfg = copy.deepcopy(cfg)
     build_cfg.parallel.tensor_model_parallel_size = build_cfg.parallel.pipeline_model_parallel_size = 1
     initialize(1, 1, cfg.optim.seed, "cpu")
     model = build_model(build_cfg, vocab_ids, "cpu", pre_process=True, post_process=True)
-    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise UnsupportedModelError(f"megatron model and converted weights disagree: missing {missing}, "
-                                    f"unexpected {result.unexpected_keys}")
+    # One tensor at a time, straight into the model: the import holds the model and one tensor's HF parts.
+    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    hf_tensors = HFTensors(hf_dir)
+    filled = set()
+    for name, tensor in hf_to_megatron_stream(hf_tensors.names, hf_tensors.get, shape):
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            tensor = _resize_rows(tensor, rows)
+        if name not in params or params[name].shape != tensor.shape:
+            raise UnsupportedModelError(f"megatron model and converted weights disagree at {name}: "
+                                        f"{tuple(tensor.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}")
+        params[name].copy_(tensor)
+        filled.add(name)
+    if set(params) - filled:
+        raise UnsupportedModelError(f"megatron model and converted weights disagree: missing {sorted(set(params) - filled)}")
     meta = {
         "iteration": 0, "consumed_samples": 0, "epoch": 0.0, "scheduler": None,
         "config": cfg.to_dict(), "tokenizer": tmeta, "mask_token_id": mask_token_id, "vocab_ids": vocab_ids,

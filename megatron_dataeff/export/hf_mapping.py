@@ -261,30 +261,29 @@ def megatron_checkpoint_key(name: str) -> tuple[str, int | None]:
     return "decoder.layers" + rest, int(parts[2])
 
 
-def hf_to_megatron(hf_state: dict, shape: ModelShape) -> dict[str, torch.Tensor]:
-    """HF (Llama / Qwen3 names) tensors -> a TP=1 megatron state dict (the inverse of megatron_to_hf)."""
-    sd = {k: v for k, v in hf_state.items() if not k.endswith(_HF_IGNORED_SUFFIXES)}
-    if shape.tied and "lm_head.weight" in sd:
-        lm_head = sd.pop("lm_head.weight")
-        embed = sd.get("model.embed_tokens.weight")
-        if embed is not None and not torch.equal(lm_head, embed):
+def hf_to_megatron_stream(names: set, get, shape: ModelShape):
+    """(megatron name, tensor) pairs, one at a time, from HF tensors read on demand by `get(name)` (`names`: every
+    tensor the HF model has); what an import holds at once is one megatron tensor and its HF parts."""
+    names = {n for n in names if not n.endswith(_HF_IGNORED_SUFFIXES)}
+    if shape.tied and "lm_head.weight" in names:
+        names.discard("lm_head.weight")
+        lm_head, embed = get("lm_head.weight"), get("model.embed_tokens.weight")
+        if not torch.equal(lm_head, embed):
             raise UnsupportedModelError("tie_word_embeddings is true but lm_head.weight differs from "
                                         "model.embed_tokens.weight")
-    entries = list(_entries(shape))
+        del lm_head, embed
     hf_shapes = _expected_hf_shapes(shape)
-    _check_names(set(sd), set(hf_shapes), "HF")
-    out = {}
-    for mname, hnames, kind in entries:
-        for h in hnames:
-            _check_shape(h, sd[h], hf_shapes[h])
-        parts = [sd[h] for h in hnames]
+    _check_names(names, set(hf_shapes), "HF")
+    for mname, hnames, kind in _entries(shape):
+        parts = [get(h) for h in hnames]
+        for h, part in zip(hnames, parts):
+            _check_shape(h, part, hf_shapes[h])
         if kind == "qkv":
-            out[mname] = merge_qkv(*parts, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
+            yield mname, merge_qkv(*parts, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
         elif kind == "gate_up":
-            out[mname] = merge_gate_up(*parts)
+            yield mname, merge_gate_up(*parts)
         else:
-            out[mname] = parts[0]
-    return out
+            yield mname, parts[0]
 
 
 # ----------------------------------------------------------------------------------------------
