@@ -103,7 +103,7 @@ def _check_options(cfg, meta: dict) -> None:
     probe = copy.deepcopy(cfg)
     probe.model.num_layers = 1
     model = build_model(probe, min(meta["vocab_ids"], probe.model.make_vocab_size_divisible_by), "cpu",
-                        pre_process=True, post_process=True)
+                        pre_process=True, post_process=True, initialize=False)
     check_megatron_model(model, cfg.model.rotary_base)
 
 
@@ -244,35 +244,60 @@ def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, ou
 # Weights and publication
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
+
+
 class ShardWriter:
-    """safetensors shards written as tensors arrive: a shard is written when the next tensor would take it
-    past `max_shard_bytes`, then dropped.  `close` names them model.safetensors (one) or
-    model-0000k-of-0000n.safetensors with model.safetensors.index.json."""
+    """safetensors shards written as tensors arrive, each tensor's bytes straight to disk: a shard's data goes
+    to a scratch file, and when the next tensor would take it past `max_shard_bytes` its header and data are
+    written as the shard, so memory holds one tensor, whatever the shard size.  `close` names the shards
+    model.safetensors (one) or model-0000k-of-0000n.safetensors with model.safetensors.index.json."""
 
     def __init__(self, out: str, max_shard_bytes: int):
         self.out, self.max_shard_bytes = out, max_shard_bytes
-        self.current: dict = {}
+        self.entries: dict[str, dict] = {}  # the current shard's header
         self.size = 0
-        self.files: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self.data = None  # the current shard's scratch data file
+        self.files: list[tuple[str, list[str]]] = []  # (written shard, tensor names)
         self.total = 0
         self.numels: dict[str, int] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors form")
+        tensor = tensor.detach().to("cpu").contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.size + nbytes > self.max_shard_bytes:
+        if self.entries and self.size + nbytes > self.max_shard_bytes:
             self._flush()
-        self.current[name] = tensor
+        if self.data is None:
+            self.data = open(os.path.join(self.out, f"shard-{len(self.files):05d}.data"), "wb")
+        self.data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + nbytes]}
         self.size += nbytes
         self.total += nbytes
         self.numels[name] = tensor.numel()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
+        """The current shard as a safetensors file: u64 header length, JSON header (padded to 8 bytes), data."""
+        import shutil
+        import struct
 
+        if self.data is None:  # no tensor at all: an empty shard
+            self.data = open(os.path.join(self.out, f"shard-{len(self.files):05d}.data"), "wb")
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
         fname = f"shard-{len(self.files):05d}.partial"
-        save_file(self.current, os.path.join(self.out, fname), metadata={"format": "pt"})
-        self.files.append((fname, list(self.current)))
-        self.current, self.size = {}, 0
+        with open(os.path.join(self.out, fname), "wb") as f, open(self.data.name, "rb") as data:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            shutil.copyfileobj(data, f, 16 * 2**20)
+        os.remove(self.data.name)
+        self.files.append((fname, list(self.entries)))
+        self.entries, self.size, self.data = {}, 0, None
 
     def close(self) -> list[str]:
         """Write the last shard and name the files; returns their names."""

@@ -172,7 +172,7 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
     build_cfg = copy.deepcopy(cfg)
     build_cfg.parallel.tensor_model_parallel_size = build_cfg.parallel.pipeline_model_parallel_size = 1
     initialize(1, 1, cfg.optim.seed, "cpu")
-    model = build_model(build_cfg, vocab_ids, "cpu", pre_process=True, post_process=True)
+    model = build_model(build_cfg, vocab_ids, "cpu", pre_process=True, post_process=True, initialize=False)
     # One tensor at a time, straight into the model: the import holds the model and one tensor's HF parts.
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     hf_tensors = HFTensors(hf_dir)

@@ -58,7 +58,8 @@ def load_model_for_inference(path: str, iteration: int | None = None, device: st
 
     ckpt, cfg, meta = inference_config(path, iteration, device, view)
     runtime = initialize(1, 1, cfg.optim.seed, device)
-    model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True)
+    model = build_model(cfg, meta["vocab_ids"], runtime.device, pre_process=True, post_process=True,
+                        initialize=False)
     state = load_sharded({"model": model.sharded_state_dict()}, ckpt, "model")
     model.load_state_dict(state["model"])
     if dtype is not None:

@@ -68,8 +68,9 @@ def attention_choice(cfg: RunConfig, device: str) -> AttentionChoice:
     return attention_for_config(cfg, device, transformer_engine_available())
 
 
-def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:
-    """The megatron TransformerConfig of a run."""
+def transformer_config(cfg: RunConfig, device: str, initialize: bool = True) -> DataEffTransformerConfig:
+    """The megatron TransformerConfig of a run (`initialize` False: weights left uninitialised, for a model whose
+    every weight is about to be loaded)."""
     m, p, c = cfg.model, cfg.parallel, cfg.compute
     dtype = torch.bfloat16 if cfg.optim.bf16 else torch.float32
     choice = attention_choice(cfg, device)
@@ -109,6 +110,7 @@ def transformer_config(cfg: RunConfig, device: str) -> DataEffTransformerConfig:
         cross_entropy_loss_fusion=c.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=c.cross_entropy_fusion_impl,
         cross_entropy_chunk_size=c.cross_entropy_chunk_size,
+        perform_initialization=initialize,
     )
     if c.recompute_modules is not None:
         kwargs["recompute_modules"] = list(c.recompute_modules)
@@ -136,12 +138,14 @@ class DataEffGPTModel(GPTModel):
 
 
 def build_model(
-    cfg: RunConfig, vocab_ids: int, device: str, *, pre_process=None, post_process=None
+    cfg: RunConfig, vocab_ids: int, device: str, *, pre_process=None, post_process=None, initialize: bool = True
 ) -> DataEffGPTModel:
     """This pipeline stage's GPTModel (parallel state must be initialised).
 
-    `model.attention_choice` records which attention implementation was built and why."""
-    tcfg = transformer_config(cfg, device)
+    `model.attention_choice` records which attention implementation was built and why.  `initialize` False
+    skips the random initialisation (time, and on CPUs a full-size master copy per weight) for a model whose
+    weights are all loaded next."""
+    tcfg = transformer_config(cfg, device, initialize)
     choice = attention_choice(cfg, device)
     spec = build_layer_spec(bidirectional=cfg.objective.bidirectional, qk_layernorm=cfg.model.qk_layernorm,
                             mlp_dropout=cfg.model.mlp_dropout, attention=choice)
