@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 from megatron_dataeff.experiments.grid import METHODS, PAPER_METHODS, SCALES, run_flags
@@ -78,6 +80,10 @@ def test_grid_runs_resumes_and_reports(tmp_path):
     rows = list(csv.DictReader(open(report / "summary.csv")))
     assert {r["method"] for r in rows} == {"ar", "mdm"}
     assert all(float(r["best_val_loss"]) <= float(r["final_val_loss"]) for r in rows)
+    curves = list(csv.DictReader(open(report / "curves.csv")))  # the raw curves: each run's best is among them
+    for r in rows:
+        valid = [float(c["loss"]) for c in curves if c["method"] == r["method"] and c["split"] == "valid"]
+        assert min(valid) == pytest.approx(float(r["best_val_loss"]), abs=1e-4)
     for png in ("val_loss.png", "val_loss_vs_tokens.png", "downstream.png"):
         data = (report / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -1,6 +1,7 @@
 """Plot and tabulate grid runs: validation loss vs epoch and vs tokens seen for every method,
-offline-task accuracy vs epoch, and a Markdown + CSV table (best / final validation loss, epoch of
-the best, rise after the best, task accuracy, Muennighoff's R*; mean ± std over seeds).
+offline-task accuracy vs epoch, a Markdown + CSV table (best / final validation loss, epoch of the best,
+rise after the best, task accuracy, Muennighoff's R*; mean ± std over seeds), and every run's raw curves
+(curves.csv).
 
     python tools/plot_runs.py runs/tiny_grid                       # writes into runs/tiny_grid/report/
     python tools/plot_runs.py runs/g1 runs/g2 --output docs/results --prefix tiny_grid_
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default="", help="file name prefix, e.g. tiny_grid_")
     args = p.parse_args(argv)
     from megatron_dataeff.experiments.report import (find_runs, markdown_table, plot_loss_curve, plot_runs, summarise,
-                                                    write_csv)
+                                                    write_csv, write_curves_csv)
 
     runs = find_runs(args.dirs)
     if not runs:
@@ -36,13 +37,15 @@ def main(argv=None) -> int:
     with open(md, "w") as f:
         f.write(table)
     write_csv(rows, os.path.join(out, args.prefix + "summary.csv"))
+    write_curves_csv(runs, os.path.join(out, args.prefix + "curves.csv"))
     pngs = plot_runs(runs, out, args.prefix)
     single = [d for d in args.dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
     for d in single:  # a run directory given directly: its own train + validation loss curve too
         name = "loss_curve.png" if len(single) == 1 else os.path.basename(os.path.normpath(d)) + "_loss_curve.png"
         pngs.append(plot_loss_curve(d, os.path.join(out, args.prefix + name)))
     print(table)
-    print("wrote " + ", ".join([md, os.path.join(out, args.prefix + "summary.csv"), *pngs]))
+    print("wrote " + ", ".join([md, os.path.join(out, args.prefix + "summary.csv"),
+                                os.path.join(out, args.prefix + "curves.csv"), *pngs]))
     return 0
 
 

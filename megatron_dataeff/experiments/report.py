@@ -201,6 +201,17 @@ def write_csv(rows: list[dict], path: str) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
 
 
+def write_curves_csv(runs: list[Run], path: str) -> None:
+    """The raw per-run curves behind the table and plots: one row per run, split and logged iteration."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", "split", "epoch", "tokens", "loss"])
+        for run in sorted(runs, key=lambda r: (r.method, r.seed)):
+            for split, curve in (("valid", run.valid), ("train", run.train)):
+                for epoch, tokens, loss in curve:
+                    w.writerow([run.method, run.seed, split, f"{epoch:.6g}", tokens, f"{loss:.6g}"])
+
+
 def _style(method: str):
     families = [("ar_td", "tab:blue"), ("ar_attn", "tab:orange"), ("ar_mlp", "tab:green"), ("ar_wd", "tab:purple"),
                 ("mdm_fresh", "tab:red"), ("ar_fresh", "black"), ("mdm", "tab:red"), ("ar", "black")]

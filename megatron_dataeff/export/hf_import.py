@@ -30,7 +30,8 @@ import shutil
 
 import torch
 
-from megatron_dataeff.export.hf_mapping import ModelShape, UnsupportedModelError, hf_to_megatron_stream, read_hf_config
+from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelError, check_hf_names, hf_tensor_for,
+                                                megatron_checkpoint_key, megatron_shapes, read_hf_config)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -119,7 +120,7 @@ def _gcd(a: int, b: int) -> int:
 def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """Keep the first rows; new rows get the mean row (a neutral start for an added token)."""
     if t.shape[0] >= rows:
-        return t[:rows].clone()
+        return t[:rows]
     extra = t.float().mean(0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)
     return torch.cat([t, extra], 0)
 
@@ -130,7 +131,6 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
     from megatron_dataeff.config import (CheckpointConfig, DataConfig, ModelConfig, ObjectiveConfig,
                                          ParallelConfig, RunConfig)
     from megatron_dataeff.data.tokenizers import resolve_mask_token
-    from megatron_dataeff.models.builder import build_model
     from megatron_dataeff.training.checkpointing import checkpoint_versions
     from megatron_dataeff.training.distributed import initialize
 
@@ -169,31 +169,73 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
 
     shape = ModelShape(hf["num_layers"], hf["hidden_size"], hf["ffn_hidden_size"], hf["num_attention_heads"],
                        hf["num_query_groups"], hf["head_dim"], hf["vocab_size"], hf["qk_layernorm"], hf["tied"])
+    # Written without building the model: each layer of each checkpoint key is made from its HF tensors only
+    # when it is written, so the import holds one tensor and its HF parts (write_model_tensors).
+    hf_tensors = HFTensors(hf_dir)
+    check_hf_names(hf_tensors.names, hf_tensors.get, shape)
+    dtype = torch.float32  # the parameters' dtype in a training checkpoint (bf16 runs keep fp32 master copies)
+    names, shapes = {}, {}
+    for name, one in megatron_shapes(shape).items():
+        key, layer = megatron_checkpoint_key(name)
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            one = (rows,) + tuple(one[1:])
+        names[(key, layer)] = name
+        shapes[key] = ((shape.num_layers,) + tuple(one), dtype, True) if layer is not None else (tuple(one), dtype,
+                                                                                                 False)
+
+    def produce(key, layer):
+        name = names[(key, layer)]
+        t = hf_tensor_for(name, hf_tensors.get, shape)
+        return _resize_rows(t, rows) if name in ("embedding.word_embeddings.weight", "output_layer.weight") else t
+
     build_cfg = copy.deepcopy(cfg)
     build_cfg.parallel.tensor_model_parallel_size = build_cfg.parallel.pipeline_model_parallel_size = 1
     initialize(1, 1, cfg.optim.seed, "cpu")
-    model = build_model(build_cfg, vocab_ids, "cpu", pre_process=True, post_process=True, initialize=False)
-    # One tensor at a time, straight into the model: the import holds the model and one tensor's HF parts.
-    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    hf_tensors = HFTensors(hf_dir)
-    filled = set()
-    for name, tensor in hf_to_megatron_stream(hf_tensors.names, hf_tensors.get, shape):
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            tensor = _resize_rows(tensor, rows)
-        if name not in params or params[name].shape != tensor.shape:
-            raise UnsupportedModelError(f"megatron model and converted weights disagree at {name}: "
-                                        f"{tuple(tensor.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}")
-        params[name].copy_(tensor)
-        filled.add(name)
-    if set(params) - filled:
-        raise UnsupportedModelError(f"megatron model and converted weights disagree: missing {sorted(set(params) - filled)}")
+    _check_options(build_cfg, vocab_ids)
     meta = {
         "iteration": 0, "consumed_samples": 0, "epoch": 0.0, "scheduler": None,
         "config": cfg.to_dict(), "tokenizer": tmeta, "mask_token_id": mask_token_id, "vocab_ids": vocab_ids,
         "unique_tokens": None, "world_size": 1, "model_only": True, "written_by": checkpoint_versions(),
         "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf["model_type"]},
     }
-    return save_model_checkpoint(model, meta, save_dir)
+    return save_streamed_checkpoint(meta, save_dir, shapes, produce)
+
+
+def _check_options(cfg, vocab_ids: int) -> None:
+    """The imported model is one our builder makes: a one-layer model of its config builds (a config it cannot
+    build is refused by name before anything is written)."""
+    probe = copy.deepcopy(cfg)
+    probe.model.num_layers = 1
+    from megatron_dataeff.models.builder import build_model
+
+    build_model(probe, min(vocab_ids, probe.model.make_vocab_size_divisible_by), "cpu", pre_process=True,
+                post_process=True, initialize=False)
+
+
+def _prepare_save(meta: dict, save_dir: str) -> tuple[int, str]:
+    """(iteration, temporary directory) of a model-only checkpoint about to be written under save_dir."""
+    from megatron_dataeff.training.checkpointing import LATEST, checkpoint_name
+
+    iteration = int(meta["iteration"])
+    marker = os.path.join(save_dir, LATEST)
+    if os.path.exists(marker) and open(marker).read().strip() != str(iteration):
+        raise FileExistsError(f"--save {save_dir} already holds checkpoints up to iteration "
+                              f"{open(marker).read().strip()}; choose an empty directory")
+    tmp = os.path.join(save_dir, checkpoint_name(iteration)) + ".tmp"
+    os.makedirs(save_dir, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return iteration, tmp
+
+
+def save_streamed_checkpoint(meta: dict, save_dir: str, shapes: dict, produce) -> str:
+    """A model-only checkpoint whose tensors `produce(key)` makes one at a time (`write_model_tensors`),
+    published as save_model_checkpoint's are; returns its path."""
+    from megatron_dataeff.training.checkpointing import publish_checkpoint, write_model_tensors
+
+    iteration, tmp = _prepare_save(meta, save_dir)
+    write_model_tensors(tmp, shapes, produce)
+    return publish_checkpoint(save_dir, tmp, iteration, json.dumps(meta, indent=2))
 
 
 def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
@@ -204,18 +246,9 @@ def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_dataeff.training.checkpointing import LATEST, checkpoint_name, publish_checkpoint
+    from megatron_dataeff.training.checkpointing import publish_checkpoint
 
-    iteration = int(meta["iteration"])
-    marker = os.path.join(save_dir, LATEST)
-    if os.path.exists(marker) and open(marker).read().strip() != str(iteration):
-        raise FileExistsError(f"--save {save_dir} already holds checkpoints up to iteration "
-                              f"{open(marker).read().strip()}; choose an empty directory")
-    final = os.path.join(save_dir, checkpoint_name(iteration))
-    tmp = final + ".tmp"
-    os.makedirs(save_dir, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    iteration, tmp = _prepare_save(meta, save_dir)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
     return publish_checkpoint(save_dir, tmp, iteration, json.dumps(meta, indent=2))
 

@@ -261,29 +261,39 @@ def megatron_checkpoint_key(name: str) -> tuple[str, int | None]:
     return "decoder.layers" + rest, int(parts[2])
 
 
-def hf_to_megatron_stream(names: set, get, shape: ModelShape):
-    """(megatron name, tensor) pairs, one at a time, from HF tensors read on demand by `get(name)` (`names`: every
-    tensor the HF model has); what an import holds at once is one megatron tensor and its HF parts."""
+def check_hf_names(names: set, get, shape: ModelShape) -> None:
+    """Refuse HF tensors (their `names`; `get(name)` reads one) that are not exactly those of a model of
+    `shape`; a tied model's lm_head, when present, must equal its embedding."""
     names = {n for n in names if not n.endswith(_HF_IGNORED_SUFFIXES)}
     if shape.tied and "lm_head.weight" in names:
         names.discard("lm_head.weight")
-        lm_head, embed = get("lm_head.weight"), get("model.embed_tokens.weight")
-        if not torch.equal(lm_head, embed):
+        if not torch.equal(get("lm_head.weight"), get("model.embed_tokens.weight")):
             raise UnsupportedModelError("tie_word_embeddings is true but lm_head.weight differs from "
                                         "model.embed_tokens.weight")
-        del lm_head, embed
+    _check_names(names, set(_expected_hf_shapes(shape)), "HF")
+
+
+def megatron_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """{megatron name: shape} of every tensor of a model of `shape` (TP=1)."""
     hf_shapes = _expected_hf_shapes(shape)
-    _check_names(names, set(hf_shapes), "HF")
-    for mname, hnames, kind in _entries(shape):
-        parts = [get(h) for h in hnames]
-        for h, part in zip(hnames, parts):
-            _check_shape(h, part, hf_shapes[h])
-        if kind == "qkv":
-            yield mname, merge_qkv(*parts, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
-        elif kind == "gate_up":
-            yield mname, merge_gate_up(*parts)
-        else:
-            yield mname, parts[0]
+    return {m: _expected_megatron_shape([hf_shapes[h] for h in hnames]) for m, hnames, _ in _entries(shape)}
+
+
+def hf_tensor_for(mname: str, get, shape: ModelShape) -> torch.Tensor:
+    """The megatron tensor `mname` from its HF parts, read by `get(name)` (one tensor's parts in memory)."""
+    entry = next(((hnames, kind) for m, hnames, kind in _entries(shape) if m == mname), None)
+    if entry is None:
+        raise UnsupportedModelError(f"a tensor the megatron map does not know: {mname}")
+    hnames, kind = entry
+    hf_shapes = _expected_hf_shapes(shape)
+    parts = [get(h) for h in hnames]
+    for h, part in zip(hnames, parts):
+        _check_shape(h, part, hf_shapes[h])
+    if kind == "qkv":
+        return merge_qkv(*parts, shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
+    if kind == "gate_up":
+        return merge_gate_up(*parts)
+    return parts[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,10 +21,15 @@ import os
 import shutil
 import time
 
+from typing import TYPE_CHECKING
+
 import torch.distributed as dist
 
 from megatron_dataeff.atomic import publish_directory, write_text_atomic
 from megatron_dataeff.errors import UserError
+
+if TYPE_CHECKING:  # for annotations only
+    import torch
 
 LATEST = "latest_checkpointed_iteration.txt"
 METADATA = "megatron_dataeff.json"
@@ -303,7 +308,7 @@ def load_sharded(request: dict, ckpt: str, what: str) -> dict:
 
 
 def read_tensor_regions(ckpt: str, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
-                        ) -> dict[str, "torch.Tensor"]:
+                        ) -> dict[str, torch.Tensor]:
     """{key: tensor} of regions {key: (offsets, sizes)} of a checkpoint's saved tensors (e.g. one layer of a
     layer-stacked key), each in the dtype it was saved in, read by torch.distributed.checkpoint from the files
     that hold the region: nothing else of the checkpoint is read into memory.  (megatron-core's own load
@@ -331,6 +336,53 @@ def checkpoint_tensor_shapes(ckpt: str) -> dict[str, tuple[int, ...]]:
 
     return {key: tuple(md.size) for key, md in _storage_metadata(ckpt).items()
             if isinstance(md, TensorStorageMetadata)}
+
+
+def write_model_tensors(tmp: str, shapes: dict, produce) -> None:
+    """A model-only torch_dist checkpoint in the empty directory `tmp`, written without the model in memory.
+
+    `shapes[key]` = (global shape, dtype, layer-stacked); `produce(key, layer)` makes one chunk only when it is
+    written: a layer-stacked key's layer `layer` (shape without the layer axis), or a whole key (layer None).
+    The chunks are laid out as megatron-core lays out its own (one per layer of a stacked key), so its load
+    reshards them into any TP/PP layout; the modules' `_extra_state` objects are absent (a load keeps the
+    module's own: `fit_request`)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    items = []
+    for key, (shape, dtype, stacked) in shapes.items():
+        chunks = ([((i,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:])) for i in range(shape[0])] if stacked
+                  else [((0,) * len(shape), tuple(shape))])
+        for offsets, sizes in chunks:
+            items.append(WriteItem(
+                index=MetadataIndex(key, torch.Size(offsets)), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
+                                            properties=TensorProperties(dtype=dtype), size=torch.Size(shape))))
+
+    class ChunkPlanner(DefaultSavePlanner):
+        def create_local_plan(self):
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            key, offsets = write_item.index.fqn, write_item.index.offset
+            shape, dtype, stacked = shapes[key]
+            tensor = produce(key, offsets[0] if stacked else None)
+            want = tuple(shape[1:]) if stacked else tuple(shape)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{key}: made {tuple(tensor.shape)}, declared {want}")
+            tensor = tensor.to(dtype).contiguous()
+            return tensor.unsqueeze(0) if stacked else tensor
+
+    writer = dcp.FileSystemWriter(tmp, thread_count=1, single_file_per_rank=True)
+    placeholder = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype, _) in shapes.items()}
+    dcp.save(placeholder, storage_writer=writer, planner=ChunkPlanner(flatten_state_dict=False), no_dist=True)
+    torch.save({}, os.path.join(tmp, "common.pt"))  # the (empty) common state of a model-only checkpoint
+    save_config(CheckpointingConfig("torch_dist"), tmp)
 
 
 def _storage_metadata(ckpt: str) -> dict:
