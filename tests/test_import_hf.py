@@ -195,3 +195,27 @@ def test_continue_pretraining_an_imported_model_as_diffusion(round_trips, tmp_pa
     assert all(math.isfinite(r["loss"]) for r in train)
     run = json.loads((tmp_path / "adapt" / "run.json").read_text())
     assert run["config"]["model"]["hidden_size"] == 64 and run["tokenizer"]["tokenizer_type"] == "HuggingFaceTokenizer"
+
+
+def test_safetensors_files_round_trip_with_the_library(tmp_path):
+    """Our shard writer and reader agree with the safetensors library both ways (every dtype, an empty and a
+    0-d tensor, several shards with an index)."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_dataeff.export.safetensors_io import SafetensorsDirectory, write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dtype}".replace("torch.", ""): (torch.randn(3, 5, generator=gen) * 10).to(dtype)
+               for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool)}
+    tensors.update({"empty": torch.empty(0, 4), "scalar": torch.tensor(2.5)})
+    save_file(tensors, str(tmp_path / "model.safetensors"))  # the library's file, read by ours
+    ours = SafetensorsDirectory(str(tmp_path))
+    assert ours.names == set(tensors) and all(torch.equal(ours.get(k), v) for k, v in tensors.items())
+    out = tmp_path / "sharded"
+    out.mkdir()
+    write_safetensors(tensors, str(out), max_shard_bytes=64)  # ours, read by the library
+    index = json.load(open(out / "model.safetensors.index.json"))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2
+    read = {k: v for f in files for k, v in load_file(str(out / f)).items()}
+    assert set(read) == set(tensors) and all(torch.equal(read[k], v) for k, v in tensors.items())

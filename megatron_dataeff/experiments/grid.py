@@ -125,13 +125,15 @@ SCALES: dict[str, Scale] = {
     # The CPU demo: 2 layers, hidden 192 (1.0M parameters), 20k unique tokens for 30 epochs (293 steps of
     # 16 x 128 tokens, about a minute a run on 2 cores): plain AR's validation loss bottoms out near epoch 11
     # and then rises by about 1.1 nats (measured, one seed), so what the regularisers prevent is plain.
-    # Default methods: a selection that runs 3 seeds in about an hour (--methods all: every method).
+    # Default methods: one of each kind (the paper's regularisers, every new corruption, MIR, dual, the AR data
+    # budgets) that runs 3 seeds in about an hour (--methods all: every method).
     "demo": Scale(
         name="demo", unique_tokens=20_000, epochs=30, seq_length=128, global_batch_size=16,
         flags=_cpu_flags(hidden=192, ffn=576),
         evals_per_epoch=1.0, downstream_evals=1, num_examples=100, mc_samples=8,
         default_methods=["ar", "ar_td0.3", "ar_td1.0", "ar_attn0.3", "ar_mlp0.3", "ar_wd0.5", "mdm", "dual",
-                         "ar_mir0.3", "ar_td0.3_span3", "ar_u0.5", "ar_u2", "ar_u4"],
+                         "ar_mir0.3", "ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal",
+                         "ar_u0.5", "ar_u2", "ar_u4"],
         seconds_per_step=0.2,  # 293 steps in 58 s
     ),
     # The paper: Qwen3-0.6B layout, 3B unique tokens, 120 epochs, global batch 2048 x 4096.

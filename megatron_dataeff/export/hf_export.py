@@ -6,7 +6,8 @@
   config.json carries `auto_map`, `mask_token_id` and `bidirectional: true`; load with
   `trust_remote_code=True`; `model.generate(...)` does masked-diffusion sampling.
 
-Files: README.md (the model card: `model_card.py`), config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index above
+Files: README.md (the model card: `model_card.py`), config.json, model.safetensors (or
+model-0000k-of-0000n.safetensors + index above
 `max_shard_size`), generation_config.json (AR), the tokenizer's HF form when it has one
 (`hf_tokenizer.py`), and for mdm the two Python files.  config.json also records, under
 `megatron_dataeff`, the objective, iteration, ids in use (`vocab_ids`; rows beyond are padding),
@@ -29,6 +30,7 @@ from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelErro
                                                 megatron_to_hf)
 from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
 from megatron_dataeff.export.model_card import model_card
+from megatron_dataeff.export.safetensors_io import write_safetensors
 
 if TYPE_CHECKING:  # for annotations only
     from megatron.core.models.gpt import GPTModel
@@ -242,92 +244,6 @@ def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, ou
 
 # ----------------------------------------------------------------------------------------------
 # Weights and publication
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                       torch.bool: "BOOL"}
-
-
-class ShardWriter:
-    """safetensors shards written as tensors arrive, each tensor's bytes straight to disk: a shard's data goes
-    to a scratch file, and when the next tensor would take it past `max_shard_bytes` its header and data are
-    written as the shard, so memory holds one tensor, whatever the shard size.  `close` names the shards
-    model.safetensors (one) or model-0000k-of-0000n.safetensors with model.safetensors.index.json."""
-
-    def __init__(self, out: str, max_shard_bytes: int):
-        self.out, self.max_shard_bytes = out, max_shard_bytes
-        self.entries: dict[str, dict] = {}  # the current shard's header
-        self.size = 0
-        self.data = None  # the current shard's scratch data file
-        self.files: list[tuple[str, list[str]]] = []  # (written shard, tensor names)
-        self.total = 0
-        self.numels: dict[str, int] = {}
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors form")
-        tensor = tensor.detach().to("cpu").contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.entries and self.size + nbytes > self.max_shard_bytes:
-            self._flush()
-        if self.data is None:
-            self.data = open(os.path.join(self.out, f"shard-{len(self.files):05d}.data"), "wb")
-        self.data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.size, self.size + nbytes]}
-        self.size += nbytes
-        self.total += nbytes
-        self.numels[name] = tensor.numel()
-
-    def _flush(self) -> None:
-        """The current shard as a safetensors file: u64 header length, JSON header (padded to 8 bytes), data."""
-        import shutil
-        import struct
-
-        if self.data is None:  # no tensor at all: an empty shard
-            self.data = open(os.path.join(self.out, f"shard-{len(self.files):05d}.data"), "wb")
-        self.data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        fname = f"shard-{len(self.files):05d}.partial"
-        with open(os.path.join(self.out, fname), "wb") as f, open(self.data.name, "rb") as data:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            shutil.copyfileobj(data, f, 16 * 2**20)
-        os.remove(self.data.name)
-        self.files.append((fname, list(self.entries)))
-        self.entries, self.size, self.data = {}, 0, None
-
-    def close(self) -> list[str]:
-        """Write the last shard and name the files; returns their names."""
-        self._flush()
-        if len(self.files) == 1:
-            os.replace(os.path.join(self.out, self.files[0][0]), os.path.join(self.out, "model.safetensors"))
-            return ["model.safetensors"]
-        names, weight_map = [], {}
-        for k, (partial, tensors) in enumerate(self.files, 1):
-            fname = f"model-{k:05d}-of-{len(self.files):05d}.safetensors"
-            os.replace(os.path.join(self.out, partial), os.path.join(self.out, fname))
-            names.append(fname)
-            weight_map.update({n: fname for n in tensors})
-        with open(os.path.join(self.out, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
-        return names
-
-    def num_parameters(self, tied: bool) -> int:
-        """Parameters written (a tied output layer counted once, as HF's num_parameters does)."""
-        return sum(n for name, n in self.numels.items() if not (tied and name == "lm_head.weight"))
-
-
-def write_safetensors(tensors, out: str, max_shard_bytes: int) -> ShardWriter:
-    """model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes, from a
-    dict or an iterable of (name, tensor) pairs (consumed as it is written)."""
-    writer = ShardWriter(out, max_shard_bytes)
-    for name, t in (tensors.items() if isinstance(tensors, dict) else tensors):
-        writer.add(name, t)
-    writer.close()
-    return writer
 
 
 def _check_output(output: str) -> None:

@@ -32,6 +32,7 @@ import torch
 
 from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelError, check_hf_names, hf_tensor_for,
                                                 megatron_checkpoint_key, megatron_shapes, read_hf_config)
+from megatron_dataeff.export.safetensors_io import SafetensorsDirectory
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -56,31 +57,6 @@ def read_hf_dir_config(hf_dir: str) -> tuple[dict, dict]:
         raise UnsupportedModelError(f"--hf-dir {hf_dir}: model_type {model_type!r} is not supported "
                                     "(llama, qwen3, dataeff_mdm)")
     return raw, read_hf_config(full)
-
-
-class HFTensors:
-    """The tensors of an HF directory's model.safetensors (or of the shards its index names), read one at a
-    time: `names` lists them, `get(name)` reads one from its file."""
-
-    def __init__(self, hf_dir: str):
-        from safetensors import safe_open
-
-        single = os.path.join(hf_dir, "model.safetensors")
-        index = os.path.join(hf_dir, "model.safetensors.index.json")
-        if os.path.exists(single):
-            files = {"model.safetensors"}
-        elif os.path.exists(index):
-            with open(index) as f:
-                files = set(json.load(f)["weight_map"].values())
-        else:
-            raise FileNotFoundError(f"--hf-dir {hf_dir}: no model.safetensors or model.safetensors.index.json "
-                                    "(only safetensors weights are read)")
-        self._handles = {name: safe_open(os.path.join(hf_dir, name), framework="pt") for name in sorted(files)}
-        self.file_of = {key: name for name, h in self._handles.items() for key in h.keys()}
-        self.names = set(self.file_of)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.file_of[name]].get_tensor(name)
 
 
 def _tokenizer_for(hf_dir: str, raw: dict, vocab_rows: int):
@@ -171,7 +147,7 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
                        hf["num_query_groups"], hf["head_dim"], hf["vocab_size"], hf["qk_layernorm"], hf["tied"])
     # Written without building the model: each layer of each checkpoint key is made from its HF tensors only
     # when it is written, so the import holds one tensor and its HF parts (write_model_tensors).
-    hf_tensors = HFTensors(hf_dir)
+    hf_tensors = SafetensorsDirectory(hf_dir)
     check_hf_names(hf_tensors.names, hf_tensors.get, shape)
     dtype = torch.float32  # the parameters' dtype in a training checkpoint (bf16 runs keep fp32 master copies)
     names, shapes = {}, {}
