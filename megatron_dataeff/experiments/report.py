@@ -213,13 +213,20 @@ def write_curves_csv(runs: list[Run], path: str) -> None:
 
 
 def _style(method: str):
-    families = [("ar_td", "tab:blue"), ("ar_attn", "tab:orange"), ("ar_mlp", "tab:green"), ("ar_wd", "tab:purple"),
-                ("mdm_fresh", "tab:red"), ("ar_fresh", "black"), ("mdm", "tab:red"), ("ar", "black")]
+    """One colour per kind of method (a family's strength as its opacity); plain AR at other data budgets
+    dotted grey, fresh-data references dashed."""
+    families = [("ar_u", "dimgray"), ("ar_td0.3_random", "tab:cyan"), ("ar_td0.3_mixed", "tab:olive"),
+                ("ar_td0.3_span", "tab:pink"), ("ar_td0.5_anneal", "tab:brown"), ("ar_mir", "goldenrod"),
+                ("dual", "tab:gray"), ("ar_td", "tab:blue"), ("ar_attn", "tab:orange"), ("ar_mlp", "tab:green"),
+                ("ar_wd", "tab:purple"), ("mdm_fresh", "tab:red"), ("ar_fresh", "black"), ("mdm", "tab:red"),
+                ("ar", "black")]
     for prefix, color in families:
         if method.startswith(prefix):
-            m = re.search(r"(\d+\.\d+)$", method)
-            alpha = 0.35 + 0.65 * min(1.0, float(m.group(1))) if m else 1.0
-            return {"color": color, "alpha": alpha, "linestyle": "--" if method.endswith("_fresh") else "-"}
+            m = re.search(r"(\d+(?:\.\d+)?)$", method)
+            strength = float(m.group(1)) / (4.0 if prefix == "ar_u" else 1.0) if m else 1.0
+            alpha = 0.35 + 0.65 * min(1.0, strength)
+            style = ":" if prefix == "ar_u" else "--" if method.endswith("_fresh") else "-"
+            return {"color": color, "alpha": alpha, "linestyle": style}
     return {"color": "gray", "alpha": 1.0, "linestyle": "-"}
 
 
@@ -251,7 +258,7 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for xkey, xlabel, fname in ((0, "epoch", "val_loss.png"), (1, "tokens seen", "val_loss_vs_tokens.png")):
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=False)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 6.5), sharex=False)
         for method, group in _by_method(runs).items():
             ax = axes[1] if group[0].objective == "mdm" else axes[0]
             x, mean, se = _mean_curve(group, xkey)
@@ -259,16 +266,21 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
             line, = ax.plot(x, mean, label=label, lw=1.4, **_style(method))
             if se is not None:
                 ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
+        # On the epoch axis, plain AR at a smaller budget runs more epochs: the axis ends where the methods do.
+        same_budget = [r for r in runs if not re.fullmatch(r"ar_u[\d.]+", r.method)]
         for ax, title in zip(axes, ("AR variants: validation NLL", "masked diffusion: validation ELBO")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("nats / token")
             ax.set_title(title)
             ax.grid(alpha=0.3)
             if ax.lines:
-                ax.legend(fontsize=7, ncol=2)
+                ax.legend(fontsize=7, ncol=3 if len(ax.lines) > 8 else 1, loc="upper center",
+                          bbox_to_anchor=(0.5, -0.13))
                 lo = min(min(line.get_ydata()) for line in ax.lines)
                 hi = max(np.percentile(line.get_ydata(), 60) for line in ax.lines)
                 ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+                if xkey == 0 and same_budget and len(same_budget) < len(runs):
+                    ax.set_xlim(0, 1.02 * max(r.valid[-1][0] for r in same_budget))
         fig.tight_layout()
         path = os.path.join(out_dir, prefix + fname)
         fig.savefig(path, dpi=110)
