@@ -3,7 +3,7 @@
 # weight decay 0.3/0.5; masked diffusion; plus fresh-data references for R*) at the tiny scale on
 # this machine's CPU (embedded corpus, 50k unique tokens, 20 epochs), then the plots and table.
 #
-#   bash examples/paper_grid.sh                                  # -> runs/tiny_grid, runs/tiny_grid/report
+#   bash examples/paper_grid.sh                                  # -> runs/tiny_grid (runs/SCALE_grid), its report/
 #   OUTPUT=runs/g SEEDS=1,2,3 bash examples/paper_grid.sh --methods ar,mdm,ar_td0.3
 #   SCALE=demo SEEDS=1,2,3 OUTPUT=runs/demo_grid bash examples/paper_grid.sh   # plain AR overfits clearly; ~1 h
 #
@@ -13,7 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
 # shellcheck disable=SC1091
 . "${MEGATRON_DATAEFF_VENV:-$ROOT/.venv}/bin/activate"
-OUTPUT=${OUTPUT:-runs/tiny_grid}
+OUTPUT=${OUTPUT:-runs/${SCALE:-tiny}_grid}
 SEEDS=${SEEDS:-1234}
 
 GRID_ARGS=(--scale "${SCALE:-tiny}" --seeds "$SEEDS" --output "$OUTPUT")
