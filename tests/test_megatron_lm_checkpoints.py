@@ -107,7 +107,8 @@ def test_a_checkpoint_without_args_is_refused(ours, tmp_path):
     common = _common(tmp_path / "mlm")
     del common["args"]
     torch.save(common, tmp_path / "mlm" / "release" / "common.pt")
-    with pytest.raises(CheckpointError, match="neither a megatron_dataeff checkpoint .* nor a Megatron-LM one"):
+    with pytest.raises(CheckpointError, match="missing megatron_dataeff.json; neither a complete megatron_dataeff "
+                                              "checkpoint nor a Megatron-LM one"):
         train_in_process(TINY + ["--train-iters", "1", "--load", ckpt], tmp_path / "run")
 
 

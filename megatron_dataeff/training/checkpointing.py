@@ -212,7 +212,8 @@ def read_metadata(ckpt_dir: str) -> dict:
         raise CheckpointError(f"{ckpt_dir} is a Megatron-LM checkpoint: pretrain_diffusion.py --load reads its "
                               f"weights (and starts at iteration 0); save that run to evaluate or export it")
     if not os.path.exists(path):
-        raise CheckpointError(f"{ckpt_dir}: missing {METADATA}; not a complete megatron_dataeff checkpoint")
+        raise CheckpointError(f"{ckpt_dir}: missing {METADATA}; neither a complete megatron_dataeff checkpoint nor "
+                              f"a Megatron-LM one (no `args` in its common state)")
     with open(path) as f:
         return json.load(f)
 

@@ -58,9 +58,14 @@ _TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_fil
 
 
 def is_megatron_lm_checkpoint(ckpt: str) -> bool:
-    """A torch_dist checkpoint directory without our metadata (Megatron-LM's, or another writer's)."""
-    return (os.path.isdir(ckpt) and not os.path.exists(os.path.join(ckpt, METADATA))
-            and os.path.exists(os.path.join(ckpt, "metadata.json")))
+    """A torch_dist checkpoint directory without our metadata whose common state has Megatron-LM's `args`."""
+    if not (os.path.isdir(ckpt) and not os.path.exists(os.path.join(ckpt, METADATA))
+            and os.path.exists(os.path.join(ckpt, "metadata.json"))):
+        return False
+    try:
+        return read_common_state(ckpt).get("args") is not None
+    except CheckpointError:
+        return False
 
 
 def read_common_state(ckpt: str) -> dict:
