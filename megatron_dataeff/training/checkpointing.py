@@ -316,6 +316,23 @@ def read_tensor_regions(ckpt: str, regions: dict[str, tuple[tuple[int, ...], tup
     needs every fragment of a key to be asked for, across ranks.)"""
     import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class RegionPlanner(DefaultLoadPlanner):
+        """Reads one region of each saved tensor into state_dict[key] (whose shape is the region's sizes)."""
+
+        def create_local_plan(self):
+            items = []
+            for key, (offsets, sizes) in regions.items():
+                chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def lookup_tensor(self, index):
+            return self.state_dict[index.fqn]  # the region itself (its read items' offsets are relative to it)
 
     saved = _storage_metadata(ckpt)
     missing = [key for key in regions if key not in saved]
@@ -323,7 +340,7 @@ def read_tensor_regions(ckpt: str, regions: dict[str, tuple[tuple[int, ...], tup
         raise CheckpointError(f"{ckpt} has no {', '.join(missing)}")
     out = {key: torch.empty(sizes, dtype=saved[key].properties.dtype) for key, (_, sizes) in regions.items()}
     try:
-        dcp.load(out, checkpoint_id=ckpt, planner=_RegionPlanner(regions), no_dist=True)
+        dcp.load(out, checkpoint_id=ckpt, planner=RegionPlanner(), no_dist=True)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
@@ -393,37 +410,6 @@ def _storage_metadata(ckpt: str) -> dict:
         return FileSystemReader(ckpt).read_metadata().state_dict_metadata
     except Exception as exc:
         raise CheckpointError(f"{ckpt}: cannot read its .metadata: {type(exc).__name__}: {exc}") from exc
-
-
-def _region_planner_class():
-    import torch
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-    class RegionPlanner(DefaultLoadPlanner):
-        """Reads one region of each saved tensor into state_dict[key] (whose shape is the region's sizes)."""
-
-        def __init__(self, regions):
-            super().__init__()
-            self.regions = regions
-
-        def create_local_plan(self):
-            items = []
-            for key, (offsets, sizes) in self.regions.items():
-                chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-            return LoadPlan(items)
-
-        def lookup_tensor(self, index):
-            return self.state_dict[index.fqn]  # the region itself (its read items' offsets are relative to it)
-
-    return RegionPlanner
-
-
-def _RegionPlanner(regions):
-    return _region_planner_class()(regions)
 
 
 def load(trainer, load_dir: str, iteration: int | None = None, finetune: bool = False) -> dict:
