@@ -61,6 +61,7 @@ def export_checkpoint(load: str, output: str, iteration: int | None = None, dtyp
     by dist_checkpointing) and written shard by shard, so host memory holds about one output shard and one
     layer, never the model (benchmarks/bench_export_memory.py measures it)."""
     from megatron_dataeff.inference.loading import inference_config
+    from megatron_dataeff.training.checkpointing import checkpoint_tensor_shapes
     from megatron_dataeff.training.distributed import initialize
 
     _check_output(output)
@@ -73,9 +74,11 @@ def export_checkpoint(load: str, output: str, iteration: int | None = None, dtyp
     _check_options(cfg, meta)
     shape = ModelShape.from_run_config(cfg, cfg.model.vocab_rows(meta["vocab_ids"]))
 
+    saved = checkpoint_tensor_shapes(ckpt)  # read once, not once a layer
+
     def tensors():
         for group in megatron_groups(shape):
-            converted = megatron_group_to_hf(read_checkpoint_tensors(ckpt, group, shape.num_layers), shape)
+            converted = megatron_group_to_hf(read_checkpoint_tensors(ckpt, group, shape.num_layers, saved), shape)
             for name, t in converted.items():
                 yield name, t.to("cpu", DTYPES[dtype]).contiguous()
 
@@ -109,12 +112,12 @@ def _check_options(cfg, meta: dict) -> None:
     check_megatron_model(model, cfg.model.rotary_base)
 
 
-def read_checkpoint_tensors(ckpt: str, names: list[str], num_layers: int) -> dict[str, torch.Tensor]:
+def read_checkpoint_tensors(ckpt: str, names: list[str], num_layers: int, shapes: dict) -> dict[str, torch.Tensor]:
     """{megatron name: tensor} of some tensors of a checkpoint (e.g. one layer's), read without building the
-    model or reading the rest: a layer's tensor is its slice of the key's layer-stacked tensor."""
-    from megatron_dataeff.training.checkpointing import checkpoint_tensor_shapes, read_tensor_regions
+    model or reading the rest: a layer's tensor is its slice of the key's layer-stacked tensor.  `shapes` is
+    the checkpoint's `checkpoint_tensor_shapes`."""
+    from megatron_dataeff.training.checkpointing import read_tensor_regions
 
-    shapes = checkpoint_tensor_shapes(ckpt)
     regions, keys = {}, {}
     for name in names:
         key, layer = megatron_checkpoint_key(name)
