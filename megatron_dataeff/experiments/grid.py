@@ -8,6 +8,8 @@ Methods (Gao et al. 2025, see docs/evaluation.md):
     ar_attn{0.1,0.3,0.5}    AR + attention dropout
     ar_mlp{0.1,0.3,0.5}     AR + MLP dropout (on the MLP's inner activation)
     ar_wd{0.3,0.5}          AR + weight decay 0.3 / 0.5 (wd 0.1 is the baseline `ar`)
+    ar_wd{1.0,3.0}          AR + weight decay 1.0 / 3.0: Kim et al. 2025 find the best weight decay for
+                            data-constrained pretraining ~30x the usual 0.1 (not in the paper's grid)
     mdm                     masked diffusion
     ar_fresh, mdm_fresh     references without repetition: the same number of steps on
                             unique_tokens x epochs fresh tokens (1 epoch); they calibrate the
@@ -49,6 +51,8 @@ METHODS: dict[str, list[str]] = {
     "ar_mlp0.5": ["--mlp-dropout", "0.5"],
     "ar_wd0.3": ["--weight-decay", "0.3"],
     "ar_wd0.5": ["--weight-decay", "0.5"],
+    "ar_wd1.0": ["--weight-decay", "1.0"],
+    "ar_wd3.0": ["--weight-decay", "3.0"],
     "mdm": ["--objective", "mdm"],
     "ar_td0.3_random": ["--token-dropout-rate", "0.3", "--token-dropout-noise", "random"],
     "ar_td0.3_mixed": ["--token-dropout-rate", "0.3", "--token-dropout-noise", "mixed"],
@@ -65,7 +69,7 @@ METHODS: dict[str, list[str]] = {
 }
 FRESH = {"ar_fresh": "ar", "mdm_fresh": "mdm"}  # reference run -> the family it calibrates
 BUDGETS = {"ar_u0.5": 0.5, "ar": 1.0, "ar_u2": 2.0, "ar_u4": 4.0}  # plain AR at F x the unique tokens
-BEYOND = ["ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal", "ar_mir0.3", "ar_mlp0.1_td0.3",
+BEYOND = ["ar_wd1.0", "ar_wd3.0", "ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal", "ar_mir0.3", "ar_mlp0.1_td0.3",
           "dual"]
 PAPER_METHODS = [m for m in METHODS if m not in FRESH and m not in BEYOND and (m not in BUDGETS or m == "ar")]
 
@@ -135,6 +139,20 @@ SCALES: dict[str, Scale] = {
                          "ar_mir0.3", "ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal",
                          "ar_u0.5", "ar_u2", "ar_u4"],
         seconds_per_step=0.2,  # 293 steps in 58 s
+    ),
+    # The paper's horizon on a CPU: the demo model for 120 epochs (the paper's count), the schedule over the whole
+    # run.  The fresh-data references see unique tokens x epochs tokens once, and that must fit in the embedded
+    # corpus's training split (~1.56M tokens), so the unique budget is 12,800 tokens (100 windows of 128):
+    # 742 steps a run, ~2.5 minutes on 2 cores.  Methods: the paper's grid at its 0.1 rates, the demo grid's
+    # strongest corruption (random tokens), dual, weight decay up to 30x the usual, the fresh references (R*)
+    # and the AR budgets (effective data).
+    "horizon": Scale(
+        name="horizon", unique_tokens=12_800, epochs=120, seq_length=128, global_batch_size=16,
+        flags=_cpu_flags(hidden=192, ffn=576),
+        evals_per_epoch=0.5, downstream_evals=1, num_examples=100, mc_samples=8,
+        default_methods=["ar", "ar_td1.0", "mdm", "ar_fresh", "mdm_fresh", "ar_td0.3", "ar_td0.3_random", "dual",
+                         "ar_attn0.1", "ar_mlp0.1", "ar_wd0.5", "ar_wd1.0", "ar_wd3.0", "ar_u0.5", "ar_u2", "ar_u4"],
+        seconds_per_step=0.2,
     ),
     # The paper: Qwen3-0.6B layout, 3B unique tokens, 120 epochs, global batch 2048 x 4096.
     "paper": Scale(
