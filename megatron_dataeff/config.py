@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 
 from megatron_dataeff.data.tokenizers import TOKENIZER_TYPES
 from megatron_dataeff.errors import ConfigError
+from megatron_dataeff.objectives import OBJECTIVE_NAMES
 from megatron_dataeff.training.exits import EXIT_SIGNALS
 
 
@@ -145,7 +146,7 @@ class _Section:
 # ----------------------------------------------------------------------------------------------
 # Choices
 
-Objective = Literal["ar", "mdm", "dual"]
+ObjectiveName = Literal[OBJECTIVE_NAMES]
 TokenDropoutSchedule = Literal["fixed", "uniform"]
 TokenDropoutNoise = Literal["mask", "random", "mixed"]
 TokenDropoutAnneal = Literal["none", "linear", "cosine"]
@@ -257,7 +258,7 @@ def weight_shape_fields() -> tuple[str, ...]:
 class ObjectiveConfig(_Section):
     """What the model learns: AR, AR with token dropout, or masked diffusion."""
 
-    name: Objective = cli("ar", flag="--objective")
+    name: ObjectiveName = cli("ar", flag="--objective")
     """ar: next-token prediction with causal attention (with --token-dropout-rate: token dropout); mdm:
     masked diffusion with bidirectional attention and the 1/t-weighted ELBO loss; dual: both in one model,
     each sample trained AR or masked diffusion as its key decides (--ar-fraction), with its own attention
@@ -313,33 +314,6 @@ class ObjectiveConfig(_Section):
             _require(not given or (self.name == "ar" and dropout_on),
                      f"{flag} shapes token dropout: it needs --objective ar and a --token-dropout-rate "
                      f"(or an annealed final rate) above 0")
-
-    @property
-    def token_dropout(self) -> bool:
-        """AR whose inputs are corrupted (or, with --token-dropout-aux-weight, an extra corrupted copy)."""
-        return self.name == "ar" and (self.token_dropout_rate > 0 or (self.token_dropout_anneal != "none"
-                                                                        and self.token_dropout_final_rate > 0))
-
-    @property
-    def rows_per_sample(self) -> int:
-        """Model rows per training sample: 2 with --token-dropout-aux-weight (clean and corrupted), else 1."""
-        return 2 if self.token_dropout_aux_weight > 0 else 1
-
-    @property
-    def diffusion(self) -> bool:
-        """A masked-diffusion model: ELBO loss and validation, diffusion sampling and export."""
-        return self.name == "mdm"
-
-    @property
-    def dual(self) -> bool:
-        """AR and masked diffusion in one model (per-sample attention masks; both validation losses)."""
-        return self.name == "dual"
-
-    @property
-    def bidirectional(self) -> bool:
-        """The layer spec attends both ways: masked diffusion, and the dual objective (whose AR samples get a
-        causal mask of their own); AR is causal."""
-        return self.name in ("mdm", "dual")
 
 
 @dataclass
@@ -706,9 +680,6 @@ class RunConfig:
                      f"--sequence-parallel: --tensor-model-parallel-size {tp} does not divide --seq-length "
                      f"{m.seq_length}")
         c = self.compute
-        _require(not self.objective.dual or c.attention_backend in ("auto", "sdpa"),
-                 f"--objective dual gives each sample its own attention mask (causal or none), which only "
-                 f"--attention-backend sdpa takes, not {c.attention_backend}")
         _require(not c.cross_entropy_loss_fusion or o.bf16,
                  "--cross-entropy-loss-fusion: megatron-core's fused cross entropy returns bf16 gradients; "
                  "use it with --bf16 (the default chunked loss keeps fp32 gradients)")

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from megatron_dataeff.arguments import SECTIONS, build_parser, config_from_args, parse_config
+from megatron_dataeff.objectives import objective_class
 from megatron_dataeff.config import (LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, CheckpointConfig, ComputeConfig,
                                      ConfigError, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, RunConfig,
                                      field_specs)
@@ -120,7 +121,8 @@ def test_objective_flag_and_configs_of_earlier_versions():
     """--objective fills ObjectiveConfig.name; a config written before the rename (its `objective` key, as
     in older checkpoints and run.json files) reads the same."""
     cfg = parse_config(["--objective", "mdm"])
-    assert cfg.objective.name == "mdm" and cfg.objective.diffusion and cfg.objective.bidirectional
+    cls = objective_class(cfg.objective)
+    assert cfg.objective.name == "mdm" and cls.diffusion and cls.bidirectional
     old = cfg.to_dict()
     old["objective"]["objective"] = old["objective"].pop("name")
     assert RunConfig.from_dict(old) == cfg

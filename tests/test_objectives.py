@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from megatron_dataeff.config import ObjectiveConfig
 from megatron_dataeff.objectives import (AutoregressiveObjective, MaskedDiffusionObjective,
                                          TokenDropoutObjective)
 from megatron_dataeff.ops import philox
@@ -143,7 +144,7 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError):
         mask_tokens(tok, idx, SEED, mode="bogus", mask_token_id=MASK)
     with pytest.raises(ValueError):
-        TokenDropoutObjective(MASK, SEED, rate=-0.1)
+        TokenDropoutObjective(MASK, SEED, rate=-0.1).prepare(torch.zeros(2, 5, dtype=torch.int64), idx)
 
 
 def test_reference_matches_public_entry_point():
@@ -288,7 +289,8 @@ def test_masked_input_regularisation_adds_the_corrupted_rows_loss():
     tok, idx = _tokens(3, 16), torch.tensor([0, 1, 2])
     obj = TokenDropoutObjective(MASK, SEED, rate=0.5, aux_weight=0.3)
     ob = obj.prepare(tok, idx)
-    assert obj.rows_per_sample == 2 and ob.input_ids.shape == (6, 16) and ob.num_tokens == 48
+    ocfg = ObjectiveConfig(token_dropout_rate=0.5, token_dropout_aux_weight=0.3)
+    assert obj.rows_per_sample(ocfg) == 2 and ob.input_ids.shape == (6, 16) and ob.num_tokens == 48
     assert torch.equal(ob.input_ids[:3], tok[:, :-1])
     corrupted = TokenDropoutObjective(MASK, SEED, rate=0.5).prepare(tok, idx).input_ids
     assert torch.equal(ob.input_ids[3:], corrupted) and torch.equal(ob.labels, torch.cat([tok[:, 1:]] * 2))

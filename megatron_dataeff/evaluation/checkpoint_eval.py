@@ -31,15 +31,17 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
     both views (`val_loss_ar`, the NLL, is `val_loss`; `val_loss_mdm` the ELBO) and scored on the tasks as
     `view` (default ar)."""
     from megatron_dataeff.evaluation.validation import validation_loss
-    from megatron_dataeff.inference.loading import VIEWS
-    from megatron_dataeff.objectives import build_objective
+    from megatron_dataeff.config import RunConfig
+    from megatron_dataeff.objectives import build_objective, objective_class
     from megatron_dataeff.training.checkpointing import read_metadata, resolve_checkpoint
 
     check_greedy_order(greedy_order)  # before the checkpoint loads
     t0 = time.time()
-    dual = read_metadata(resolve_checkpoint(path, iteration))["config"]["objective"].get("name") == "dual"
-    views = VIEWS if dual else (None,)
-    task_view = (view or "ar") if dual else view
+    trained = RunConfig.from_dict(read_metadata(resolve_checkpoint(path, iteration))["config"]).objective
+    views = objective_class(trained).evaluation_views
+    several = len(views) > 1  # a model of several views (dual): each validated, the tasks scored as `view`
+    task_view = (view or views[0]) if several else view
+    views = views if several else (None,)
     scorer = ModelScorer.from_checkpoint(path, iteration=iteration, batch_size=batch_size, view=task_view)
     cfg, meta = scorer.config, scorer.metadata
     data = checkpoint_data(scorer, data_path) if (validation or tasks) else None
@@ -53,7 +55,7 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
                                                                           batch_size=batch_size, view=v)
             res = validation_loss(sc, build_objective(sc.config, sc.mask_token_id), data, eval_windows,
                                   mc_samples=n_mc)
-            if v is None or v == "ar":
+            if v is None or v == views[0]:
                 out.update(res)
             if v is not None:
                 out.update({f"{k}_{v}": value for k, value in res.items() if k.startswith("val_loss")})

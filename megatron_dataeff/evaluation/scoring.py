@@ -99,10 +99,11 @@ class ModelScorer:
         checkpoint is scored as `view` ("ar" or "mdm")."""
         from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
         from megatron_dataeff.inference.loading import load_model_for_inference
+        from megatron_dataeff.objectives import objective_class
 
         model, cfg, meta = load_model_for_inference(path, iteration=iteration, device=device, view=view)
         tokenizer = tokenizer_from_metadata(meta["tokenizer"])
-        return cls(model, diffusion=cfg.objective.diffusion, mask_token_id=meta["mask_token_id"],
+        return cls(model, diffusion=objective_class(cfg.objective).diffusion, mask_token_id=meta["mask_token_id"],
                    max_length=cfg.model.seq_length, eps=cfg.objective.mdm_eps, tokenizer=tokenizer,
                    device=device, batch_size=batch_size, seed=cfg.optim.seed if seed is None else seed,
                    vocab_ids=meta["vocab_ids"], config=cfg, metadata=meta)

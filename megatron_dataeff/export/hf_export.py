@@ -31,6 +31,7 @@ from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelErro
 from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
 from megatron_dataeff.export.model_card import model_card
 from megatron_dataeff.export.safetensors_io import write_safetensors
+from megatron_dataeff.objectives import objective_class
 
 if TYPE_CHECKING:  # for annotations only
     from megatron.core.models.gpt import GPTModel
@@ -144,7 +145,7 @@ def _write_export(cfg, meta: dict, shape: ModelShape, dtype: str, tensors, outpu
     try:
         has_tokenizer = save_hf_tokenizer(meta["tokenizer"], tmp)
         record = _record(cfg, meta, has_tokenizer)
-        if cfg.objective.diffusion:
+        if objective_class(cfg.objective).diffusion:
             architecture = _write_mdm_config(cfg, meta, shape, dtype, record, tmp)
         else:
             architecture = _write_ar_config(cfg, meta, shape, dtype, record, tmp)

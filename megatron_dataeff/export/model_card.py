@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from megatron_dataeff.objectives import TokenDropoutObjective, objective_class
+
 
 def _tokens(n) -> str:
     if n is None:
@@ -50,7 +52,8 @@ def model_card(cfg, meta: dict, *, architecture: str, trained_objective: str, nu
 
     trained = RunConfig.from_dict(meta["config"]) if meta.get("config") else cfg  # as trained: its layout too
     m = cfg.model
-    diffusion = cfg.objective.diffusion
+    objective = objective_class(cfg.objective)
+    diffusion = objective.diffusion
     seq, gbs = m.seq_length, cfg.optim.global_batch_size
     iteration = meta.get("iteration") or 0
     seen = iteration * gbs * seq if gbs else None
@@ -58,7 +61,7 @@ def model_card(cfg, meta: dict, *, architecture: str, trained_objective: str, nu
     epochs = meta.get("epoch")
     tags = ["megatron-core", "megatron_dataeff", "masked-diffusion" if diffusion else "causal-lm",
             f"objective-{trained_objective}"]
-    if cfg.objective.token_dropout:
+    if issubclass(objective, TokenDropoutObjective):
         tags.append("token-dropout")
     front = ["---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if diffusion else 'text-generation'}",
              "tags:", *[f"- {t}" for t in tags], "---", ""]
@@ -118,7 +121,9 @@ def model_card(cfg, meta: dict, *, architecture: str, trained_objective: str, nu
     ]
     rows = _validation_rows(meta)
     if rows:
-        kind = ("the AR NLL, with `loss_ar`/`loss_mdm` the two views' losses" if trained.objective.dual else
+        views = objective_class(trained.objective).evaluation_views
+        kind = (f"the {views[0]} view's loss, with " + "/".join(f"`loss_{v}`" for v in views) + " each view's"
+                if len(views) > 1 else
                 "the diffusion ELBO, a bound on the NLL" if diffusion else "the AR NLL")
         lines += [f"Held-out loss in nats per token ({kind}):", "",
                   "| | iteration | epoch | loss | perplexity |", "|---|---|---|---|---|", *rows]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_dataeff.errors import UserError
+from megatron_dataeff.objectives import objective_class
 
 
 def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Optional[int] = None,
@@ -43,7 +44,7 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
         pos = torch.arange(x.shape[1], device=dev)[None, :].expand(x.shape[0], -1)
         return model(x, pos, None)
 
-    if cfg.objective.diffusion:
+    if objective_class(cfg.objective).diffusion:
         out = diffusion_generate(logits_fn, ids, max_new_tokens, block_length, steps, temperature,
                                  meta["mask_token_id"], generator, suppress_ids=padding)
     else:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from megatron_dataeff.objectives import DualObjective, objective_class
 from megatron_dataeff.training.checkpointing import (CheckpointError, check_checkpoint_files, load_sharded,
                                                      read_metadata, resolve_checkpoint)
 
-VIEWS = ("ar", "mdm")
+VIEWS = DualObjective.evaluation_views  # --view: what a model of several views (the dual objective) is used as
 
 
 def objective_view(objective, view: str | None, ckpt: str = "the checkpoint"):
-    """The ObjectiveConfig a checkpoint is used as: a dual model as `view` (required), any other as itself
-    (`view`, when given, must be its own objective)."""
-    from dataclasses import replace
-
-    if objective.dual:
-        if view not in VIEWS:
-            raise CheckpointError(f"{ckpt} was trained with --objective dual: it is a causal LM and a diffusion "
-                                  f"model with the same weights; say which with --view ar or --view mdm")
+    """The ObjectiveConfig a checkpoint is used as: a model of several views (dual) as `view` (required), any
+    other as itself (`view`, when given, must be its own objective)."""
+    views = objective_class(objective).evaluation_views
+    if len(views) > 1:
+        if view not in views:
+            raise CheckpointError(f"{ckpt} was trained with --objective {objective.name}: it is a causal LM and a "
+                                  f"diffusion model with the same weights; say which with "
+                                  f"{' or '.join(f'--view {v}' for v in views)}")
         return replace(objective, name=view, ar_fraction=None)
     if view is not None and view != objective.name:
         raise CheckpointError(f"{ckpt} was trained with --objective {objective.name}; --view {view} is only for "

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dataeff.config import ATTENTION_BACKENDS, ConfigError
+from megatron_dataeff.objectives import objective_class
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,14 @@ def resolve_attention_backend(requested: str, device: str, te_available: bool,
 
 def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoice:
     """What a RunConfig's --attention-backend / --transformer-impl mean on `device` (trainer and memory
-    estimate alike).  The dual objective gives every sample its own attention mask, which only the sdpa
-    backend takes: `auto` means sdpa for it, and another backend is refused."""
+    estimate alike).  An objective whose rows carry their own attention masks (the dual objective) needs the
+    sdpa backend: `auto` means sdpa for it, and another backend is refused."""
     requested = cfg.compute.attention_backend
-    if cfg.objective.dual:
+    if objective_class(cfg.objective).row_attention_masks:
+        name = cfg.objective.name
         if requested not in ("auto", "sdpa"):
-            raise ConfigError(f"--objective dual gives each sample its own attention mask (causal or none), which "
+            raise ConfigError(f"--objective {name} gives each sample its own attention mask (causal or none), which "
                               f"only --attention-backend sdpa takes, not {requested}")
-        return AttentionChoice(requested, "sdpa", "auto", f"{requested}: --objective dual needs per-sample masks")
+        return AttentionChoice(requested, "sdpa", "auto", f"{requested}: --objective {name} needs per-sample masks")
     return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout,
                                      cfg.compute.transformer_impl)

@@ -25,6 +25,7 @@ from megatron_dataeff.models.attention_backends import AttentionChoice, attentio
 from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
 from megatron_dataeff.models.family import FAMILY_OPTIONS
 from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
+from megatron_dataeff.objectives import objective_class
 
 
 @dataclass
@@ -147,8 +148,8 @@ def build_model(
     weights are all loaded next."""
     tcfg = transformer_config(cfg, device, initialize)
     choice = attention_choice(cfg, device)
-    spec = build_layer_spec(bidirectional=cfg.objective.bidirectional, qk_layernorm=cfg.model.qk_layernorm,
-                            mlp_dropout=cfg.model.mlp_dropout, attention=choice)
+    spec = build_layer_spec(bidirectional=objective_class(cfg.objective).bidirectional,
+                            qk_layernorm=cfg.model.qk_layernorm, mlp_dropout=cfg.model.mlp_dropout, attention=choice)
     spec = build_block_spec(spec, tcfg, choice)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()

@@ -1,4 +1,10 @@
-"""Training objectives: AR, AR with token dropout, masked diffusion, dual (one contract, see base.py)."""
+"""Training objectives: AR, AR with token dropout, masked diffusion, dual (one contract, see base.py).
+
+`REGISTRY` is the one list of objective classes: `--objective NAME` trains the first class of that name whose
+`selects` accepts the run's flags (so a variant comes before its base).  Everything else asks the class
+(`objective_class`) for the objective's traits.  A new objective is one module with an `Objective` subclass
+plus its line here.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +14,31 @@ from megatron_dataeff.objectives.dual import DualObjective
 from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective
 from megatron_dataeff.objectives.token_dropout import TokenDropoutObjective
 
+REGISTRY: tuple[type[Objective], ...] = (
+    TokenDropoutObjective,  # --objective ar with a token-dropout rate
+    AutoregressiveObjective,
+    MaskedDiffusionObjective,
+    DualObjective,
+)
+OBJECTIVE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(cls.name for cls in REGISTRY))  # --objective's choices
+
+
+def objective_class(ocfg) -> type[Objective]:
+    """The class that trains an ObjectiveConfig (the home of its traits)."""
+    for cls in REGISTRY:
+        if cls.name == ocfg.name and cls.selects(ocfg):
+            return cls
+    raise ValueError(f"no objective {ocfg.name!r}; known: {', '.join(OBJECTIVE_NAMES)}")
+
 
 def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train_iters: int | None = None
                     ) -> Objective:
     """The objective of a RunConfig.  Training needs `vocab_ids` (random-token noise) and `train_iters` (an
     annealed token-dropout rate); evaluation, which never corrupts AR inputs, does not."""
-    o = cfg.objective
-    seed = cfg.optim.seed
-    if o.dual:
-        return DualObjective(mask_token_id, seed, ar_fraction=o.ar_fraction, eps=o.mdm_eps)
-    if o.diffusion:
-        group = cfg.optim.global_batch_size if o.mdm_stratified else 0
-        return MaskedDiffusionObjective(mask_token_id, seed, eps=o.mdm_eps, stratify_group=group or 0)
-    if o.token_dropout:
-        return TokenDropoutObjective(
-            mask_token_id, seed, o.token_dropout_rate, o.token_dropout_schedule, noise=o.token_dropout_noise,
-            span=o.token_dropout_span, anneal=o.token_dropout_anneal, final_rate=o.token_dropout_final_rate,
-            aux_weight=o.token_dropout_aux_weight, vocab_ids=vocab_ids, train_iters=train_iters,
-            global_batch_size=cfg.optim.global_batch_size)
-    return AutoregressiveObjective(mask_token_id, seed)
+    return objective_class(cfg.objective).from_config(cfg, mask_token_id, vocab_ids=vocab_ids,
+                                                      train_iters=train_iters)
 
 
 __all__ = ["Objective", "ObjectiveBatch", "AutoregressiveObjective", "TokenDropoutObjective",
-           "MaskedDiffusionObjective", "DualObjective", "build_objective"]
+           "MaskedDiffusionObjective", "DualObjective", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
+           "build_objective"]

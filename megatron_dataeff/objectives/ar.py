@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
+from megatron_dataeff.lazy import lazy_module
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
+
+torch = lazy_module("torch")
 
 
 class AutoregressiveObjective(Objective):

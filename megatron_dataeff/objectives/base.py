@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the traits are read without torch (see megatron_dataeff/lazy.py)
+    import torch
 
 
 @dataclass
@@ -35,17 +37,47 @@ class ObjectiveBatch:
 
 
 class Objective(abc.ABC):
-    """Corrupt the batch, weight the loss."""
+    """Corrupt the batch, weight the loss.
 
-    name: str = ""
-    bidirectional: bool = False
-    rows_per_sample: int = 1  # model rows per sample in training batches (MIR: clean + corrupted)
+    A subclass is the one home of its objective's traits, read by the model builder, the attention choice,
+    the FLOPs and memory estimates, the trainer, evaluation and export: the class attributes below, and the
+    class methods that depend on the run's flags (`rows_per_sample`, `input_noise`), which take the
+    ObjectiveConfig so that they answer before any tokenizer or model exists.  A new objective is one module
+    with its subclass plus its entry in `objectives/__init__.py`'s registry."""
+
+    name: str = ""  # the --objective value it trains (a variant shares its base's)
+    bidirectional: bool = False  # the model's layer spec attends both ways
+    diffusion: bool = False  # a masked-diffusion model: ELBO validation, diffusion sampling and export
+    row_attention_masks: bool = False  # each row carries its own attention mask (ObjectiveBatch.attention_mask)
     part_names: tuple[str, ...] = ()  # the names of ObjectiveBatch.parts, the same for every batch
     evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
+    monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
 
     def __init__(self, mask_token_id: int, seed: int):
         self.mask_token_id = int(mask_token_id)
         self.seed = int(seed)
+
+    @classmethod
+    def selects(cls, ocfg) -> bool:
+        """Whether this class trains an ObjectiveConfig whose --objective is `name` (a variant registered before
+        its base answers for the flags that select it: AR with token dropout)."""
+        return True
+
+    @classmethod
+    def from_config(cls, cfg, mask_token_id: int, vocab_ids: int | None = None, train_iters: int | None = None
+                    ) -> "Objective":
+        """This objective for a RunConfig (see `objectives.build_objective`)."""
+        return cls(mask_token_id, cfg.optim.seed)
+
+    @classmethod
+    def rows_per_sample(cls, ocfg) -> int:
+        """Model rows per sample in training batches (MIR: clean + corrupted)."""
+        return 1
+
+    @classmethod
+    def input_noise(cls, ocfg) -> tuple[str, float | None] | None:
+        """(noise, span) of the input corruption in training (`ops.corruption`), None without one."""
+        return None
 
     @abc.abstractmethod
     def prepare(self, tokens: torch.Tensor, sample_index: torch.Tensor, *, evaluation: bool = False
@@ -74,8 +106,7 @@ class Objective(abc.ABC):
         return out
 
     # Evaluation of a checkpoint: per-window values (for a standard error) and, for objectives whose
-    # validation loss is a Monte-Carlo estimate, several noisy copies of each window.
-    monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
+    # validation loss is a Monte-Carlo estimate (`monte_carlo`), several noisy copies of each window.
 
     def prepare_evaluation(self, tokens: torch.Tensor, window_index: torch.Tensor, copies: int = 1
                            ) -> ObjectiveBatch:

@@ -15,11 +15,12 @@ Validation has two views, `ar` (every row AR: the NLL) and `mdm` (every row mask
 
 from __future__ import annotations
 
-import torch
-
+from megatron_dataeff.lazy import lazy_module
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
 from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective
-from megatron_dataeff.ops import philox
+
+torch = lazy_module("torch")
+philox = lazy_module("megatron_dataeff.ops.philox")
 
 
 def causal_mask(rows: int, seq: int, device=None) -> torch.Tensor:
@@ -36,7 +37,8 @@ class DualObjective(Objective):
     """Per sample AR or masked diffusion, in one bidirectional model with per-row attention masks."""
 
     name = "dual"
-    bidirectional = True
+    bidirectional = True  # the layer spec attends both ways; AR rows carry their causal mask
+    row_attention_masks = True
     part_names = ("ar", "mdm")
     evaluation_views = ("ar", "mdm")
 
@@ -46,6 +48,14 @@ class DualObjective(Objective):
             raise ValueError(f"ar_fraction must be in (0, 1), got {ar_fraction}")
         self.ar_fraction = float(ar_fraction)
         self.mdm = MaskedDiffusionObjective(mask_token_id, seed, eps=eps)
+
+    @classmethod
+    def from_config(cls, cfg, mask_token_id, vocab_ids=None, train_iters=None):
+        return cls(mask_token_id, cfg.optim.seed, ar_fraction=cfg.objective.ar_fraction, eps=cfg.objective.mdm_eps)
+
+    @classmethod
+    def input_noise(cls, ocfg):
+        return "mask", None
 
     def describe(self) -> str:
         return f"dual: AR on {self.ar_fraction:g} of the samples, masked diffusion on the rest"

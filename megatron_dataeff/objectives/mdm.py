@@ -9,11 +9,12 @@ validation curves are comparable across steps and runs.
 
 from __future__ import annotations
 
-import torch
-
+from megatron_dataeff.lazy import lazy_module
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
-from megatron_dataeff.ops import philox
-from megatron_dataeff.ops.masking import mask_tokens
+
+torch = lazy_module("torch")
+philox = lazy_module("megatron_dataeff.ops.philox")
+masking = lazy_module("megatron_dataeff.ops.masking")
 
 
 class MaskedDiffusionObjective(Objective):
@@ -21,13 +22,23 @@ class MaskedDiffusionObjective(Objective):
 
     name = "mdm"
     bidirectional = True
+    diffusion = True
+    monte_carlo = True
 
     def __init__(self, mask_token_id: int, seed: int, eps: float = 1e-3, stratify_group: int = 0):
         super().__init__(mask_token_id, seed)
         self.eps = float(eps)
         self.stratify_group = int(stratify_group)
 
-    monte_carlo = True
+    @classmethod
+    def from_config(cls, cfg, mask_token_id, vocab_ids=None, train_iters=None):
+        o = cfg.objective
+        return cls(mask_token_id, cfg.optim.seed, eps=o.mdm_eps,
+                   stratify_group=cfg.optim.global_batch_size if o.mdm_stratified else 0)
+
+    @classmethod
+    def input_noise(cls, ocfg):
+        return "mask", None
 
     def prepare(self, tokens, sample_index, *, evaluation=False):
         return self._masked(tokens, sample_index, evaluation,
@@ -45,7 +56,7 @@ class MaskedDiffusionObjective(Objective):
 
     def _masked(self, tokens, sample_index, evaluation: bool, stratify_group: int):
         x0 = tokens[:, :-1].contiguous()
-        masked = mask_tokens(
+        masked = masking.mask_tokens(
             x0, sample_index, self.seed, mode="mdm", eps=self.eps, mask_token_id=self.mask_token_id,
             stratify_group=stratify_group, stream_offset=philox.EVAL_STREAM_OFFSET if evaluation else 0,
         )

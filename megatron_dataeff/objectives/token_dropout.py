@@ -18,42 +18,54 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from megatron_dataeff.lazy import lazy_module
 from megatron_dataeff.objectives.ar import AutoregressiveObjective
 from megatron_dataeff.objectives.base import ObjectiveBatch
-from megatron_dataeff.ops.corruption import NOISES, corrupt_tokens
+
+torch = lazy_module("torch")
+corruption = lazy_module("megatron_dataeff.ops.corruption")
 
 
 class TokenDropoutObjective(AutoregressiveObjective):
     """AR whose inputs are corrupted in training."""
 
-    name = "ar+token_dropout"
+    name = "ar"
 
     def __init__(self, mask_token_id: int, seed: int, rate: float, schedule: str = "fixed", *,
                  noise: str = "mask", span: float | None = None, anneal: str = "none", final_rate: float = 0.0,
                  aux_weight: float = 0.0, vocab_ids: int | None = None, train_iters: int | None = None,
                  global_batch_size: int | None = None):
         super().__init__(mask_token_id, seed)
-        for name, value in (("rate", rate), ("final rate", final_rate)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"token dropout {name} must be in [0, 1], got {value}")
-        if schedule not in ("fixed", "uniform"):
-            raise ValueError(f"token dropout schedule must be fixed or uniform, got {schedule!r}")
-        if noise not in NOISES:
-            raise ValueError(f"token dropout noise must be one of {NOISES}, got {noise!r}")
-        if anneal not in ("none", "linear", "cosine"):
-            raise ValueError(f"token dropout anneal must be none, linear or cosine, got {anneal!r}")
-        if aux_weight < 0:
-            raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
+        # The values are ObjectiveConfig's, checked there by flag name; the ops check what they draw with.
         self.rate, self.schedule = float(rate), schedule
         self.noise, self.span = noise, span
         self.anneal, self.final_rate = anneal, float(final_rate)
         self.aux_weight = float(aux_weight)
         self.vocab_ids = vocab_ids
         self.train_iters, self.global_batch_size = train_iters, global_batch_size
-        self.rows_per_sample = 2 if self.aux_weight > 0 else 1
         self.part_names = ("clean", "corrupted") if self.aux_weight > 0 else ()
+
+    @classmethod
+    def selects(cls, ocfg) -> bool:
+        """A token-dropout rate above 0 (or an annealed final rate above 0)."""
+        return ocfg.token_dropout_rate > 0 or (ocfg.token_dropout_anneal != "none" and ocfg.token_dropout_final_rate > 0)
+
+    @classmethod
+    def from_config(cls, cfg, mask_token_id, vocab_ids=None, train_iters=None):
+        o = cfg.objective
+        return cls(mask_token_id, cfg.optim.seed, o.token_dropout_rate, o.token_dropout_schedule,
+                   noise=o.token_dropout_noise, span=o.token_dropout_span, anneal=o.token_dropout_anneal,
+                   final_rate=o.token_dropout_final_rate, aux_weight=o.token_dropout_aux_weight, vocab_ids=vocab_ids,
+                   train_iters=train_iters, global_batch_size=cfg.optim.global_batch_size)
+
+    @classmethod
+    def rows_per_sample(cls, ocfg) -> int:
+        """2 with --token-dropout-aux-weight (MIR: clean and corrupted rows), else 1."""
+        return 2 if ocfg.token_dropout_aux_weight > 0 else 1
+
+    @classmethod
+    def input_noise(cls, ocfg):
+        return ocfg.token_dropout_noise, ocfg.token_dropout_span
 
     def describe(self) -> str:
         parts = [f"ar + token dropout {self.rate:g} ({self.schedule})"]
@@ -92,9 +104,10 @@ class TokenDropoutObjective(AutoregressiveObjective):
             rate = self.rate_at(int(steps[0])) if steps.numel() else self.rate
         if rate == 0.0:
             return inputs, torch.zeros(inputs.shape, dtype=torch.bool, device=inputs.device)
-        out = corrupt_tokens(inputs, sample_index, self.seed, mode=self.schedule, rate=rate, noise=self.noise,
-                             span=self.span, mask_token_id=self.mask_token_id,
-                             vocab_ids=self.vocab_ids if self.vocab_ids is not None else self.mask_token_id + 1)
+        out = corruption.corrupt_tokens(
+            inputs, sample_index, self.seed, mode=self.schedule, rate=rate, noise=self.noise, span=self.span,
+            mask_token_id=self.mask_token_id,
+            vocab_ids=self.vocab_ids if self.vocab_ids is not None else self.mask_token_id + 1)
         return out.input_ids, out.mask
 
     def corrupt_inputs(self, inputs, sample_index, evaluation):

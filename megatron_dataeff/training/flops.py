@@ -16,6 +16,7 @@ term counts in full.  These are model FLOPs: recomputed forwards are not counted
 from __future__ import annotations
 
 from megatron_dataeff.config import RunConfig
+from megatron_dataeff.objectives import objective_class
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().
 # The first entry whose every word occurs in the name wins, so the specific variants come first.
@@ -37,15 +38,17 @@ def flops_per_token(cfg: RunConfig, padded_vocab: int) -> float:
     m = cfg.model
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
-    attention_span = m.seq_length if cfg.objective.bidirectional else m.seq_length / 2
+    attention_span = m.seq_length if objective_class(cfg.objective).bidirectional else m.seq_length / 2
     per_layer = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + q * attention_span * 2 \
         + 3 * m.hidden_size * m.ffn_hidden_size
     return 3 * 2 * (m.num_layers * per_layer + m.hidden_size * padded_vocab)
 
 
 def flops_per_step(cfg: RunConfig, padded_vocab: int) -> float:
-    """Model FLOPs of one optimizer step (global batch x sequence length tokens)."""
-    return flops_per_token(cfg, padded_vocab) * cfg.optim.global_batch_size * cfg.model.seq_length
+    """Model FLOPs of one optimizer step (global batch x sequence length tokens, each sample in as many model
+    rows as its objective trains it in: MIR runs every sample twice, clean and corrupted)."""
+    rows = objective_class(cfg.objective).rows_per_sample(cfg.objective)
+    return flops_per_token(cfg, padded_vocab) * cfg.optim.global_batch_size * cfg.model.seq_length * rows
 
 
 def peak_tflops(device_name: str | None, bf16: bool) -> float | None:

@@ -150,6 +150,7 @@ class Trainer:
             raise ConfigError("give --train-iters, --train-samples or --epochs")
         self.objective = build_objective(cfg, self.mask_token_id, vocab_ids=self.vocab_ids,
                                          train_iters=self.train_iters)
+        self.rows_per_sample = self.objective.rows_per_sample(cfg.objective)  # model rows per training sample
         self.last_parts: dict[str, float] = {}  # the objective's named loss parts of the last step
         self.num_microbatches = cfg.num_microbatches(self.dp_size)
         self._build_model_and_optimizer()
@@ -204,8 +205,7 @@ class Trainer:
                              group=parallel_state.get_model_parallel_group())
         self.num_parameters = int(totals.item())
         padded_vocab = cfg.model.vocab_rows(self.vocab_ids)
-        # MIR runs every sample twice (clean and corrupted rows): twice the model FLOPs per step
-        self.flops_per_step = flops.flops_per_step(cfg, padded_vocab) * cfg.objective.rows_per_sample
+        self.flops_per_step = flops.flops_per_step(cfg, padded_vocab)
         name = torch.cuda.get_device_name() if rt.device == "cuda" else None
         self.peak_tflops = cfg.logging.peak_tflops or flops.peak_tflops(name, cfg.optim.bf16)
 
@@ -261,11 +261,9 @@ class Trainer:
         comm = [name for name, on in (("overlap grad reduce", p.overlap_grad_reduce),
                                       ("overlap param gather", p.overlap_param_gather),
                                       ("bf16 grad reduce", p.grad_reduce_in_bf16)) if on]
-        o = self.cfg.objective
-        corruption = ""
-        if o.token_dropout or o.diffusion:
-            noise, span = (o.token_dropout_noise, o.token_dropout_span) if o.token_dropout else ("mask", None)
-            corruption = f" | input corruption: {corruption_implementation(self.runtime.device, noise, span)}"
+        noise = self.objective.input_noise(self.cfg.objective)
+        corruption = (f" | input corruption: {corruption_implementation(self.runtime.device, *noise)}"
+                      if noise else "")
         return (f"[megatron_dataeff] {self.attention.describe()} | recompute {recompute} | sequence parallel "
                 f"{'on' if p.sequence_parallel else 'off'} | fusions: {', '.join(fused) or 'none'} | loss: {loss}"
                 f" | grads: {', '.join(comm) or 'reduce after backward, fp32'}{corruption}")
@@ -362,7 +360,7 @@ class Trainer:
             num_microbatches=self.num_microbatches,
             seq_length=seq,
             # the rows the model sees per micro-batch (pipeline stages exchange tensors of this batch size)
-            micro_batch_size=self.cfg.optim.micro_batch_size * (1 if forward_only else self.objective.rows_per_sample),
+            micro_batch_size=self.cfg.optim.micro_batch_size * (1 if forward_only else self.rows_per_sample),
             decoder_seq_length=seq,
             forward_only=forward_only,
         )
@@ -438,10 +436,12 @@ class Trainer:
         self.log.log(rec)
         best = self.validation.get("best")
         self.validation = {"last": rec, "best": rec if best is None or rec["loss"] < best["loss"] else best}
-        if self.cfg.objective.dual:
-            shown = f"val AR NLL {res['loss_ar']:.4f} | val ELBO {res['loss_mdm']:.4f}"
+        views = self.objective.evaluation_views
+        if len(views) > 1:
+            shown = " | ".join(f"val {'ELBO' if self.objective.view(v).monte_carlo else 'AR NLL'} {res[f'loss_{v}']:.4f}"
+                               for v in views)
         else:
-            shown = f"{'val ELBO' if self.cfg.objective.diffusion else 'val loss'} {res['loss']:.4f}"
+            shown = f"{'val ELBO' if self.objective.monte_carlo else 'val loss'} {res['loss']:.4f}"
         self.log.print(f" validation | iteration {self.iteration:7d} | {shown} | "
                        f"ppl {math.exp(min(res['loss'], 50)):.2f}")
         return res

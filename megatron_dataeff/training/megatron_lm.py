@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_dataeff.objectives import objective_class
 from megatron_dataeff.training.checkpointing import METADATA, CheckpointError
 
 CHECKPOINT_VERSION = 3.0
@@ -190,7 +191,7 @@ def write_checkpoint(load: str, save: str, iteration: int | None = None, view: s
             os.path.isdir(save) and any(n.startswith("iter_") for n in os.listdir(save))):
         raise FileExistsError(f"--save {save} already holds training checkpoints; choose another directory")
     model, cfg, meta = load_model_for_inference(load, iteration, view=view)
-    if cfg.objective.diffusion:
+    if objective_class(cfg.objective).diffusion:
         raise CheckpointError(f"{load} is a masked-diffusion model (bidirectional attention); Megatron-LM's "
                               f"pretrain_gpt.py builds causal models and would read it wrongly"
                               + (": export its --view ar" if meta["config"]["objective"]["name"] == "dual" else ""))

@@ -40,6 +40,7 @@ from typing import Sequence
 
 from megatron_dataeff.config import RunConfig, auto_chunk_tokens
 from megatron_dataeff.models.attention_backends import attention_for_config
+from megatron_dataeff.objectives import objective_class
 
 GiB = 2**30
 MiB = 2**20
@@ -157,17 +158,19 @@ def _shape(cfg: RunConfig, vocab_ids: int, device: str, te_available: bool) -> _
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
     choice = attention_for_config(cfg, device, te_available)
+    objective = objective_class(cfg.objective)
     impl, kernel = choice.impl, choice.kernel
     if device == "cpu":
         fused_ext = importlib.util.find_spec("megatron_dataeff._C") is not None
     else:
         fused_ext = True  # built by `pip install -e .` where nvcc exists (csrc/README.md)
     return _Shape(
-        s=m.seq_length, b=cfg.optim.micro_batch_size * cfg.objective.rows_per_sample, h=m.hidden_size, ffn=m.ffn_hidden_size // tp,
+        s=m.seq_length, b=cfg.optim.micro_batch_size * objective.rows_per_sample(cfg.objective), h=m.hidden_size,
+        ffn=m.ffn_hidden_size // tp,
         nq=m.num_attention_heads // tp, nkv=max(1, m.num_query_groups // tp), d=m.kv_channels,
         vocab=m.vocab_rows(vocab_ids) // tp, tp=tp,
         sp=bool(p.sequence_parallel and tp > 1), e=2 if cfg.optim.bf16 else 4, device=device, impl=impl,
-        kernel=kernel, causal=not cfg.objective.bidirectional, qk_ln=m.qk_layernorm, p_attn=m.attention_dropout,
+        kernel=kernel, causal=not objective.bidirectional, qk_ln=m.qk_layernorm, p_attn=m.attention_dropout,
         p_hidden=m.hidden_dropout, p_mlp=m.mlp_dropout, mlp_fused_ext=fused_ext,
         swiglu_fused=device == "cuda" and cfg.compute.bias_swiglu_fusion,
     )
