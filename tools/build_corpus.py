@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args
 from megatron_dataeff.data.corpus import embedded_corpus, write_jsonl
+from megatron_dataeff.entry import tool_main
 
 
+@tool_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,10 +11,11 @@ import json
 import sys
 from dataclasses import asdict
 
-
 from megatron_dataeff.data.dataset_tools import dataset_stats, training_tokens
+from megatron_dataeff.entry import tool_main
 
 
+@tool_main(user_error_exit=1)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="dataset prefix")
@@ -25,13 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-length", type=int)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
-    try:
-        train = training_tokens(None if args.train_tokens is None else int(args.train_tokens), args.train_iters,
-                                args.global_batch_size, args.seq_length)
-        stats = dataset_stats(args.input, None if args.unique_tokens is None else int(args.unique_tokens), train)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    train = training_tokens(None if args.train_tokens is None else int(args.train_tokens), args.train_iters,
+                            args.global_batch_size, args.seq_length)
+    stats = dataset_stats(args.input, None if args.unique_tokens is None else int(args.unique_tokens), train)
     print(json.dumps(asdict(stats), indent=2) if args.json else stats.describe())
     return 0
 

@@ -16,8 +16,8 @@ import argparse
 import os
 import sys
 
-from megatron_dataeff.config import ConfigError
 from megatron_dataeff.arguments import build_parser, config_from_args
+from megatron_dataeff.entry import tool_main
 from megatron_dataeff.training.memory import GiB, MemoryEstimate, device_capacity, estimate_stages
 
 QWEN3_IDS = 151_670  # Qwen3's tokenizer: 151,669 ids (len(tokenizer)), plus the mask token the trainer appends
@@ -90,18 +90,15 @@ def _table(est: MemoryEstimate, sizes: list[float]) -> str:
     return "\n".join(lines)
 
 
+@tool_main(user_error_exit=1)
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        ids, source = _vocab_ids(args)
-        args.tokenizer_type = args.tokenizer_type or "HuggingFaceTokenizer"
-        cfg = config_from_args(args)
-        device = "cpu" if args.device == "cpu" else "cuda"
-        stages = estimate_stages(cfg, args.world_size, ids, device, te_available=args.transformer_engine)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    ids, source = _vocab_ids(args)
+    args.tokenizer_type = args.tokenizer_type or "HuggingFaceTokenizer"
+    cfg = config_from_args(args)
+    device = "cpu" if args.device == "cpu" else "cuda"
+    stages = estimate_stages(cfg, args.world_size, ids, device, te_available=args.transformer_engine)
     sizes = [float(x) for x in args.gpu_memory_gb.split(",") if x.strip()]
     worst = max(stages, key=lambda e: e.total_with_allowances)
     m, p, c = cfg.model, cfg.parallel, cfg.compute

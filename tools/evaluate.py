@@ -17,11 +17,12 @@ import json
 import math
 import os
 import sys
-import warnings
+
+from megatron_dataeff.entry import tool_main
 
 
+@tool_main(process_group=True)  # a process group this call starts is torn down; a caller's is left alone
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="a --save directory (latest checkpoint) or one iter_N dir")
@@ -50,34 +51,28 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     from megatron_dataeff.evaluation.checkpoint_eval import evaluate_checkpoint
-    from megatron_dataeff.training.checkpointing import CheckpointError
-    from megatron_dataeff.training.distributed import owned_process_group
+    from megatron_dataeff.errors import PathNotFoundError
 
     tasks = [t for t in args.tasks.split(",") if t]
     if args.all_checkpoints:
-        iters = sorted(int(d[5:]) for d in os.listdir(args.load) if d.startswith("iter_") and d[5:].isdigit())
+        names = os.listdir(args.load) if os.path.isdir(args.load) else []
+        iters = sorted(int(d[5:]) for d in names if d.startswith("iter_") and d[5:].isdigit())
         targets = [(args.load, it) for it in iters]
         if not targets:
-            print(f"error: no iter_N checkpoints under {args.load}", file=sys.stderr)
-            return 2
+            raise PathNotFoundError(f"no iter_N checkpoints under {args.load}")
     else:
         targets = [(args.load, args.iteration)]
-    try:
-        with owned_process_group():  # a group this call starts is torn down; a caller's is left alone
-            for path, iteration in targets:
-                res = evaluate_checkpoint(path, iteration=iteration, tasks=tasks, mc_samples=args.mc_samples,
-                                          val_mc_samples=args.val_mc_samples, eval_windows=args.eval_windows,
-                                          num_examples=args.num_examples, task_seed=args.task_seed,
-                                          data_path=args.data_path, batch_size=args.batch_size,
-                                          validation=not args.no_validation, method=args.method,
-                                          greedy_order=args.greedy_order, view=args.view)
-                if args.json:
-                    print(json.dumps(res), flush=True)
-                else:
-                    _print(res, tasks)
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    for path, iteration in targets:
+        res = evaluate_checkpoint(path, iteration=iteration, tasks=tasks, mc_samples=args.mc_samples,
+                                  val_mc_samples=args.val_mc_samples, eval_windows=args.eval_windows,
+                                  num_examples=args.num_examples, task_seed=args.task_seed,
+                                  data_path=args.data_path, batch_size=args.batch_size,
+                                  validation=not args.no_validation, method=args.method,
+                                  greedy_order=args.greedy_order, view=args.view)
+        if args.json:
+            print(json.dumps(res), flush=True)
+        else:
+            _print(res, tasks)
     return 0
 
 

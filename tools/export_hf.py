@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-import warnings
+
+from megatron_dataeff.entry import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,21 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@tool_main(process_group=True)
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
     from megatron_dataeff.export.hf_export import export_checkpoint
-    from megatron_dataeff.export.hf_mapping import UnsupportedModelError
-    from megatron_dataeff.training.checkpointing import CheckpointError
-    from megatron_dataeff.training.distributed import owned_process_group
 
-    try:
-        with owned_process_group():
-            out = export_checkpoint(args.load, args.output, args.iteration, args.dtype, args.max_shard_size,
-                                    view=args.view)
-    except (UnsupportedModelError, CheckpointError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    out = export_checkpoint(args.load, args.output, args.iteration, args.dtype, args.max_shard_size, view=args.view)
     print(f"exported {args.load} -> {out}")
     tokenizer = json.load(open(os.path.join(out, "config.json")))["megatron_dataeff"]["tokenizer"]
     if not tokenizer["hf_tokenizer"]:

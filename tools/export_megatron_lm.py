@@ -15,7 +15,8 @@ token dropout, a dual model's --view ar): pretrain_gpt.py builds no bidirectiona
 
 import argparse
 import sys
-import warnings
+
+from megatron_dataeff.entry import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,19 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@tool_main(process_group=True)
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    from megatron_dataeff.errors import UserError
-    from megatron_dataeff.training.distributed import owned_process_group
     from megatron_dataeff.training.megatron_lm import write_checkpoint
 
-    try:
-        with owned_process_group():
-            out = write_checkpoint(args.load, args.save, args.iteration, view=args.view)
-    except (UserError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    out = write_checkpoint(args.load, args.save, args.iteration, view=args.view)
     print(f"wrote {args.load} -> {out} (Megatron-LM torch_dist, model only; --load {args.save})")
     return 0
 

@@ -17,7 +17,8 @@ the same tokens as the exported model's `generate`.  --json prints one line:
 import argparse
 import json
 import sys
-import warnings
+
+from megatron_dataeff.entry import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,23 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@tool_main(process_group=True)
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-
-    from megatron_dataeff.errors import UserError
     from megatron_dataeff.inference.generate import generate_text
-    from megatron_dataeff.training.distributed import owned_process_group
 
-    try:
-        with owned_process_group():
-            result = generate_text(args.load, args.prompt, args.max_new_tokens, iteration=args.iteration,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   seed=args.seed, steps=args.steps, block_length=args.block_length,
-                                   kv_cache=not args.no_kv_cache, device=args.device, view=args.view)
-    except (UserError, ValueError) as exc:  # bad flags or checkpoint (the samplers check their arguments)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    result = generate_text(args.load, args.prompt, args.max_new_tokens, iteration=args.iteration,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           steps=args.steps, block_length=args.block_length, kv_cache=not args.no_kv_cache,
+                           device=args.device, view=args.view)
     print(json.dumps(result) if args.json else result["text"], flush=True)
     return 0
 

@@ -11,7 +11,8 @@ with the model shape it records (the printed --make-vocab-size-divisible-by in p
 
 import argparse
 import sys
-import warnings
+
+from megatron_dataeff.entry import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,22 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@tool_main(process_group=True)
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    from megatron_dataeff.config import ConfigError
     from megatron_dataeff.export.hf_import import import_hf
-    from megatron_dataeff.export.hf_mapping import UnsupportedModelError
     from megatron_dataeff.training.checkpointing import read_metadata
-    from megatron_dataeff.training.distributed import owned_process_group
 
-    try:
-        with owned_process_group():
-            ckpt = import_hf(args.hf_dir, args.save, args.objective, args.tensor_model_parallel_size,
-                             args.pipeline_model_parallel_size, args.seq_length)
-    except (UnsupportedModelError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    ckpt = import_hf(args.hf_dir, args.save, args.objective, args.tensor_model_parallel_size,
+                     args.pipeline_model_parallel_size, args.seq_length)
     m = read_metadata(ckpt)["config"]["model"]
     print(f"imported {args.hf_dir} -> {ckpt} (model-only; --make-vocab-size-divisible-by "
           f"{m['make_vocab_size_divisible_by']}, --num-layers {m['num_layers']}, --hidden-size {m['hidden_size']})")

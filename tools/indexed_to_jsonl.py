@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args
 from megatron_dataeff.data.dataset_tools import indexed_to_jsonl
+from megatron_dataeff.entry import tool_main
 
 
+@tool_main(user_error_exit=1)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="dataset prefix (without .bin/.idx)")
@@ -29,9 +30,6 @@ def main(argv=None) -> int:
     try:
         n = indexed_to_jsonl(args.input, out, tokenizer, key=args.json_key, strip_eod=not args.keep_eod,
                              limit=args.limit, with_ids=args.with_ids)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         if out is not sys.stdout:
             out.close()

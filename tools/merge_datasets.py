@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-
 from megatron_dataeff.data.dataset_tools import merge_indexed
+from megatron_dataeff.entry import tool_main
 
 
 def _prefixes(inputs: list[str]) -> list[str]:
@@ -26,17 +26,14 @@ def _prefixes(inputs: list[str]) -> list[str]:
     return out
 
 
+@tool_main(user_error_exit=1)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, nargs="+", help="dataset prefixes, or folders of them")
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args(argv)
     prefixes = _prefixes(args.input)
-    try:
-        info = merge_indexed(prefixes, args.output_prefix)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    info = merge_indexed(prefixes, args.output_prefix)
     print(f"merged {len(prefixes)} datasets: {info.num_documents:,} documents, {info.num_tokens:,} tokens -> "
           f"{args.output_prefix}.bin/.idx", file=sys.stderr)
     return 0

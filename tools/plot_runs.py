@@ -15,7 +15,11 @@ import argparse
 import os
 import sys
 
+from megatron_dataeff.entry import tool_main
+from megatron_dataeff.errors import DataError
 
+
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", help="grid directories or run directories")
@@ -27,8 +31,7 @@ def main(argv=None) -> int:
 
     runs = find_runs(args.dirs)
     if not runs:
-        print(f"error: no runs with validation records under {' '.join(args.dirs)}", file=sys.stderr)
-        return 2
+        raise DataError(f"no runs with validation records under {' '.join(args.dirs)}")
     out = args.output or os.path.join(args.dirs[0], "report")
     os.makedirs(out, exist_ok=True)
     rows = summarise(runs)

@@ -25,11 +25,12 @@ import os
 import shlex
 import sys
 
-from megatron_dataeff.errors import UserError
+from megatron_dataeff.entry import tool_main
 from megatron_dataeff.experiments.grid import METHODS, SCALES
 from megatron_dataeff.experiments.runner import ROOT, GridArgs, run_grid
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -56,10 +57,7 @@ def main(argv=None) -> int:
                     dry_run=args.dry_run)
     command = shlex.join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "tools/run_grid.py",
                           *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return run_grid(grid, command)
-    except UserError as exc:
-        p.error(str(exc))
+    return run_grid(grid, command)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,17 @@ every argument to lm-eval's own command line (`--include_path DIR` for local tas
 """
 
 import sys
-import warnings
+
+from megatron_dataeff.entry import tool_main
+from megatron_dataeff.errors import ConfigError
 
 
+@tool_main
 def main() -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from megatron_dataeff.evaluation.lm_eval_adapter import LM_EVAL_AVAILABLE, register
 
     if not LM_EVAL_AVAILABLE:
-        print("error: lm-evaluation-harness is not installed: pip install 'lm_eval>=0.4,<0.5'", file=sys.stderr)
-        return 2
+        raise ConfigError("lm-evaluation-harness is not installed: pip install 'lm_eval>=0.4,<0.5'")
     register()
     from lm_eval.__main__ import cli_evaluate
 

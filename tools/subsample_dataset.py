@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from megatron_dataeff.data.dataset_tools import subsample_indexed
+from megatron_dataeff.entry import tool_main
 
 
+@tool_main(user_error_exit=1)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="dataset prefix")
@@ -25,11 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--at-least", action="store_true", help="reach the budget (the last document may overshoot)")
     args = parser.parse_args(argv)
-    try:
-        info, chosen = subsample_indexed(args.input, args.output_prefix, int(args.tokens), args.seed, args.at_least)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    info, chosen = subsample_indexed(args.input, args.output_prefix, int(args.tokens), args.seed, args.at_least)
     print(f"kept {chosen.size:,} documents, {info.num_tokens:,} tokens (budget {int(args.tokens):,}) -> "
           f"{args.output_prefix}.bin/.idx", file=sys.stderr)
     return 0

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-from megatron_dataeff.data.preprocess import PreprocessError
 from megatron_dataeff.data.tokenizer_training import (
     default_num_threads, iter_training_texts, train_byte_level_bpe, train_sentencepiece)
 from megatron_dataeff.data.tokenizers import build_tokenizer
+from megatron_dataeff.entry import tool_main
 
 
+@tool_main(user_error_exit=1)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, nargs="+", help="JSONL/text files, globs or folders")
@@ -35,21 +35,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-byte-fallback", action="store_true", help="sentencepiece: map unknown chars to <unk>")
     args = parser.parse_args(argv)
     max_chars = None if args.max_chars is None else int(args.max_chars)
-    try:
-        texts = iter_training_texts(args.input, args.json_key, max_chars)
-        if args.type == "bpe":
-            path = train_byte_level_bpe(texts, args.output, args.vocab_size, args.min_frequency)
-            tok = build_tokenizer("HuggingFaceTokenizer", path)
-            usage = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {path}"
-        else:
-            path = train_sentencepiece(texts, args.output, args.vocab_size, args.model_type,
-                                       args.character_coverage, not args.no_byte_fallback,
-                                       num_threads=default_num_threads(), normalization_rule_name=args.normalization)
-            tok = build_tokenizer("SentencePieceTokenizer", path)
-            usage = f"--tokenizer-type SentencePieceTokenizer --tokenizer-model {path}"
-    except (PreprocessError, ValueError, KeyError, RuntimeError) as exc:
-        print(f"error: {exc!r}", file=sys.stderr)
-        return 1
+    texts = iter_training_texts(args.input, args.json_key, max_chars)
+    if args.type == "bpe":
+        path = train_byte_level_bpe(texts, args.output, args.vocab_size, args.min_frequency)
+        tok = build_tokenizer("HuggingFaceTokenizer", path)
+        usage = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {path}"
+    else:
+        path = train_sentencepiece(texts, args.output, args.vocab_size, args.model_type, args.character_coverage,
+                                   not args.no_byte_fallback, num_threads=default_num_threads(),
+                                   normalization_rule_name=args.normalization)
+        tok = build_tokenizer("SentencePieceTokenizer", path)
+        usage = f"--tokenizer-type SentencePieceTokenizer --tokenizer-model {path}"
     print(f"vocab {tok.vocab_size:,}, eod {tok.eod}, mask {tok.mask_token_id}\nuse: {usage}", file=sys.stderr)
     return 0
 

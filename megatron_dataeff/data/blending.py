@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from megatron_dataeff.data.samples import DataConstrainedData
-from megatron_dataeff.errors import DataError
+from megatron_dataeff.errors import ConfigError, DataError
 
 BLOCK = 4096
 
@@ -28,15 +28,15 @@ def parse_data_path(items: list[str]) -> tuple[list[str], list[float]]:
     if len(items) == 1:
         return [items[0]], [1.0]
     if len(items) % 2:
-        raise ValueError(f"--data-path: expected PREFIX or pairs of WEIGHT PREFIX, got {items}")
+        raise ConfigError(f"--data-path: expected PREFIX or pairs of WEIGHT PREFIX, got {items}")
     prefixes, weights = [], []
     for w, prefix in zip(items[0::2], items[1::2]):
         try:
             weight = float(w)
         except ValueError as exc:
-            raise ValueError(f"--data-path: {w!r} is not a weight (expected WEIGHT PREFIX pairs)") from exc
+            raise ConfigError(f"--data-path: {w!r} is not a weight (expected WEIGHT PREFIX pairs)") from exc
         if weight <= 0:
-            raise ValueError(f"--data-path: weight {w} of {prefix} must be positive")
+            raise ConfigError(f"--data-path: weight {w} of {prefix} must be positive")
         prefixes.append(prefix)
         weights.append(weight)
     return prefixes, weights
@@ -121,15 +121,11 @@ class BlendedData:
 def run_data_path(cfg, tokenizer) -> list[str]:
     """The `--data-path` items of a run (RunConfig), each prefix's .bin/.idx checked to exist, else the
     embedded corpus's prefix (tokenized with `tokenizer` and cached on first use)."""
-    from megatron_dataeff.config import ConfigError
     from megatron_dataeff.data.corpus import embedded_corpus
 
     if not cfg.data.data_path:
         return [embedded_corpus(tokenizer, cfg.data.data_cache_dir)]
-    try:
-        prefixes, _ = parse_data_path(list(cfg.data.data_path))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    prefixes, _ = parse_data_path(list(cfg.data.data_path))
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):

@@ -15,6 +15,7 @@ import numpy as np
 
 from megatron_dataeff.data.indexed import IndexedDatasetWriter, IndexInfo, bin_memmap, read_document, validate_indexed
 from megatron_dataeff.data.tokenizers import Tokenizer
+from megatron_dataeff.errors import ConfigError, DataError
 
 
 def iter_documents(prefix: str):
@@ -54,11 +55,11 @@ def indexed_to_jsonl(prefix: str, out: TextIO, tokenizer: Tokenizer, key: str = 
 def merge_indexed(prefixes: Sequence[str], output_prefix: str) -> IndexInfo:
     """Concatenate datasets (same token dtype) into one, documents in the order given."""
     if not prefixes:
-        raise ValueError("nothing to merge")
+        raise ConfigError("nothing to merge: --input names no dataset")
     infos = [validate_indexed(p) for p in prefixes]
     dtypes = {str(i.dtype) for i in infos}
     if len(dtypes) != 1:
-        raise ValueError("datasets to merge have different token dtypes: "
+        raise DataError("datasets to merge have different token dtypes: "
                          + ", ".join(f"{i.prefix} ({i.dtype})" for i in infos))
     with IndexedDatasetWriter(output_prefix, dtype=infos[0].dtype) as w:
         for p in prefixes:
@@ -73,7 +74,7 @@ def choose_documents(doc_lengths: np.ndarray, token_budget: int, seed: int, at_l
     left out would fit. `at_least`: documents are taken until the total reaches the budget (the last
     one may overshoot)."""
     if token_budget <= 0:
-        raise ValueError("the token budget must be positive")
+        raise ConfigError(f"the token budget must be positive, got {token_budget}")
     order = np.random.default_rng(seed).permutation(doc_lengths.size)
     lengths = doc_lengths[order]
     if at_least:
@@ -156,7 +157,7 @@ def training_tokens(train_tokens: Optional[int] = None, train_iters: Optional[in
     if all(v is None for v in given):
         return None
     if any(v is None for v in given):
-        raise ValueError("--train-iters needs --global-batch-size and --seq-length")
+        raise ConfigError("--train-iters needs --global-batch-size and --seq-length")
     return int(train_iters) * int(global_batch_size) * int(seq_length)
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_dataeff.atomic import replace_file
-from megatron_dataeff.errors import UserError
+from megatron_dataeff.errors import DataError, UserError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 _HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, two counts
@@ -96,7 +96,7 @@ class IndexedDatasetWriter:
         """Append every document of the indexed dataset at `prefix` (same dtype), copying its bytes."""
         info = validate_indexed(prefix)
         if info.dtype != self.dtype:
-            raise ValueError(f"{prefix}.idx has dtype {info.dtype}, this dataset is {self.dtype}")
+            raise DataError(f"{prefix}.idx has dtype {info.dtype}, this dataset is {self.dtype}")
         self._seq_lengths.append(info.sequence_lengths.astype(np.int64))
         self._seqs_per_doc.append(np.diff(info.document_indices))
         with open(prefix + ".bin", "rb") as f:

@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from megatron_dataeff.data.cli import add_tokenizer_args, tokenizer_from_args
-from megatron_dataeff.data.preprocess import INPUT_FORMATS, SENTENCE_SPLITTERS, PreprocessError, preprocess
+from megatron_dataeff.data.preprocess import INPUT_FORMATS, SENTENCE_SPLITTERS, preprocess
+from megatron_dataeff.entry import tool_main
 
 DESCRIPTION = "Tokenize text into a Megatron indexed dataset; takes Megatron-LM's `tools/preprocess_data.py` flags."
 
@@ -57,20 +58,18 @@ def get_args(argv=None, description: str = DESCRIPTION) -> argparse.Namespace:
     return args
 
 
+@tool_main(user_error_exit=1)
 def main(argv=None, description: str = DESCRIPTION) -> int:
     """Run the preprocessing a command line asks for; the exit status (1: bad input, named in one line)."""
     args = get_args(argv, description)
+    tokenizer = tokenizer_from_args(args)
     try:
-        tokenizer = tokenizer_from_args(args)
         summary = preprocess(args.input, args.output_prefix, tokenizer, json_keys=args.json_keys,
                              append_eod=args.append_eod, workers=args.workers, log_interval=args.log_interval,
                              input_format=args.input_format, skip_invalid=args.skip_invalid,
                              split_sentences=args.split_sentences, keep_newlines=args.keep_newlines,
                              sentence_splitter=args.sentence_splitter or "punkt", lang=args.lang,
                              partitions=args.partitions)
-    except (PreprocessError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130

@@ -16,6 +16,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from megatron_dataeff.data.inputs import PreprocessError, open_text, resolve_inputs
+from megatron_dataeff.errors import ConfigError
+
 EOD_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "[MASK]"
 PAD_TOKEN = "<|pad|>"
@@ -32,16 +35,44 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     import sentencepiece as spm
 
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
-        character_coverage=character_coverage, byte_fallback=byte_fallback,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=[MASK_TOKEN],
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=input_sentence_size > 0,
-        hard_vocab_limit=False, num_threads=num_threads, minloglevel=2,
-        normalization_rule_name=normalization_rule_name,
-        remove_extra_whitespaces=normalization_rule_name != "identity",
-    )
+    source = _Texts(texts)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=source, model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=character_coverage, byte_fallback=byte_fallback,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=[MASK_TOKEN],
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=input_sentence_size > 0,
+            hard_vocab_limit=False, num_threads=num_threads, minloglevel=2,
+            normalization_rule_name=normalization_rule_name,
+            remove_extra_whitespaces=normalization_rule_name != "identity",
+        )
+    except (RuntimeError, ValueError) as exc:
+        if source.error is not None:  # sentencepiece wraps what the texts raised in its own RuntimeError
+            raise source.error from None
+        raise ConfigError(f"SentencePiece cannot train with these options (--vocab-size {vocab_size}, --model-type "
+                          f"{model_type}, --character-coverage {character_coverage}, --normalization "
+                          f"{normalization_rule_name}): {exc}") from exc
     return model_prefix + ".model"
+
+
+class _Texts:
+    """An iterator over texts that keeps the exception it raised, for the caller of a library that hides it."""
+
+    def __init__(self, texts: Iterable[str]):
+        self._it = iter(texts)
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> "_Texts":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            raise
 
 
 def train_byte_level_bpe(texts: Iterable[str], out_dir: str, vocab_size: int, min_frequency: int = 2) -> str:
@@ -69,24 +100,43 @@ def train_byte_level_bpe(texts: Iterable[str], out_dir: str, vocab_size: int, mi
 
 def iter_training_texts(paths: list[str], json_key: str = "text", max_chars: int | None = None) -> Iterator[str]:
     """Texts of JSONL (`.jsonl`, `.json`, `.gz`) or plain-text files, stopping after `max_chars` characters."""
-    from megatron_dataeff.data.preprocess import open_text, resolve_inputs
-
     seen = 0
     for path, fmt in resolve_inputs(paths):
-        if fmt == "parquet":
-            raise ValueError(f"{path}: train tokenizers on JSONL or text files")
+        if fmt not in ("text", "jsonl"):
+            raise PreprocessError(f"{path}: train tokenizers on JSONL or text files, not {fmt}")
+        for text in _file_texts(path, fmt, json_key):
+            if not text:
+                continue
+            yield text
+            seen += len(text)
+            if max_chars is not None and seen >= max_chars:
+                return
+
+
+def _file_texts(path: str, fmt: str, json_key: str) -> Iterator[str]:
+    """The texts of one JSONL or text file; a record that has none is a PreprocessError naming file:line."""
+    try:
         with open_text(path) as f:
             if fmt == "text":
-                items: Iterable[str] = [f.read()]
-            else:
-                items = (json.loads(line)[json_key] for line in f if line.strip())
-            for text in items:
-                if not text:
+                yield f.read()
+                return
+            for line, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
+                try:
+                    record = json.loads(raw)
+                except ValueError as exc:
+                    raise PreprocessError(f"{path}:{line}: not valid JSON ({exc})") from exc
+                if not isinstance(record, dict) or json_key not in record:
+                    raise PreprocessError(f"{path}:{line}: no key {json_key!r}")
+                text = record[json_key]
+                if text is None:  # a null text is an empty document
+                    continue
+                if not isinstance(text, str):
+                    raise PreprocessError(f"{path}:{line}: {json_key!r} is {type(text).__name__}, not a string")
                 yield text
-                seen += len(text)
-                if max_chars is not None and seen >= max_chars:
-                    return
+    except (UnicodeDecodeError, EOFError, OSError) as exc:  # not UTF-8, a corrupt gzip stream, unreadable
+        raise PreprocessError(f"{path}: cannot read: {exc}") from exc
 
 
 def default_num_threads() -> int:

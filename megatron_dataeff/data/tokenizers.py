@@ -22,13 +22,14 @@ made here and one made there are interchangeable:
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_dataeff.errors import ConfigError
+from megatron_dataeff.errors import ConfigError, PathNotFoundError, UserError
 
 TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
                    "NullTokenizer")
@@ -167,15 +168,16 @@ class HuggingFaceTokenizer(Tokenizer):
         if not tokenizer_model:
             raise ConfigError("HuggingFaceTokenizer needs --tokenizer-model (a local directory or tokenizer.json)")
         if not os.path.exists(tokenizer_model):
-            raise FileNotFoundError(f"HuggingFaceTokenizer: {tokenizer_model} does not exist")
+            raise PathNotFoundError(f"HuggingFaceTokenizer: {tokenizer_model} does not exist")
         import transformers
 
-        if os.path.isfile(tokenizer_model):
-            self._tok = transformers.PreTrainedTokenizerFast(tokenizer_file=tokenizer_model)
-        else:
-            # use_fast=False is what Megatron-LM asks for; transformers still hands back the
-            # tokenizers-backed class when that is all the directory has.
-            self._tok = transformers.AutoTokenizer.from_pretrained(tokenizer_model, use_fast=False)
+        with _reading("--tokenizer-model", tokenizer_model, "a Hugging Face tokenizer"):
+            if os.path.isfile(tokenizer_model):
+                self._tok = transformers.PreTrainedTokenizerFast(tokenizer_file=tokenizer_model)
+            else:
+                # use_fast=False is what Megatron-LM asks for; transformers still hands back the
+                # tokenizers-backed class when that is all the directory has.
+                self._tok = transformers.AutoTokenizer.from_pretrained(tokenizer_model, use_fast=False)
         self.tokenizer_model = tokenizer_model
         self._backend = getattr(self._tok, "backend_tokenizer", None)
         self._vocab_size = len(self._tok)
@@ -228,10 +230,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, tokenizer_model: str):
         if not tokenizer_model or not os.path.isfile(tokenizer_model):
-            raise FileNotFoundError(f"SentencePieceTokenizer needs --tokenizer-model X.model, got {tokenizer_model!r}")
+            raise PathNotFoundError(f"SentencePieceTokenizer needs --tokenizer-model X.model, got {tokenizer_model!r}")
         import sentencepiece
 
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
+        with _reading("--tokenizer-model", tokenizer_model, "a SentencePiece model"):
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
         self.tokenizer_model = tokenizer_model
         self._num_threads = -1
         unk = self._sp.unk_id()
@@ -277,15 +280,16 @@ class GPT2BPETokenizer(Tokenizer):
     def __init__(self, vocab_file: str, merge_file: str):
         for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not path or not os.path.isfile(path):
-                raise FileNotFoundError(f"GPT2BPETokenizer needs {flag}, got {path!r}")
+                raise PathNotFoundError(f"GPT2BPETokenizer needs {flag}, got {path!r}")
         from tokenizers import Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers
 
-        with open(vocab_file, encoding="utf-8") as f:
+        with _reading("--vocab-file", vocab_file, "a GPT-2 vocab.json"), open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
-        if "<|endoftext|>" not in vocab:
+        if not isinstance(vocab, dict) or "<|endoftext|>" not in vocab:
             raise ConfigError(f"{vocab_file} has no <|endoftext|> token (the GPT-2 EOD)")
         # No added/special tokens: like OpenAI's encoder, "<|endoftext|>" in text is plain text.
-        self._tok = _HFTokenizer(models.BPE.from_file(vocab_file, merge_file))
+        with _reading("--vocab-file/--merge-file", f"{vocab_file} {merge_file}", "GPT-2 BPE files"):
+            self._tok = _HFTokenizer(models.BPE.from_file(vocab_file, merge_file))
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
         self.vocab_file, self.merge_file = vocab_file, merge_file
@@ -315,6 +319,23 @@ class GPT2BPETokenizer(Tokenizer):
 
     def build_args(self) -> dict:
         return {**super().build_args(), "vocab_file": self.vocab_file, "merge_file": self.merge_file}
+
+
+@contextlib.contextmanager
+def _reading(flag: str, path: str, what: str):
+    """Turn a tokenizer library's refusal of a user's file into a ConfigError naming the flag and file.
+
+    The libraries say "this file is not what I read" with OSError, ValueError (json's included),
+    RuntimeError (sentencepiece) or, from the Rust `tokenizers`, a plain `Exception`; any other type is
+    not about the file and keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, UserError) or not (isinstance(exc, (OSError, ValueError, RuntimeError))
+                                              or type(exc) is Exception):
+            raise
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"{flag} {path}: cannot be read as {what}: {reason}") from exc
 
 
 def _encode_batch(tok, texts: Sequence[str]):

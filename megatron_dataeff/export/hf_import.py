@@ -30,6 +30,7 @@ import shutil
 
 import torch
 
+from megatron_dataeff.errors import DataError, OutputExistsError, PathNotFoundError
 from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelError, check_hf_names, hf_tensor_for,
                                                 megatron_checkpoint_key, megatron_shapes, read_hf_config)
 from megatron_dataeff.export.safetensors_io import SafetensorsDirectory
@@ -41,9 +42,14 @@ def read_hf_dir_config(hf_dir: str) -> tuple[dict, dict]:
     """(raw config.json, checked model fields) of an HF directory."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json")
+        raise PathNotFoundError(f"--hf-dir {hf_dir}: no config.json")
     with open(path) as f:
-        raw = json.load(f)
+        try:
+            raw = json.load(f)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise DataError(f"--hf-dir {hf_dir}: config.json is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise DataError(f"--hf-dir {hf_dir}: config.json is not a JSON object")
     model_type = raw.get("model_type")
     if model_type == "dataeff_mdm":
         from megatron_dataeff.export.configuration_dataeff_mdm import DataEffMDMConfig
@@ -195,8 +201,8 @@ def _prepare_save(meta: dict, save_dir: str) -> tuple[int, str]:
     iteration = int(meta["iteration"])
     marker = os.path.join(save_dir, LATEST)
     if os.path.exists(marker) and open(marker).read().strip() != str(iteration):
-        raise FileExistsError(f"--save {save_dir} already holds checkpoints up to iteration "
-                              f"{open(marker).read().strip()}; choose an empty directory")
+        raise OutputExistsError(f"--save {save_dir} already holds checkpoints up to iteration "
+                                f"{open(marker).read().strip()}; choose an empty directory")
     tmp = os.path.join(save_dir, checkpoint_name(iteration)) + ".tmp"
     os.makedirs(save_dir, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)

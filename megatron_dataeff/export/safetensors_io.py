@@ -19,6 +19,8 @@ import struct
 
 import torch
 
+from megatron_dataeff.errors import DataError, PathNotFoundError
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -114,17 +116,15 @@ class SafetensorsDirectory:
         if os.path.exists(single):
             files = [SINGLE]
         elif os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = sorted(set(_weight_map(index).values()))
         else:
-            raise FileNotFoundError(f"{directory}: no {SINGLE} or {INDEX} (only safetensors weights are read)")
+            raise PathNotFoundError(f"{directory}: no {SINGLE} or {INDEX} (only safetensors weights are read)")
         self.entries: dict[str, tuple[str, dict, int]] = {}  # name -> (file, header entry, data start)
         for fname in files:
             path = os.path.join(directory, fname)
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
+            if not os.path.isfile(path):
+                raise PathNotFoundError(f"{path}: named by {INDEX} but not there")
+            length, header = _read_header(path)
             for name, entry in header.items():
                 self.entries[name] = (path, entry, 8 + length)
         self.names = set(self.entries)
@@ -133,16 +133,46 @@ class SafetensorsDirectory:
         path, entry, start = self.entries[name]
         dtype = _FROM_NAME.get(entry["dtype"])
         if dtype is None:
-            raise ValueError(f"{path}: {name} has dtype {entry['dtype']}, not one read here")
+            raise DataError(f"{path}: {name} has dtype {entry['dtype']}, not one read here")
         begin, end = entry["data_offsets"]
         buf = bytearray(end - begin)
         with open(path, "rb") as f:
             f.seek(start + begin)
             if f.readinto(buf) != len(buf):
-                raise ValueError(f"{path}: truncated ({name} ends past the end of the file)")
+                raise DataError(f"{path}: truncated ({name} ends past the end of the file)")
         if not buf:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
 _FROM_NAME = {name: dtype for dtype, name in DTYPES.items()}
+
+
+def _weight_map(index: str) -> dict:
+    """The {tensor name: shard file} of a model.safetensors.index.json."""
+    with open(index) as f:
+        try:
+            data = json.load(f)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise DataError(f"{index}: not valid JSON ({exc})") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise DataError(f"{index}: no weight_map of tensor names to files")
+    return weight_map
+
+
+def _read_header(path: str) -> tuple[int, dict]:
+    """(header length, {name: entry}) of a safetensors file, `__metadata__` left out."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        raw = f.read(length) if length <= size - 8 else b""
+    try:
+        header = json.loads(raw)
+    except ValueError:  # empty, not JSON, or not UTF-8
+        header = None
+    if not isinstance(header, dict) or not all(isinstance(e, dict) for e in header.values()):
+        raise DataError(f"{path}: not a safetensors file (no valid header)")
+    header.pop("__metadata__", None)
+    return length, header
