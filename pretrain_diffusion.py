@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from megatron_dataeff.arguments import parse_config
     from megatron_dataeff.errors import UserError
-    from megatron_dataeff.training.distributed import shutdown
+    from megatron_dataeff.distributed import shutdown
     from megatron_dataeff.training.loop import Trainer
 
     cfg = parse_config(argv)

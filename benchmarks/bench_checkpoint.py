@@ -26,9 +26,9 @@ def _step(trainer, n: int) -> float:
     """Seconds per step over n training steps."""
     start = time.perf_counter()
     for _ in range(n):
-        trainer.train_step(trainer.iteration)
-        trainer.iteration += 1
-        trainer.consumed_samples += trainer.cfg.optim.global_batch_size
+        trainer.train_step(trainer.state.iteration)
+        trainer.state.iteration += 1
+        trainer.state.consumed_samples += trainer.cfg.optim.global_batch_size
     if trainer.runtime.device == "cuda":
         import torch
 
@@ -64,7 +64,7 @@ def main() -> None:
         _step(trainer, 2)  # warm-up
         base = _step(trainer, 3)
         trainer._save_checkpoint(blocking=False)  # the first background save starts megatron's helpers
-        trainer._finish_async_saves(blocking=True)
+        trainer.checkpoints.finish(blocking=True)
         rows = {"sync_held_s": [], "async_held_s": [], "async_published_s": [], "step_s_while_writing": []}
         for _ in range(args.rounds):
             _step(trainer, 1)
@@ -76,10 +76,10 @@ def main() -> None:
             trainer._save_checkpoint(blocking=False)
             rows["async_held_s"].append(time.perf_counter() - start)
             steps, stepped = 0, 0.0
-            while trainer.async_saves.get_num_unfinalized_calls():
+            while trainer.checkpoints.async_saves.get_num_unfinalized_calls():
                 stepped += _step(trainer, 1)
                 steps += 1
-                trainer._finish_async_saves(blocking=False)
+                trainer.checkpoints.finish(blocking=False)
             rows["async_published_s"].append(time.perf_counter() - start)
             if steps:
                 rows["step_s_while_writing"].append(stepped / steps)

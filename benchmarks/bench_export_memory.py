@@ -53,7 +53,7 @@ def _stage(args) -> dict:
     """One measured step, in this process."""
     import torch
 
-    from megatron_dataeff.training.distributed import initialize
+    from megatron_dataeff.distributed import initialize
 
     initialize(1, 1, 1234, "cpu")
     start_rss, start = _rss_gib(), time.perf_counter()

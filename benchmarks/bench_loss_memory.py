@@ -28,7 +28,7 @@ def _child(variant: str, tokens: int, vocab: int, device: str) -> dict:
 
     import torch
 
-    from megatron_dataeff.training.distributed import initialize
+    from megatron_dataeff.distributed import initialize
 
     initialize(1, 1, seed=0, device_flag=device)
     torch.manual_seed(0)

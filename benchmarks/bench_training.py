@@ -300,7 +300,8 @@ def child(spec: dict) -> None:
     import megatron.core.distributed  # noqa: F401
     import megatron.core.optimizer  # noqa: F401
     import megatron.core.pipeline_parallel  # noqa: F401
-    from megatron_dataeff.training import distributed, loop  # noqa: F401
+    from megatron_dataeff import distributed
+    from megatron_dataeff.training import loop  # noqa: F401
 
     distributed.initialize(1, 1, 0, "cpu")
     try:
@@ -394,7 +395,7 @@ def main() -> None:
             figures["B"] = part_b(a, data_prefix, tmp, backend_flag)
     if a.json:
         print(json.dumps(figures))
-    from megatron_dataeff.training.distributed import shutdown
+    from megatron_dataeff.distributed import shutdown
 
     shutdown()
 

@@ -24,7 +24,6 @@ from typing import Any, Literal, Optional
 from megatron_dataeff.data.tokenizers import TOKENIZER_TYPES
 from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.objectives import OBJECTIVE_NAMES
-from megatron_dataeff.training.exits import EXIT_SIGNALS
 
 
 def _require(cond: bool, message: str) -> None:
@@ -159,6 +158,7 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 LrDecayStyle = Literal[LR_DECAY_STYLES]
 LR_WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 LrWsdDecayStyle = Literal[LR_WSD_DECAY_STYLES]
+EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")  # what --exit-signal-handler can catch
 ExitSignal = Literal[EXIT_SIGNALS]
 Device = Literal["auto", "cuda", "cpu"]
 

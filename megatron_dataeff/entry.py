@@ -42,7 +42,7 @@ def tool_main(fn: Callable[..., int] | None = None, *, process_group: bool = Fal
             try:
                 if not process_group:
                     return main(*args, **kwargs)
-                from megatron_dataeff.training.distributed import owned_process_group
+                from megatron_dataeff.distributed import owned_process_group
 
                 with owned_process_group():
                     return main(*args, **kwargs)

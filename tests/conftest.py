@@ -30,7 +30,7 @@ def corpus_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def megatron_cpu():
     """torch.distributed (1 gloo process) and megatron's parallel state at TP=PP=1, in this process."""
-    from megatron_dataeff.training.distributed import initialize
+    from megatron_dataeff.distributed import initialize
 
     return initialize(1, 1, seed=1234, device_flag="cpu")
 

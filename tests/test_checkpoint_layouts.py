@@ -38,20 +38,20 @@ def _as_transformer_engine(sharded: dict) -> dict:
 
 def _train(tmp_path, name, extra=(), te_form=None, monkeypatch=None):
     """Train in this process (with the checkpoint state in TE's form when `te_form`); the train losses."""
-    from megatron_dataeff.training import checkpointing
+    from megatron_dataeff.checkpoint import state
+    from megatron_dataeff.training.loop import Trainer
 
     if te_form:
-        original = checkpointing._sharded_state
-        monkeypatch.setattr(checkpointing, "_sharded_state",
-                            lambda *a, **k: _as_transformer_engine(original(*a, **k)))
+        original = state.sharded_state
+        monkeypatch.setattr(state, "sharded_state", lambda *a, **k: _as_transformer_engine(original(*a, **k)))
         if te_form == "save":  # and the run's compute config as a TE GPU run records it
-            meta = checkpointing._metadata
+            meta = Trainer.checkpoint_metadata
 
             def te_metadata(trainer):
                 out = meta(trainer)
                 out["config"]["compute"].update(attention_backend="fused", transformer_impl="transformer_engine")
                 return out
-            monkeypatch.setattr(checkpointing, "_metadata", te_metadata)
+            monkeypatch.setattr(Trainer, "checkpoint_metadata", te_metadata)
         else:  # a TE model loads what it asked for: its core attention's object comes back as its own value
             from megatron_dataeff.models.builder import DataEffGPTModel
 
@@ -74,7 +74,7 @@ def test_checkpoints_cross_layer_specs_with_exact_resume(megatron_cpu, tmp_path,
     """Saved by one spec at iteration 2, resumed by the other: the losses of an uninterrupted run, bit for bit
     (model, distributed optimizer, RNG); TE's extra objects are ignored by the local spec and kept as they are
     by a TE model that finds none."""
-    from megatron_dataeff.training.checkpointing import checkpoint_keys
+    from megatron_dataeff.checkpoint.storage import checkpoint_keys
 
     extra = ["--use-distributed-optimizer"]
     full = _train(tmp_path, "full", extra)
@@ -107,7 +107,8 @@ def test_a_key_the_checkpoint_lacks_is_refused_by_name(megatron_cpu, tmp_path, m
     """A request for a tensor the checkpoint does not hold fails before any load, naming the key."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_dataeff.training.checkpointing import CheckpointError, fit_request
+    from megatron_dataeff.checkpoint.format import CheckpointError
+    from megatron_dataeff.checkpoint.storage import fit_request
 
     _train(tmp_path, "run", ["--save", str(tmp_path / "ckpt"), "--train-iters", "1", "--lr-decay-iters", "1"])
     extra = ShardedTensor.from_rank_offsets("decoder.layers.self_attention.linear_qkv.bias", torch.zeros(4),

@@ -103,8 +103,7 @@ def test_missing_shard_and_metadata_are_refused(saved, tmp_path):
     before any collective work, called here in-process)."""
     import shutil
 
-    from megatron_dataeff.training.checkpointing import (CheckpointError, check_checkpoint_files, read_metadata,
-                                                         resolve_checkpoint)
+    from megatron_dataeff.checkpoint.format import CheckpointError, check_checkpoint_files, read_metadata, resolve_checkpoint
 
     broken = tmp_path / "broken"
     shutil.copytree(saved, broken)
@@ -124,7 +123,7 @@ def test_truncated_shard_is_refused(megatron_cpu, saved, tmp_path):
     import shutil
 
     from megatron_dataeff.inference.loading import load_model_for_inference
-    from megatron_dataeff.training.checkpointing import CheckpointError
+    from megatron_dataeff.checkpoint.format import CheckpointError
 
     broken = tmp_path / "trunc"
     shutil.copytree(saved, broken)
@@ -142,7 +141,7 @@ def test_other_shape_is_refused_naming_the_flag(saved, tmp_path):
 
 def test_load_without_checkpoint_is_an_error(tmp_path):
     """--load of a directory with no checkpoint stops (unless it is also --save: auto-resume)."""
-    from megatron_dataeff.training.checkpointing import CheckpointError, latest_iteration
+    from megatron_dataeff.checkpoint.format import CheckpointError, latest_iteration
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt"):

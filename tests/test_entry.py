@@ -96,7 +96,7 @@ def test_optional_accelerator_warnings_are_silenced():
 def test_process_group_wraps_the_body_and_is_closed_before_the_error_is_printed(monkeypatch, capsys):
     """process_group=True runs main inside owned_process_group(), which is left (torn down) even when a
     UserError ends main; tools without it do not import torch.distributed's helpers at all."""
-    from megatron_dataeff.training import distributed
+    from megatron_dataeff import distributed
 
     events = []
 

@@ -16,7 +16,7 @@ from megatron_dataeff.config import ConfigError
 from megatron_dataeff.export.hf_export import export_checkpoint
 from megatron_dataeff.export.hf_import import choose_vocab_padding, import_hf
 from megatron_dataeff.export.hf_mapping import UnsupportedModelError, read_hf_config
-from megatron_dataeff.training.checkpointing import read_metadata
+from megatron_dataeff.checkpoint.format import read_metadata
 from tests.test_export_hf import TOL, make_checkpoint, megatron_logits
 
 WORDS = "the cat sat on the mat and a dog ran to the big red house while birds sang songs"

@@ -101,7 +101,7 @@ def test_ar_generation_with_kv_cache_equals_full_recompute(tmp_path):
     script = f"""
 import json
 from megatron_dataeff.evaluation.lm_eval_adapter import MegatronDataEffLM
-from megatron_dataeff.training.distributed import owned_process_group
+from megatron_dataeff.distributed import owned_process_group
 with owned_process_group():
     lm = MegatronDataEffLM(load={str(run / 'ckpt')!r})
     assert lm._cached_logits_fn(64) is not lm.scorer.logits_fn, "the KV cache path is not taken"

@@ -35,7 +35,7 @@ def ours(megatron_cpu, tmp_path_factory):
 
 
 def _common(path):
-    from megatron_dataeff.training.megatron_lm import read_common_state
+    from megatron_dataeff.checkpoint.format import read_common_state
 
     return read_common_state(str(path / "release"))
 
@@ -54,7 +54,7 @@ def _edited(ours, tmp_path, **changes):
 
 def test_written_in_megatron_lm_layout(ours):
     """SAVE/release with Megatron-LM's tracker, args, version and the model under megatron-core's keys."""
-    from megatron_dataeff.training.checkpointing import checkpoint_keys
+    from megatron_dataeff.checkpoint.storage import checkpoint_keys
 
     assert (ours / "mlm" / "latest_checkpointed_iteration.txt").read_text() == "release"
     common = _common(ours / "mlm")
@@ -92,7 +92,7 @@ def test_load_reads_megatron_lm_weights_for_any_objective(ours, tmp_path, object
 def test_other_architectures_are_refused_by_flag(ours, tmp_path, changes, message):
     """A Megatron-LM checkpoint of a model this framework does not build is refused before loading, naming
     Megatron-LM's flag."""
-    from megatron_dataeff.training.checkpointing import CheckpointError
+    from megatron_dataeff.checkpoint.format import CheckpointError
 
     ckpt = _edited(ours, tmp_path, **changes)
     with pytest.raises(CheckpointError, match=message):
@@ -101,7 +101,7 @@ def test_other_architectures_are_refused_by_flag(ours, tmp_path, changes, messag
 
 def test_a_checkpoint_without_args_is_refused(ours, tmp_path):
     """A torch_dist checkpoint with neither our metadata nor Megatron-LM's args is refused, naming both."""
-    from megatron_dataeff.training.checkpointing import CheckpointError
+    from megatron_dataeff.checkpoint.format import CheckpointError
 
     ckpt = _edited(ours, tmp_path)
     common = _common(tmp_path / "mlm")
@@ -125,7 +125,7 @@ def test_diffusion_checkpoints_are_not_written_for_megatron_lm(megatron_cpu, tmp
 def test_megatron_lm_checkpoint_is_refused_by_inference_tools_with_the_way_forward(ours):
     """Export/evaluation need our metadata: a Megatron-LM checkpoint is refused saying what reads it."""
     from megatron_dataeff.inference.loading import load_model_for_inference
-    from megatron_dataeff.training.checkpointing import CheckpointError
+    from megatron_dataeff.checkpoint.format import CheckpointError
 
     with pytest.raises(CheckpointError, match="is a Megatron-LM checkpoint: pretrain_diffusion.py --load reads"):
         load_model_for_inference(str(ours / "mlm"))
@@ -181,7 +181,7 @@ def test_load_reads_a_checkpoint_megatron_lm_wrote(megatron_cpu, tmp_path):
                 "--train-iters", "1", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--tensorboard-dir", ""]))
     trainer = Trainer(cfg)
     try:
-        assert trainer.iteration == 0
+        assert trainer.state.iteration == 0
         err = (torch.load(tmp_path / "mlm" / "logits.pt") - _logits(trainer.model[0].module)).abs().max().item()
     finally:
         trainer.close()

@@ -440,7 +440,7 @@ def layout_child(flags: list[str]) -> None:
 
     from megatron_dataeff.arguments import build_parser, config_from_args
     from megatron_dataeff.models.builder import build_model, count_parameters
-    from megatron_dataeff.training.distributed import initialize
+    from megatron_dataeff.distributed import initialize
 
     cfg = config_from_args(build_parser().parse_args(["--device", "cpu", *flags]))
     cfg.validate_layout(int(os.environ["WORLD_SIZE"]))

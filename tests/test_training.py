@@ -88,7 +88,8 @@ def test_a_bug_keeps_its_traceback_and_bad_input_is_one_line(monkeypatch, capsys
     import importlib.util
 
     from megatron_dataeff.errors import DataError
-    from megatron_dataeff.training import distributed, loop
+    from megatron_dataeff import distributed
+    from megatron_dataeff.training import loop
 
     spec = importlib.util.spec_from_file_location("pretrain_main", ROOT / "pretrain_diffusion.py")
     entry = importlib.util.module_from_spec(spec)

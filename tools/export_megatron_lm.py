@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 @tool_main(process_group=True)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_dataeff.training.megatron_lm import write_checkpoint
+    from megatron_dataeff.checkpoint.megatron_lm import write_checkpoint
+    from megatron_dataeff.inference.loading import load_model_for_inference
 
-    out = write_checkpoint(args.load, args.save, args.iteration, view=args.view)
+    out = write_checkpoint(args.load, args.save, load_model_for_inference, args.iteration, view=args.view)
     print(f"wrote {args.load} -> {out} (Megatron-LM torch_dist, model only; --load {args.save})")
     return 0
 

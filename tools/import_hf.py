@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_dataeff.export.hf_import import import_hf
-    from megatron_dataeff.training.checkpointing import read_metadata
+    from megatron_dataeff.checkpoint.format import read_metadata
 
     ckpt = import_hf(args.hf_dir, args.save, args.objective, args.tensor_model_parallel_size,
                      args.pipeline_model_parallel_size, args.seq_length)

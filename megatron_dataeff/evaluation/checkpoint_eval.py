@@ -33,7 +33,7 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
     from megatron_dataeff.evaluation.validation import validation_loss
     from megatron_dataeff.config import RunConfig
     from megatron_dataeff.objectives import build_objective, objective_class
-    from megatron_dataeff.training.checkpointing import read_metadata, resolve_checkpoint
+    from megatron_dataeff.checkpoint.format import read_metadata, resolve_checkpoint
 
     check_greedy_order(greedy_order)  # before the checkpoint loads
     t0 = time.time()

@@ -61,9 +61,9 @@ def export_checkpoint(load: str, output: str, iteration: int | None = None, dtyp
     Streams: the weights are read from the checkpoint one layer at a time (any saved TP/PP layout, resharded
     by dist_checkpointing) and written shard by shard, so host memory holds about one output shard and one
     layer, never the model (benchmarks/bench_export_memory.py measures it)."""
-    from megatron_dataeff.inference.loading import inference_config
-    from megatron_dataeff.training.checkpointing import checkpoint_tensor_shapes
-    from megatron_dataeff.training.distributed import initialize
+    from megatron_dataeff.checkpoint.reading import inference_config
+    from megatron_dataeff.checkpoint.storage import checkpoint_tensor_shapes
+    from megatron_dataeff.distributed import initialize
 
     _check_output(output)
     ckpt, cfg, meta = inference_config(load, iteration, "cpu", view)
@@ -117,7 +117,7 @@ def read_checkpoint_tensors(ckpt: str, names: list[str], num_layers: int, shapes
     """{megatron name: tensor} of some tensors of a checkpoint (e.g. one layer's), read without building the
     model or reading the rest: a layer's tensor is its slice of the key's layer-stacked tensor.  `shapes` is
     the checkpoint's `checkpoint_tensor_shapes`."""
-    from megatron_dataeff.training.checkpointing import read_tensor_regions
+    from megatron_dataeff.checkpoint.storage import read_tensor_regions
 
     regions, keys = {}, {}
     for name in names:

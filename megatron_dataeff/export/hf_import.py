@@ -113,8 +113,8 @@ def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_m
     from megatron_dataeff.config import (CheckpointConfig, DataConfig, ModelConfig, ObjectiveConfig,
                                          ParallelConfig, RunConfig)
     from megatron_dataeff.data.tokenizers import resolve_mask_token
-    from megatron_dataeff.training.checkpointing import checkpoint_versions
-    from megatron_dataeff.training.distributed import initialize
+    from megatron_dataeff.checkpoint.format import checkpoint_versions
+    from megatron_dataeff.distributed import initialize
 
     raw, hf = read_hf_dir_config(hf_dir)
     if objective is None:
@@ -196,7 +196,7 @@ def _check_options(cfg, vocab_ids: int) -> None:
 
 def _prepare_save(meta: dict, save_dir: str) -> tuple[int, str]:
     """(iteration, temporary directory) of a model-only checkpoint about to be written under save_dir."""
-    from megatron_dataeff.training.checkpointing import LATEST, checkpoint_name
+    from megatron_dataeff.checkpoint.format import LATEST, checkpoint_name
 
     iteration = int(meta["iteration"])
     marker = os.path.join(save_dir, LATEST)
@@ -213,7 +213,8 @@ def _prepare_save(meta: dict, save_dir: str) -> tuple[int, str]:
 def save_streamed_checkpoint(meta: dict, save_dir: str, shapes: dict, produce) -> str:
     """A model-only checkpoint whose tensors `produce(key)` makes one at a time (`write_model_tensors`),
     published as save_model_checkpoint's are; returns its path."""
-    from megatron_dataeff.training.checkpointing import publish_checkpoint, write_model_tensors
+    from megatron_dataeff.checkpoint.format import publish_checkpoint
+    from megatron_dataeff.checkpoint.storage import write_model_tensors
 
     iteration, tmp = _prepare_save(meta, save_dir)
     write_model_tensors(tmp, shapes, produce)
@@ -228,7 +229,7 @@ def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_dataeff.training.checkpointing import publish_checkpoint
+    from megatron_dataeff.checkpoint.format import publish_checkpoint
 
     iteration, tmp = _prepare_save(meta, save_dir)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)

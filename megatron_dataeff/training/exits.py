@@ -14,8 +14,6 @@ import signal
 import time
 from typing import Callable, Optional
 
-EXIT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
-
 
 class ExitConditions:
     """Decides, at a step boundary, whether the run stops early; the reason is a sentence for the log."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_dataeff.checkpoint.format import CheckpointError
 from megatron_dataeff.config import RunConfig
 
 if TYPE_CHECKING:  # for annotations only
@@ -177,10 +178,37 @@ def build_scheduler(cfg: RunConfig, optimizer, train_iters: int, values: dict | 
         end_wd=v["--weight-decay"],
         wd_incr_steps=v["wd_incr_steps"],
         wd_incr_style="constant",
-        # Differences from the checkpoint are settled before loading (checkpointing.load_schedule); the
+        # Differences from the checkpoint are settled before loading (`resume_schedule`); the
         # scheduler built here is the one to follow.
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,
         wsd_decay_steps=v[f"--lr-wsd-decay-{suffix}"],
         lr_wsd_decay_style=v["--lr-wsd-decay-style"],
     )
+
+
+def resume_schedule(cfg: RunConfig, optimizer, train_iters: int, now: dict, scheduler: OptimizerParamScheduler,
+                    ckpt: str, meta: dict, print_fn=print) -> tuple[dict, OptimizerParamScheduler]:
+    """(schedule, scheduler) that continue a checkpoint's at its step: the command line's schedule `now` and
+    `scheduler`, or the checkpoint's where they differ and --use-checkpoint-opt-param-scheduler says so.  A
+    difference is an error unless the command line says which to follow (Megatron-LM's
+    --override-opt-param-scheduler / --use-checkpoint-opt-param-scheduler)."""
+    saved = meta.get("schedule") or schedule_from_scheduler_state(meta.get("scheduler", {}))
+    diffs = schedule_differences(saved, now, cfg)
+    ck = cfg.checkpoint
+    if diffs and not (ck.override_opt_param_scheduler or ck.use_checkpoint_opt_param_scheduler):
+        raise CheckpointError(
+            f"{ckpt}: its schedule differs from this command line's:\n  " + "\n  ".join(diffs) +
+            "\npass --override-opt-param-scheduler to follow the command line (e.g. to extend the run) or "
+            "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+    if diffs and ck.use_checkpoint_opt_param_scheduler and meta.get("schedule"):
+        now = dict(meta["schedule"])
+        scheduler = build_scheduler(cfg, optimizer, train_iters, now)
+    elif diffs and ck.use_checkpoint_opt_param_scheduler:
+        scheduler.override_opt_param_scheduler = False
+        scheduler.use_checkpoint_opt_param_scheduler = True
+    scheduler.load_state_dict(meta["scheduler"])
+    if diffs:
+        which = "the checkpoint's" if ck.use_checkpoint_opt_param_scheduler else "this command line's"
+        print_fn(f" schedule: following {which} where they differ ({'; '.join(diffs)})")
+    return now, scheduler

@@ -2,7 +2,7 @@
 
 A Megatron-LM torch_dist checkpoint is the same megatron-core `dist_checkpointing` directory ours is
 (`iter_0000100/` or `release/`, `latest_checkpointed_iteration.txt`), with the model under the same keys
-(megatron-core's GPTModel, local or transformer-engine spec: `training/checkpointing.fit_request`); what
+(megatron-core's GPTModel, local or transformer-engine spec: `checkpoint/storage.fit_request`); what
 differs is the rest of the common state: Megatron-LM keeps its whole argparse Namespace under `args`, with
 `checkpoint_version` 3.0 and `iteration`, where we keep `megatron_dataeff.json`.
 
@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 
+from megatron.core import dist_checkpointing
+
+from megatron_dataeff.atomic import publish_directory, write_text_atomic
+from megatron_dataeff.checkpoint.format import (LATEST, METADATA, RELEASE, CheckpointError, check_checkpoint_files,
+                                                holds_checkpoints, read_common_state)
+from megatron_dataeff.checkpoint.storage import load_sharded
 from megatron_dataeff.objectives import objective_class
-from megatron_dataeff.training.checkpointing import METADATA, CheckpointError
 
 CHECKPOINT_VERSION = 3.0
-RELEASE = "release"
 
 # Megatron-LM's args (Namespace attributes, read by getattr) that must have these values for a model this
 # framework builds: (attribute, value it must have, Megatron-LM's flag, what is built here instead).
@@ -56,28 +61,6 @@ _SHAPE = {
     "untie_embeddings_and_output_weights": ("untie_embeddings_and_output_weights",),
 }
 _TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
-
-
-def is_megatron_lm_checkpoint(ckpt: str) -> bool:
-    """A torch_dist checkpoint directory without our metadata whose common state has Megatron-LM's `args`."""
-    if not (os.path.isdir(ckpt) and not os.path.exists(os.path.join(ckpt, METADATA))
-            and os.path.exists(os.path.join(ckpt, "metadata.json"))):
-        return False
-    try:
-        return read_common_state(ckpt).get("args") is not None
-    except CheckpointError:
-        return False
-
-
-def read_common_state(ckpt: str) -> dict:
-    """The common (non-sharded) state of a torch_dist checkpoint (Megatron-LM's `args`, `iteration`, ...), read
-    by megatron-core as Megatron-LM reads it (its Namespace and enums are megatron-core's safe globals)."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        return dist_checkpointing.load_common_state_dict(ckpt)
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt}: cannot read its common state: {type(exc).__name__}: {exc}") from exc
 
 
 def megatron_lm_args(ckpt: str) -> tuple[argparse.Namespace, dict]:
@@ -132,20 +115,15 @@ def check_megatron_lm_model(ckpt: str, args, model_cfg, vocab_rows: int, tokeniz
         raise CheckpointError(f"{ckpt} (a Megatron-LM checkpoint) does not fit this model:\n  " + "\n  ".join(problems))
 
 
-def load_weights(trainer, ckpt: str) -> dict:
-    """Load a Megatron-LM checkpoint's weights into the trainer's model (iteration 0, fresh optimizer)."""
-    from megatron_dataeff.training.checkpointing import check_checkpoint_files, load_sharded
-
+def load_weights(ckpt: str, model, model_cfg, vocab_ids: int, tokenizer_type: str) -> dict:
+    """Load a Megatron-LM checkpoint's weights into `model` (this pipeline stage of a model of `model_cfg`
+    with `vocab_ids` ids), after checking its args; returns {"megatron_lm_iteration": its iteration}."""
     args, common = megatron_lm_args(ckpt)
-    cfg = trainer.cfg
-    check_megatron_lm_model(ckpt, args, cfg.model, cfg.model.vocab_rows(trainer.vocab_ids), cfg.data.tokenizer_type)
+    check_megatron_lm_model(ckpt, args, model_cfg, model_cfg.vocab_rows(vocab_ids), tokenizer_type)
     check_checkpoint_files(ckpt, {"written_by": {"megatron_core": "Megatron-LM's"}})
-    model = trainer.model[0].module
     state = load_sharded({"model": model.sharded_state_dict()}, ckpt, "model")
     model.load_state_dict(state["model"])
-    trainer.log.print(f" loaded weights of {ckpt} (a Megatron-LM checkpoint of iteration {common.get('iteration')}: "
-                      f"iteration 0, fresh optimizer, as --finetune)")
-    return {"iteration": 0, "consumed_samples": 0, "megatron_lm_iteration": common.get("iteration")}
+    return {"megatron_lm_iteration": common.get("iteration")}
 
 
 def megatron_lm_namespace(cfg, meta: dict, rows: int) -> argparse.Namespace:
@@ -177,20 +155,14 @@ def megatron_lm_namespace(cfg, meta: dict, rows: int) -> argparse.Namespace:
     return argparse.Namespace(**ns)
 
 
-def write_checkpoint(load: str, save: str, iteration: int | None = None, view: str | None = None) -> str:
+def write_checkpoint(load: str, save: str, load_model, iteration: int | None = None, view: str | None = None) -> str:
     """Write the model of our checkpoint at `load` as a Megatron-LM checkpoint SAVE/release (model only);
-    returns its path.  Only causal models: Megatron-LM's pretrain_gpt.py builds no bidirectional model."""
-    import shutil
-
-    from megatron.core import dist_checkpointing
-
-    from megatron_dataeff.atomic import publish_directory, write_text_atomic
-    from megatron_dataeff.inference.loading import load_model_for_inference
-
-    if os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt")) or (
-            os.path.isdir(save) and any(n.startswith("iter_") for n in os.listdir(save))):
-        raise FileExistsError(f"--save {save} already holds training checkpoints; choose another directory")
-    model, cfg, meta = load_model_for_inference(load, iteration, view=view)
+    returns its path.  `load_model(load, iteration, view=view)` gives (model, RunConfig, metadata)
+    (`inference.loading.load_model_for_inference`).  Only causal models: Megatron-LM's pretrain_gpt.py builds no
+    bidirectional model."""
+    if holds_checkpoints(save):
+        raise CheckpointError(f"--save {save} already holds training checkpoints; choose another directory")
+    model, cfg, meta = load_model(load, iteration, view=view)
     if objective_class(cfg.objective).diffusion:
         raise CheckpointError(f"{load} is a masked-diffusion model (bidirectional attention); Megatron-LM's "
                               f"pretrain_gpt.py builds causal models and would read it wrongly"
@@ -205,5 +177,5 @@ def write_checkpoint(load: str, save: str, iteration: int | None = None, view: s
              "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "num_floating_point_operations_so_far": 0}
     dist_checkpointing.save(state, tmp)
     publish_directory(tmp, final)
-    write_text_atomic(os.path.join(save, "latest_checkpointed_iteration.txt"), RELEASE)
+    write_text_atomic(os.path.join(save, LATEST), RELEASE)
     return final

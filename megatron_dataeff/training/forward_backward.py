@@ -1,0 +1,83 @@
+"""One global batch through the model: this rank's micro-batches, the objective's corruption and loss, and
+megatron-core's (pipelined) forward/backward schedule.
+
+Every data-parallel rank takes its contiguous slice of the global batch (global sample indices
+k*GB + r*GB/dp + ...), split into micro-batches; the objective corrupts each micro-batch with noise keyed by the
+global sample index; `get_forward_backward_func` runs the forward(/backward) with per-token loss sums
+(Megatron-LM's `forward_step` / `loss_func` contract: loss sum, token count, report dict); megatron's DDP
+reduces gradients and `finalize_model_grads` divides them by the global token count.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_dataeff.distributed import Runtime, all_reduce_cpu
+
+
+class ForwardBackward:
+    """Runs global batches of `objective` through `model` (megatron's model chunks) on this rank."""
+
+    def __init__(self, model: list, objective, runtime: Runtime, *, global_batch_size: int, micro_batch_size: int,
+                 dp_size: int, seq_length: int, rows_per_sample: int):
+        self.model, self.objective, self.runtime = model, objective, runtime
+        self.gbs, self.mbs, self.dp_size, self.seq = global_batch_size, micro_batch_size, dp_size, seq_length
+        self.rows_per_sample = rows_per_sample
+        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+
+    def _microbatches(self, batch_fn, step: int):
+        """This rank's micro-batches of global batch `step`."""
+        start = step * self.gbs + self.runtime.dp_rank * (self.gbs // self.dp_size)
+        for m in range(self.num_microbatches):
+            yield batch_fn(start + m * self.mbs, self.mbs)
+
+    def _forward_step(self, evaluation: bool, objective, data_iterator, model):
+        batch = next(data_iterator)
+        device = self.runtime.device
+        # Corrupt on the device: the fused masking kernel runs there when it is built.
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        ob = objective.prepare(tokens, batch["sample_index"], evaluation=evaluation)
+        input_ids, labels = ob.input_ids, ob.labels
+        b, s = input_ids.shape
+        position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+        output = model(input_ids, position_ids, ob.attention_mask, labels=labels)
+        return output, partial(self._loss_func, objective, ob)
+
+    @staticmethod
+    def _loss_func(objective, ob, per_token_loss):
+        loss_sum, num_tokens = objective.loss(per_token_loss, ob)
+        n = torch.tensor(num_tokens, dtype=torch.int, device=loss_sum.device)
+        # The schedule divides the reported value in place: report a detached copy.
+        reports = {"loss": torch.stack([loss_sum.detach().clone().float(), n.float()])}
+        if ob.parts:  # training batches of objectives with named loss parts
+            for name, (part_sum, tokens) in objective.loss_parts(per_token_loss, ob).items():
+                reports[f"part_{name}"] = torch.stack([part_sum.float(), torch.tensor(float(tokens),
+                                                                                      device=part_sum.device)])
+        return loss_sum, n, reports
+
+    def run(self, batch_fn, step: int, forward_only: bool, view: str = "") -> torch.Tensor:
+        """Forward(/backward) global batch `step` (`batch_fn(start, size)` gives its samples); returns the global
+        (loss_sum, tokens), and in training also each named loss part's (sum, tokens) after them (the
+        objective's `part_names` order), as float64 on the CPU, the same on every rank."""
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, forward_only, self.objective.view(view)),
+            data_iterator=self._microbatches(batch_fn, step),
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.seq,
+            # the rows the model sees per micro-batch (pipeline stages exchange tensors of this batch size)
+            micro_batch_size=self.mbs * (1 if forward_only else self.rows_per_sample),
+            decoder_seq_length=self.seq,
+            forward_only=forward_only,
+        )
+        keys = ["loss"] + ([] if forward_only else [f"part_{name}" for name in self.objective.part_names])
+        total = torch.zeros(2 * len(keys), dtype=torch.float64)
+        if self.runtime.is_last_stage:
+            for out in outputs:
+                total += torch.cat([out[k].double().cpu() for k in keys])
+        # Every last-stage rank holds its data-parallel shard (repeated on each TP rank): summing
+        # over all ranks repeats sum and count alike, so their ratio is the global loss everywhere.
+        return all_reduce_cpu(total, self.runtime.device)
