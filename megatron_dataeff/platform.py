@@ -33,6 +33,8 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_dataeff.errors import ConfigError
+
 _ENABLED = False
 _MODE: "TorchFunctionMode | None" = None
 
@@ -47,7 +49,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if gpu_available() else "cpu"
     if device == "cuda" and not gpu_available():
-        raise RuntimeError("--device cuda was given but no GPU is available; use --device cpu")
+        raise ConfigError("--device cuda was given but no GPU is available; use --device cpu")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device must be auto, cuda or cpu, got {device!r}")
     return device

@@ -112,7 +112,7 @@ def test_llama_round_trip_is_exact(round_trips):
 
 def test_imported_metadata(round_trips):
     """megatron_dataeff.json has the training keys, model_only, iteration 0 and the HF tokenizer."""
-    from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
+    from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
 
     _, hf, ckpt, _ = round_trips["llama"]
     meta = read_metadata(ckpt)
@@ -122,7 +122,7 @@ def test_imported_metadata(round_trips):
     assert open(os.path.join(os.path.dirname(ckpt), "latest_checkpointed_iteration.txt")).read() == "0"
     assert meta["tokenizer"]["tokenizer_type"] == "HuggingFaceTokenizer"
     assert meta["config"]["data"]["tokenizer_model"] == os.path.abspath(hf)
-    tok = tokenizer_from_meta(meta["tokenizer"])
+    tok = tokenizer_from_metadata(meta["tokenizer"])
     assert tok.tokenizer_model == os.path.abspath(hf) and tok.eod == 1
     assert tok.tokenize("the cat sat") == _tiny_tokenizer()("the cat sat").input_ids
     assert meta["mask_token_id"] == tok.vocab_size and meta["vocab_ids"] == tok.vocab_size + 1

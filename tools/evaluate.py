@@ -19,6 +19,7 @@ import os
 import sys
 
 from megatron_dataeff.entry import tool_main
+from megatron_dataeff.objectives import DualObjective
 
 
 @tool_main(process_group=True)  # a process group this call starts is torn down; a caller's is left alone
@@ -44,20 +45,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--all-checkpoints", action="store_true",
                    help="evaluate every iter_N under --load (one JSON line each with --json)")
-    p.add_argument("--view", choices=["ar", "mdm"], default=None,
+    p.add_argument("--view", choices=DualObjective.evaluation_views, default=None,
                    help="a dual-objective checkpoint: score the tasks as a causal LM (ar, default) or a diffusion "
                         "model (mdm); its validation reports both")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     from megatron_dataeff.evaluation.checkpoint_eval import evaluate_checkpoint
+    from megatron_dataeff.checkpoint.format import checkpoint_iterations
     from megatron_dataeff.errors import PathNotFoundError
 
     tasks = [t for t in args.tasks.split(",") if t]
     if args.all_checkpoints:
-        names = os.listdir(args.load) if os.path.isdir(args.load) else []
-        iters = sorted(int(d[5:]) for d in names if d.startswith("iter_") and d[5:].isdigit())
-        targets = [(args.load, it) for it in iters]
+        targets = [(args.load, it) for it in checkpoint_iterations(args.load)]
         if not targets:
             raise PathNotFoundError(f"no iter_N checkpoints under {args.load}")
     else:

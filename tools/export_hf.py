@@ -15,6 +15,7 @@ import os
 import sys
 
 from megatron_dataeff.entry import tool_main
+from megatron_dataeff.objectives import DualObjective
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="weight dtype (default: bf16 for a --bf16 run, else fp32)")
     p.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size (e.g. 500MB)")
-    p.add_argument("--view", choices=["ar", "mdm"], default=None,
+    p.add_argument("--view", choices=DualObjective.evaluation_views, default=None,
                    help="a dual-objective checkpoint: export it as a stock causal LM (ar) or as the diffusion "
                         "model with its generate (mdm)")
     return p

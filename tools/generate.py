@@ -19,6 +19,7 @@ import json
 import sys
 
 from megatron_dataeff.entry import tool_main
+from megatron_dataeff.objectives import DualObjective
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true",
                    help="AR: recompute the whole sequence each step instead of decoding with a KV cache")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--view", choices=["ar", "mdm"], default=None,
+    p.add_argument("--view", choices=DualObjective.evaluation_views, default=None,
                    help="a dual-objective checkpoint: decode it as a causal LM (ar) or with the diffusion sampler (mdm)")
     p.add_argument("--json", action="store_true", help="print one JSON line with text and token_ids")
     return p

@@ -368,11 +368,12 @@ def build_tokenizer(
 
 
 def tokenizer_from_metadata(metadata: dict) -> Tokenizer:
-    """Rebuild a tokenizer from `Tokenizer.metadata()`."""
-    if "build_args" in metadata:
+    """Rebuild a tokenizer from `Tokenizer.metadata()` (a checkpoint's `tokenizer` record)."""
+    if metadata.get("build_args"):
         return build_tokenizer(**metadata["build_args"])
-    # Older records: type and model path only.
-    return build_tokenizer(metadata["tokenizer_type"], metadata.get("tokenizer_model"))
+    # Older records: type, model path and (NullTokenizer) the vocabulary size only.
+    return build_tokenizer(metadata["tokenizer_type"], metadata.get("tokenizer_model"),
+                           vocab_size=metadata.get("vocab_size"))
 
 
 def resolve_mask_token(tokenizer: Tokenizer) -> tuple[int, int]:

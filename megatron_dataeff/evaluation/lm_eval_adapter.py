@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_dataeff.errors import ConfigError
+
 try:  # lm-eval is optional: the adapter's methods work on any objects with `.args`
     from lm_eval.api.model import LM as _LMBase
 
@@ -54,7 +56,7 @@ class MegatronDataEffLM(_LMBase):
         self.greedy_order = check_greedy_order(str(greedy_order))
         if scorer is None:
             if load is None:
-                raise ValueError("model_args needs load=<checkpoint directory>")
+                raise ConfigError("--model_args needs load=<checkpoint directory>")
         bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         device = str(device or "cpu").split(":")[0]
         if device == "cuda":

@@ -41,6 +41,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_dataeff.errors import ConfigError
+
 GREEDY_ORDERS = ("confidence", "l2r")
 
 
@@ -224,7 +226,7 @@ class ModelScorer:
         L = len(cont)
         n = 1 if L == 1 else int(mc_samples)
         if n < 1:
-            raise ValueError("mc_samples must be >= 1")
+            raise ConfigError(f"--mc-samples must be >= 1, got {mc_samples}")
         g = _request_generator(self.seed, ctx + [-1] + cont, "mc")
         u = float(torch.rand((), generator=g))
         k = torch.clamp(torch.floor((torch.arange(n, dtype=torch.float64) + u) * L / n).long() + 1, 1, L)
@@ -239,7 +241,8 @@ class ModelScorer:
     def _mdm_exact(self, ctx, cont) -> float:
         L = len(cont)
         if L > 12:
-            raise ValueError(f"exact ELBO enumerates 2^L masked sets; L = {L} is too long (use mc)")
+            raise ConfigError(f"--method exact enumerates 2^L masked sets; an answer of L = {L} tokens is too long "
+                              f"(use --method mc)")
         total = 0.0
         for k in range(1, L + 1):
             subsets = list(itertools.combinations(range(L), k))

@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_dataeff.errors import ConfigError
+
 TASKS = ("cloze", "continuation")
 _WORD = re.compile(r"[A-Za-z]{3,}")
 _SENTENCE_START = re.compile(r"(?<=[.!?])[ \n]+(?=[A-Z])|\n\n+(?=\S)")
@@ -162,7 +164,7 @@ def build_tasks(documents: list[str], names, num_examples: int = 200, seed: int 
                                            max_chars=max(20, int(48 * scale)),
                                            min_context_chars=max(12, int(30 * scale)))
         else:
-            raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+            raise ConfigError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
     return out
 
 

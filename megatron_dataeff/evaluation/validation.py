@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from megatron_dataeff.errors import ConfigError, DataError
 from megatron_dataeff.evaluation.scoring import ModelScorer
 from megatron_dataeff.objectives import Objective
 
@@ -28,7 +29,7 @@ def window_losses(scorer: ModelScorer, objective: Objective, tokens: torch.Tenso
     """[w] per-token loss of each window; tokens [w, seq + 1] clean, window_index [w] int64."""
     copies = int(mc_samples) if objective.monte_carlo else 1
     if copies < 1:
-        raise ValueError("mc_samples must be >= 1")
+        raise ConfigError(f"--mc-samples must be >= 1, got {mc_samples}")
     batch = objective.prepare_evaluation(tokens, window_index.to(torch.int64), copies)
     lp = scorer.log_probs(batch.input_ids)
     ce = -lp.gather(-1, batch.labels[..., None].to(lp.device))[..., 0].double()
@@ -40,7 +41,7 @@ def validation_loss(scorer: ModelScorer, objective: Objective, data, num_windows
     """{val_loss, val_loss_stderr, tokens, windows, mc_samples} over the first `num_windows` windows."""
     total = data.valid_samples
     if total == 0:
-        raise ValueError("the validation split is empty; give --split with a validation part")
+        raise DataError("the validation split is empty; give --split with a validation part")
     n = total if num_windows is None else min(int(num_windows), total)
     values = []
     for start in range(0, n, windows_per_batch):

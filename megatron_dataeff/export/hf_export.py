@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_dataeff.atomic import publish_directory, temporary_name, write_text_atomic
+from megatron_dataeff.errors import ConfigError, OutputExistsError
 from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelError, check_megatron_model,
                                                 megatron_checkpoint_key, megatron_group_to_hf, megatron_groups,
                                                 megatron_to_hf)
@@ -47,10 +48,13 @@ def parse_size(size) -> int:
     if isinstance(size, int):
         return size
     text = str(size).strip().upper()
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * _UNITS[unit])
-    return int(text)
+    try:
+        for unit in sorted(_UNITS, key=len, reverse=True):
+            if text.endswith(unit):
+                return int(float(text[: -len(unit)]) * _UNITS[unit])
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size {size!r}: give a size such as 2GB, 500MB or 1GiB") from None
 
 
 def export_checkpoint(load: str, output: str, iteration: int | None = None, dtype: str | None = None,
@@ -254,9 +258,9 @@ def _check_output(output: str) -> None:
     """Refuse to replace a directory that is not an HF export (it might be anything)."""
     if os.path.exists(output):
         if not os.path.isdir(output):
-            raise FileExistsError(f"--output {output} exists and is not a directory")
+            raise OutputExistsError(f"--output {output} exists and is not a directory")
         if os.listdir(output) and not os.path.exists(os.path.join(output, "config.json")):
-            raise FileExistsError(f"--output {output} exists and is not an HF export (no config.json); "
+            raise OutputExistsError(f"--output {output} exists and is not an HF export (no config.json); "
                                   "refusing to replace it")
 
 

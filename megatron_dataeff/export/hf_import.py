@@ -66,12 +66,11 @@ def read_hf_dir_config(hf_dir: str) -> tuple[dict, dict]:
 
 
 def _tokenizer_for(hf_dir: str, raw: dict, vocab_rows: int):
-    from megatron_dataeff.data.tokenizers import build_tokenizer
-    from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
+    from megatron_dataeff.data.tokenizers import build_tokenizer, tokenizer_from_metadata
 
     recorded = (raw.get("megatron_dataeff") or {}).get("tokenizer") or {}
     if recorded.get("tokenizer_type") in ("ByteTokenizer", "NullTokenizer"):
-        return tokenizer_from_meta(recorded)
+        return tokenizer_from_metadata(recorded)
     if any(os.path.exists(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES):
         return build_tokenizer("HuggingFaceTokenizer", os.path.abspath(hf_dir))
     # Model only: ids are the embedding rows, written as numbers (NullTokenizer's EOD is its last id).

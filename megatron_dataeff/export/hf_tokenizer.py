@@ -48,17 +48,6 @@ def byte_tokenizer_hf():
                                    pad_token="<|endoftext|>")
 
 
-def tokenizer_from_meta(tokenizer_meta: dict):
-    """Rebuild a checkpoint's tokenizer from its recorded metadata."""
-    from megatron_dataeff.data import tokenizers
-
-    args = tokenizer_meta.get("build_args")
-    if args:
-        return tokenizers.build_tokenizer(**args)
-    return tokenizers.build_tokenizer(tokenizer_meta["tokenizer_type"], tokenizer_meta.get("tokenizer_model"),
-                                      vocab_size=tokenizer_meta.get("vocab_size"))
-
-
 def _arg(tokenizer_meta: dict, name: str):
     return (tokenizer_meta.get("build_args") or {}).get(name, tokenizer_meta.get(name))
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_dataeff.errors import UserError
+from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
+from megatron_dataeff.errors import ConfigError, UserError
 from megatron_dataeff.objectives import objective_class
 
 
@@ -23,13 +24,17 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
     objective checkpoint generates as `view` ("ar" or "mdm")."""
     import torch
 
-    from megatron_dataeff.export.hf_tokenizer import tokenizer_from_meta
     from megatron_dataeff.inference.kv_cache import KVCacheLogits
     from megatron_dataeff.inference.loading import load_model_for_inference
     from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
 
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     model, cfg, meta = load_model_for_inference(load, iteration, device=device, view=view)
-    tokenizer = tokenizer_from_meta(meta["tokenizer"])
+    diffusion = objective_class(cfg.objective).diffusion
+    if diffusion:
+        _check_diffusion_args(max_new_tokens, block_length, steps)
+    tokenizer = tokenizer_from_metadata(meta["tokenizer"])
     eod = meta["tokenizer"].get("eod")  # None: a tokenizer without EOS/SEP; AR then runs to the end
     ids = torch.tensor([tokenizer.tokenize(prompt)], dtype=torch.long)
     if ids.shape[1] == 0:
@@ -44,7 +49,7 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
         pos = torch.arange(x.shape[1], device=dev)[None, :].expand(x.shape[0], -1)
         return model(x, pos, None)
 
-    if objective_class(cfg.objective).diffusion:
+    if diffusion:
         out = diffusion_generate(logits_fn, ids, max_new_tokens, block_length, steps, temperature,
                                  meta["mask_token_id"], generator, suppress_ids=padding)
     else:
@@ -54,3 +59,16 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
     new = out[0, ids.shape[1]:].tolist()
     text_ids = new[: new.index(eod)] if eod in new else new
     return {"text": tokenizer.detokenize(text_ids), "token_ids": new}
+
+
+def _check_diffusion_args(max_new_tokens: int, block_length: Optional[int], steps: Optional[int]) -> None:
+    """The diffusion sampler's arguments, refused by flag name (the sampler itself, shipped standalone in exports,
+    raises plain ValueErrors)."""
+    block = max_new_tokens if block_length is None else block_length
+    if block <= 0 or max_new_tokens % block:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} is not a multiple of --block-length {block}")
+    blocks = max_new_tokens // block
+    n = max_new_tokens if steps is None else steps
+    if n <= 0 or n % blocks:
+        raise ConfigError(f"--steps {n} is not a multiple of the number of blocks {blocks} "
+                          f"(--max-new-tokens {max_new_tokens} / --block-length {block})")

@@ -8,6 +8,7 @@ is the chunked vocab-parallel cross entropy (`models.cross_entropy`) unless mega
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -69,10 +70,26 @@ def attention_choice(cfg: RunConfig, device: str) -> AttentionChoice:
     return attention_for_config(cfg, device, transformer_engine_available())
 
 
+# Run-config fields that share a TransformerConfig field's name but are not copied: the builder derives them
+# (--attention-backend is resolved to megatron's AttnBackend by the attention choice; the layer spec, not
+# megatron's `transformer_impl`, decides between transformer-engine and local modules).
+NOT_COPIED = ("attention_backend", "transformer_impl")
+
+
+def transformer_config_fields(cfg: RunConfig) -> dict:
+    """{field: value} of the run config's model / parallel / compute / optim fields named as a TransformerConfig
+    field is (as Megatron-LM's core_transformer_config_from_args matches its args), except `NOT_COPIED`; a None
+    leaves megatron-core's default."""
+    names = {f.name for f in dataclasses.fields(DataEffTransformerConfig)}
+    return {f.name: getattr(section, f.name)
+            for section in (cfg.model, cfg.parallel, cfg.compute, cfg.optim) for f in dataclasses.fields(section)
+            if f.name in names and f.name not in NOT_COPIED and getattr(section, f.name) is not None}
+
+
 def transformer_config(cfg: RunConfig, device: str, initialize: bool = True) -> DataEffTransformerConfig:
     """The megatron TransformerConfig of a run (`initialize` False: weights left uninitialised, for a model whose
     every weight is about to be loaded)."""
-    m, p, c = cfg.model, cfg.parallel, cfg.compute
+    m, c = cfg.model, cfg.compute
     dtype = torch.bfloat16 if cfg.optim.bf16 else torch.float32
     choice = attention_choice(cfg, device)
     if c.cross_entropy_loss_fusion and c.cross_entropy_fusion_impl == "te" and choice.impl != "te":
@@ -82,39 +99,17 @@ def transformer_config(cfg: RunConfig, device: str, initialize: bool = True) -> 
         # (0.16.1 to 0.19.2: NameError without TE)
         raise ConfigError("--recompute-modules layernorm needs transformer-engine (megatron-core's norm "
                           "recomputation uses it); use core_attn and/or mlp")
-    kwargs = dict(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        kv_channels=m.kv_channels,
-        qk_layernorm=m.qk_layernorm,
+    kwargs = {
+        **transformer_config_fields(cfg),
         **FAMILY_OPTIONS,
-        layernorm_epsilon=m.norm_epsilon,
-        hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout,
-        mlp_dropout=m.mlp_dropout,
-        init_method_std=m.init_method_std,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        sequence_parallel=p.sequence_parallel,
-        pipeline_dtype=dtype,
-        params_dtype=dtype,
-        bf16=cfg.optim.bf16,
-        calculate_per_token_loss=True,  # losses are (sum, count): exact under any micro-batch split
-        deallocate_pipeline_outputs=True,
-        attention_backend=AttnBackend[choice.kernel] if choice.impl == "te" else AttnBackend.local,
-        recompute_granularity=c.recompute_granularity,
-        recompute_method=c.recompute_method,
-        recompute_num_layers=c.recompute_num_layers,
-        cross_entropy_loss_fusion=c.cross_entropy_loss_fusion,
-        cross_entropy_fusion_impl=c.cross_entropy_fusion_impl,
-        cross_entropy_chunk_size=c.cross_entropy_chunk_size,
-        perform_initialization=initialize,
-    )
-    if c.recompute_modules is not None:
-        kwargs["recompute_modules"] = list(c.recompute_modules)
+        "layernorm_epsilon": m.norm_epsilon,
+        "pipeline_dtype": dtype,
+        "params_dtype": dtype,
+        "calculate_per_token_loss": True,  # losses are (sum, count): exact under any micro-batch split
+        "deallocate_pipeline_outputs": True,
+        "attention_backend": AttnBackend[choice.kernel] if choice.impl == "te" else AttnBackend.local,
+        "perform_initialization": initialize,
+    }
     if device == "cpu":
         kwargs.update(platform.cpu_config_overrides())
     else:
