@@ -50,6 +50,8 @@ def main() -> None:
     args = p.parse_args()
 
     from megatron_dataeff.arguments import build_parser, config_from_args
+    from megatron_dataeff.checkpoint.format import (checkpoint_iterations, checkpoint_name, file_problems, file_record,
+                                                    read_metadata)
     from megatron_dataeff.training.loop import Trainer
 
     tmp = tempfile.mkdtemp(prefix="bench_checkpoint_")
@@ -96,6 +98,22 @@ def main() -> None:
         print(f"{'step, no save in flight':<34}{base:>10.3f}")
         print(f"{'step, background writer running':<34}{med['step_s_while_writing']:>10.3f}")
         print(f"held time, async / sync: {med['async_held_s'] / med['sync_held_s']:.3f}")
+        # The manifest (size + CRC-32 of every file, computed at publication) and its check at load.
+        newest = os.path.join(save_dir, checkpoint_name(checkpoint_iterations(save_dir)[-1]))
+        manifest = read_metadata(newest)["files"]
+        start = time.perf_counter()
+        for name in manifest:
+            file_record(os.path.join(newest, name))
+        crc_s = time.perf_counter() - start
+        start = time.perf_counter()
+        assert not file_problems(newest, manifest, sorted(manifest))
+        verify_s = time.perf_counter() - start
+        mib = sum(r["size"] for r in manifest.values()) / 2**20
+        print(f"checksums at save: {crc_s:.3f} s ({mib / max(crc_s, 1e-9):,.0f} MiB/s); synchronous save with / "
+              f"without them: {med['sync_held_s']:.3f} / {med['sync_held_s'] - crc_s:.3f} s "
+              f"(ratio {med['sync_held_s'] / max(med['sync_held_s'] - crc_s, 1e-9):.3f}); verification at load "
+              f"{verify_s:.3f} s")
+        med.update(checksum_s=crc_s, verify_s=verify_s)
         if args.json:
             print(json.dumps({**med, "step_s": base, "held_ratio": med["async_held_s"] / med["sync_held_s"],
                               "device": trainer.runtime.device}))

@@ -595,6 +595,10 @@ class CheckpointConfig(_Section):
     """Keep only the newest K checkpoints; default: all."""
     finetune: bool = False
     """Load only the weights of --load and start at iteration 0 with a fresh optimizer and schedule."""
+    checkpoint_fallback: bool = cli(True, negatable=True)
+    """Resuming: when the newest checkpoint is damaged (a file missing, truncated or altered against the sizes
+    and checksums recorded at save, or its metadata missing), say so and load the newest intact one before it;
+    --no-checkpoint-fallback refuses instead, naming the damage."""
     use_checkpoint_args: bool = False
     """Take the model shape and tokenizer from the --load checkpoint (e.g. one made by tools/import_hf.py)
     instead of the flags."""

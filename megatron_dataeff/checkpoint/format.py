@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 
 import megatron.core
 import torch
@@ -31,11 +32,17 @@ from megatron_dataeff.errors import UserError
 
 LATEST = "latest_checkpointed_iteration.txt"
 METADATA = "megatron_dataeff.json"
+FILES = "files"  # the metadata's manifest: {file name: {"size": bytes, "crc32": hex}} of every other file
+_CHUNK = 8 * 2**20
 RELEASE = "release"  # Megatron-LM's marker value and directory of a checkpoint without an iteration
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the path and what is wrong."""
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a failing file system); the previous one stays `latest`."""
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -172,3 +179,30 @@ def check_compatible(ckpt: str, meta: dict, model: dict, vocab_ids: int) -> None
                      f"(--tokenizer-type/--tokenizer-model)")
     if diffs:
         raise CheckpointError(f"{ckpt} does not fit this model:\n  " + "\n  ".join(diffs))
+
+
+def file_record(path: str) -> dict:
+    """{"size", "crc32"} of one file (zlib's CRC-32, read in 8 MiB chunks: a few GB/s, see
+    benchmarks/bench_checkpoint.py)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def file_problems(ckpt: str, manifest: dict, names) -> list[str]:
+    """What is wrong with the files `names` of a checkpoint against its manifest: missing, truncated or
+    altered (each named)."""
+    problems = []
+    for name in names:
+        path, want = os.path.join(ckpt, name), manifest[name]
+        if not os.path.exists(path):
+            problems.append(f"{name} is missing")
+            continue
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            problems.append(f"{name} has {size} bytes, {want['size']} were written")
+        elif file_record(path)["crc32"] != want["crc32"]:
+            problems.append(f"{name} does not match its checksum (altered since it was written)")
+    return problems

@@ -12,6 +12,7 @@ published by the queue's finalisation once every rank's writer is done.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -25,7 +26,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_dataeff.checkpoint.format import checkpoint_name, prune, publish_checkpoint
+from megatron_dataeff.checkpoint.format import (FILES, LATEST, METADATA, CheckpointError, CheckpointSaveError,
+                                                checkpoint_iterations, checkpoint_name, file_problems, file_record,
+                                                is_megatron_lm_checkpoint, latest_iteration, prune, publish_checkpoint,
+                                                read_metadata)
 from megatron_dataeff.checkpoint.storage import load_sharded
 
 
@@ -92,18 +96,30 @@ def save(save_dir: str, iteration: int, model, optimizer, metadata: dict, placem
     """Save (model, optimizer, RNG) and `metadata` as SAVE_DIR/iter_N (collective); returns its path.
 
     The metadata is serialised now, so it describes the state that was staged even when the shards are
-    written in the background."""
+    written in the background; at publication it gains the manifest of the files (size and CRC-32 of each),
+    which a load checks (`intact_checkpoint`).  A write that fails (a full disk) removes the partial directory,
+    leaves the previous checkpoint `latest` and raises CheckpointSaveError naming the path and the free space."""
     rank = dist.get_rank()
     final = os.path.join(save_dir, checkpoint_name(iteration))
     tmp = final + ".tmp"
     start = time.time()
+    error = None
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    request = dist_checkpointing.save(sharded_state(model, optimizer, placement, is_loading=False), tmp,
-                                      async_sharded_save=async_queue is not None)
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            need, free = _previous_size(save_dir), shutil.disk_usage(save_dir).free
+            if need and free < need:  # refused before a byte is written: the last one's size, at least
+                raise OSError(errno.ENOSPC, f"{need / 2**20:,.1f} MiB needed (the previous checkpoint's size)")
+            os.makedirs(tmp)
+        except OSError as exc:
+            error = exc
+    _agreed(error, save_dir, tmp)
+    try:  # torch DCP gathers a failure on any rank into a CheckpointException raised on every rank
+        request = dist_checkpointing.save(sharded_state(model, optimizer, placement, is_loading=False), tmp,
+                                          async_sharded_save=async_queue is not None)
+    except BaseException as exc:
+        _failed_save(exc, save_dir, tmp)
     publish = functools.partial(_publish, save_dir, tmp, iteration, json.dumps(metadata, indent=2), keep_last,
                                 print_fn, start)
     if request is None:
@@ -117,21 +133,142 @@ def save(save_dir: str, iteration: int, model, optimizer, metadata: dict, placem
     return final
 
 
+def _previous_size(save_dir: str) -> int:
+    """Bytes of the newest checkpoint under `save_dir` (0 when there is none)."""
+    iterations = checkpoint_iterations(save_dir)
+    if not iterations:
+        return 0
+    ckpt = os.path.join(save_dir, checkpoint_name(iterations[-1]))
+    return sum(os.path.getsize(os.path.join(ckpt, name)) for name in os.listdir(ckpt))
+
+
+def _os_error(exc: BaseException, save_dir: str) -> OSError | None:
+    """The file-system error behind a failed write: the exception itself, or an OSError a torch DCP
+    CheckpointException gathered from a rank; or, when the writer's own message hides it (torch's serialiser
+    reports a short write as "unexpected pos"), a full file system seen now (under 1 MiB free or less than
+    the previous checkpoint's size)."""
+    if isinstance(exc, OSError):
+        return exc
+    failures = getattr(exc, "failures", {}) or {}
+    for failure in failures.values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, OSError):
+            return inner
+    try:
+        free = shutil.disk_usage(save_dir).free
+    except OSError:
+        return None
+    if free < max(2**20, _previous_size(save_dir)):
+        return OSError(errno.ENOSPC, f"no space left: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}")
+    return None
+
+
+def _agreed(error: OSError | None, save_dir: str, tmp: str) -> None:
+    """Rank 0's file-system error (or None), raised on every rank alike (collective), so none waits for the
+    others at the next barrier."""
+    box = [None if error is None else (error.errno, error.strerror or str(error))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        _failed_save(OSError(*box[0]), save_dir, tmp)
+
+
+def _failed_save(exc: BaseException, save_dir: str, tmp: str):
+    """Turn a write that failed for lack of space (or any OSError) into one clear error, without the partial
+    directory; anything else is a bug and propagates as it is."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        raise exc
+    error = _os_error(exc, save_dir)
+    if error is None:
+        raise exc
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(save_dir).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    try:
+        previous = f"iteration {latest_iteration(save_dir)} stays the latest checkpoint"
+    except CheckpointError:
+        previous = "no earlier checkpoint there"
+    raise CheckpointSaveError(f"--save {save_dir}: cannot write {os.path.basename(tmp)} "
+                              f"({error.strerror or error}); {free}; {previous}") from exc
+
+
+def _manifest(tmp: str, rank: int) -> dict:
+    """Size and CRC-32 of the files this rank wrote into `tmp` (torch DCP's `__RANK_*` shards; rank 0 also the
+    common files)."""
+    names = sorted(os.listdir(tmp))
+    mine = [n for n in names if n.startswith(f"__{rank}_") or (rank == 0 and not n.startswith("__") and n != METADATA)]
+    return {n: file_record(os.path.join(tmp, n)) for n in mine}
+
+
 def _publish(save_dir: str, tmp: str, iteration: int, metadata: str, keep_last: int | None, print_fn,
              start: float) -> None:
-    """Every rank's shards are in `tmp`: rank 0 publishes it as iter_N (collective: every rank calls it)."""
+    """Every rank's shards are in `tmp`: each rank records its files, rank 0 publishes the checkpoint as iter_N
+    with the manifest in its metadata (collective: every rank calls it)."""
     dist.barrier()
+    manifests = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_manifest(tmp, dist.get_rank()), manifests, dst=0)
     # Fault-injection hook for the kill-during-save tests ("ITERATION:SECONDS"): the shards of that
     # iteration are written but not yet published when the process sleeps.
     hook = os.environ.get("MEGATRON_DATAEFF_TEST_SAVE_PAUSE", "")
     if hook and int(hook.split(":")[0]) == iteration:
         time.sleep(float(hook.split(":")[1]))
+    error = None
     if dist.get_rank() == 0:
-        final = publish_checkpoint(save_dir, tmp, iteration, metadata)
-        if keep_last:
-            prune(save_dir, keep_last)
-        print_fn(f" saved checkpoint {final} ({time.time() - start:.2f} s)")
-    dist.barrier()
+        meta = json.loads(metadata)
+        meta[FILES] = {name: record for m in manifests for name, record in sorted(m.items())}
+        try:
+            final = publish_checkpoint(save_dir, tmp, iteration, json.dumps(meta, indent=2))
+        except OSError as exc:
+            error = exc
+        else:
+            if keep_last:
+                prune(save_dir, keep_last)
+            print_fn(f" saved checkpoint {final} ({time.time() - start:.2f} s)")
+    _agreed(error, save_dir, tmp)
+
+
+def _problems(ckpt: str) -> list[str]:
+    """What is wrong with one of our checkpoints, checked by every rank on its share of the files (collective):
+    its metadata unreadable, or a file missing, truncated or altered against the manifest.  A checkpoint written
+    before manifests were recorded is checked by what exists (`check_checkpoint_files` at load)."""
+    if is_megatron_lm_checkpoint(ckpt):  # Megatron-LM's own: no manifest; its load checks what it needs
+        return []
+    try:
+        meta = read_metadata(ckpt)
+    except (CheckpointError, ValueError) as exc:  # a missing or cut megatron_dataeff.json
+        problems = [str(exc)]
+    else:
+        manifest = meta.get(FILES) or {}
+        names = sorted(manifest)[dist.get_rank()::dist.get_world_size()]
+        problems = file_problems(ckpt, manifest, names)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    return sorted({p for rank_problems in gathered for p in rank_problems})
+
+
+def intact_checkpoint(load_dir: str, fallback: bool = True, print_fn=print) -> str:
+    """The checkpoint a `--load DIR` resumes (collective): the one `latest` names when it is intact; when it is
+    damaged, the newest intact one before it, saying why (`latest` is left as it is: the next save moves it on),
+    or, with `fallback` False, a CheckpointError naming the damage."""
+    iterations = checkpoint_iterations(load_dir)
+    newest = latest_iteration(load_dir)
+    candidates = [newest] + [it for it in reversed(iterations) if it < newest]
+    for i, iteration in enumerate(candidates):
+        ckpt = os.path.join(load_dir, checkpoint_name(iteration))
+        problems = _problems(ckpt) if os.path.isdir(ckpt) else [f"{ckpt} is missing"]
+        if not problems:
+            if i:
+                print_fn(f" resuming from {ckpt} instead, the newest intact checkpoint; {LATEST} still names "
+                         f"iteration {newest} until the next save")
+            return ckpt
+        what = f"{ckpt} is damaged: " + "; ".join(problems)
+        if not fallback:
+            raise CheckpointError(what + " (--no-checkpoint-fallback: not falling back to an earlier checkpoint)")
+        print_fn(f" warning: {what}")
+    raise CheckpointError(f"--load {load_dir}: no intact checkpoint (checked iterations "
+                          f"{', '.join(map(str, candidates))})")
 
 
 def load(ckpt: str, meta: dict, model, optimizer, placement: Placement) -> bool:

@@ -82,7 +82,11 @@ class RunCheckpoints:
                 and not os.path.exists(os.path.join(ck.load, LATEST))):
             self.log.print(f" --load {ck.load}: no checkpoint there yet; starting from scratch")
             return None
-        ckpt = resolve_checkpoint(ck.load)
+        marker = os.path.join(ck.load, LATEST)
+        if os.path.isfile(marker) and open(marker).read().strip().isdigit():  # a --save directory: its newest intact
+            ckpt = state.intact_checkpoint(ck.load, ck.checkpoint_fallback, self.log.print)
+        else:
+            ckpt = resolve_checkpoint(ck.load)
         if is_megatron_lm_checkpoint(ckpt):
             info = megatron_lm.load_weights(ckpt, module, self.cfg.model, vocab_ids, self.cfg.data.tokenizer_type)
             self.log.print(f" loaded weights of {ckpt} (a Megatron-LM checkpoint of iteration "

@@ -1,0 +1,142 @@
+"""Checkpoints verified at load (sizes and CRC-32s recorded at save), with fallback to the newest intact one; a save
+that finds the disk full leaves the previous checkpoint as it was and stops the run with one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.conftest import ROOT, child_env, losses, train_in_process
+
+FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "192", "--num-attention-heads", "4",
+         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+         "--lr-decay-iters", "4", "--eval-iters", "0", "--log-interval", "1", "--hidden-dropout", "0.1"]
+
+
+@pytest.fixture
+def saved(megatron_cpu, tmp_path):
+    """A run of 4 steps saved at 2 and 4: (its train losses, the --save directory)."""
+    ckpt = tmp_path / "ckpt"
+    full = losses(train_in_process(FLAGS + ["--save", str(ckpt), "--save-interval", "2"], tmp_path / "full"))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+    return full, ckpt
+
+
+def _damage(ckpt, how: str) -> str:
+    """Damage iter_0000004 of `ckpt` as a failing node or file system would; the name the error should give."""
+    newest = ckpt / "iter_0000004"
+    shard = sorted(p for p in newest.iterdir() if p.suffix == ".distcp")[-1]
+    if how == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    elif how == "flipped":
+        with open(shard, "r+b") as f:
+            f.seek(shard.stat().st_size // 3)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x40]))
+    elif how == "missing_shard":
+        shard.unlink()
+    elif how == "missing_metadata":
+        (newest / "megatron_dataeff.json").unlink()
+        return "megatron_dataeff.json"
+    return shard.name
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "missing_shard", "missing_metadata"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(saved, tmp_path, capsys, how):
+    """A truncated, altered or missing shard, or missing metadata, in the newest checkpoint: the resume says what
+    is wrong, loads iteration 2 instead (saying `latest` still names 4) and continues exactly as the
+    uninterrupted run did."""
+    full, ckpt = saved
+    name = _damage(ckpt, how)
+    capsys.readouterr()
+    resumed = losses(train_in_process(FLAGS + ["--load", str(ckpt)], tmp_path / "resumed"))
+    out = capsys.readouterr().out
+    assert "iter_0000004 is damaged" in out and name in out
+    assert "resuming from" in out and "iter_0000002" in out and "still names iteration 4" in out
+    assert resumed == full[2:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"  # not moved back silently
+
+
+def test_no_checkpoint_fallback_refuses_naming_the_file(saved, tmp_path):
+    """--no-checkpoint-fallback: a damaged newest checkpoint is an error naming the file, nothing is loaded."""
+    from megatron_dataeff.checkpoint.format import CheckpointError
+
+    _, ckpt = saved
+    name = _damage(ckpt, "truncated")
+    with pytest.raises(CheckpointError, match=f"iter_0000004 is damaged: {name} has"):
+        train_in_process(FLAGS + ["--load", str(ckpt), "--no-checkpoint-fallback"], tmp_path / "refused")
+
+
+def test_checkpoint_without_a_manifest_still_loads(saved, tmp_path, capsys):
+    """A checkpoint written before sizes and checksums were recorded resumes as before, with no warning."""
+    full, ckpt = saved
+    meta_path = ckpt / "iter_0000004" / "megatron_dataeff.json"
+    meta = json.loads(meta_path.read_text())
+    assert set(meta["files"]) >= {".metadata", "metadata.json"} and all(
+        set(r) == {"size", "crc32"} for r in meta["files"].values())
+    del meta["files"]
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    train_in_process(FLAGS + ["--train-iters", "6", "--lr-decay-iters", "4", "--load", str(ckpt)], tmp_path / "old")
+    out = capsys.readouterr().out
+    assert "loaded checkpoint" in out and "iter_0000004" in out and "damaged" not in out
+
+
+def test_save_refused_when_the_disk_cannot_hold_it(saved, tmp_path, monkeypatch):
+    """Less free space than the previous checkpoint's size: the save is refused before writing, naming the path and
+    the free space; no partial directory, `latest` and the previous checkpoint untouched and loadable."""
+    from megatron_dataeff.checkpoint import state
+    from megatron_dataeff.checkpoint.format import CheckpointSaveError
+
+    _, ckpt = saved
+    real = shutil.disk_usage
+    monkeypatch.setattr(state.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=300 * 1024))
+    flags = FLAGS + ["--train-iters", "6", "--save-interval", "2", "--save", str(ckpt), "--load", str(ckpt),
+                     "--override-opt-param-scheduler"]
+    with pytest.raises(CheckpointSaveError, match=r"--save .*ckpt: cannot write iter_0000006.tmp .*MiB needed.*"
+                                                  r"0.3 MiB free there; iteration 4 stays the latest checkpoint"):
+        train_in_process(flags, tmp_path / "full_disk")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "iter_0000004",
+                                                       "latest_checkpointed_iteration.txt"]
+    status = tmp_path / "full_disk" / "status.json"
+    assert not status.exists() or json.loads(status.read_text())["state"] != "finished"
+    monkeypatch.undo()
+    train_in_process(FLAGS + ["--load", str(ckpt)], tmp_path / "after")  # still loads
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MiB tmpfs (root can mount one here and in CI); skipped where mounting is not permitted."""
+    path = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_file_system_stops_the_run_with_one_line(tiny_filesystem, tmp_path):
+    """A real save into a 1 MiB file system runs out of space mid-write: exit 2 with one line naming the path and the
+    free space, the partial directory removed, no `latest`, and no status.json saying finished."""
+    save = tiny_filesystem / "ckpt"
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_diffusion.py"), *FLAGS, "--device", "cpu",
+                           "--save", str(save), "--run-dir", str(run_dir), "--tensorboard-dir", ""],
+                          capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert f"--save {save}: cannot write iter_0000004.tmp" in line and "MiB free there" in line
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(save) == []
+    status = run_dir / "status.json"
+    assert not status.exists() or json.loads(status.read_text())["state"] != "finished"
