@@ -6,7 +6,7 @@ the flag's default (shown in `--help`).  Booleans that default off are switches 
 default on are turned off by `--no-NAME` (Megatron-LM's `--no-bias-swiglu-fusion`).  The shape flags of
 `ModelConfig` take the `--model-preset` value when not given.  Beside them, Megatron-LM flags that
 describe what this framework always builds are accepted, or refused by name where they ask for
-something else (`MEGATRON_DESCRIPTIVE`).
+something else (`MEGATRON_DESCRIPTIVE`: the model family's from `models/family.py`, the rest below).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import dataclasses
 from megatron_dataeff.config import (REGULARISATION, CheckpointConfig, ComputeConfig, ConfigError, DataConfig,
                                      FieldSpec, LoggingConfig, ModelConfig, ObjectiveConfig, OptimConfig,
                                      ParallelConfig, RunConfig, field_specs)
+from megatron_dataeff.models.family import megatron_lm_flags
 from megatron_dataeff.models.presets import PRESETS
 
 # The RunConfig attribute of each section, in --help order, with the title of its --help group.
@@ -104,29 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Megatron-LM flags that describe the one model family built here (dense GPT, RMSNorm, SwiGLU, RoPE, no
-# biases, per-token loss): accepted where they say what is built, refused by name where they ask for
-# something else.  (flag, argparse kind, accepted values or None for a switch, what is built instead)
+# Megatron-LM flags that describe what is built here: the one model family (dense GPT, RMSNorm, SwiGLU, RoPE,
+# no biases: `models/family.py` states those), and how it is trained (per-token loss, bf16, the parallelisms,
+# below): accepted where they say what is built, refused by name where they ask for something else.  (flag,
+# argparse kind, accepted values or None for a switch, what is built instead)
 _ALWAYS = "always so here"
-MEGATRON_DESCRIPTIVE = (
+_TRAINING_SWITCHES = (
     ("--use-mcore-models", "on", None, _ALWAYS),
-    ("--swiglu", "on", None, "the MLP is always SwiGLU"),
-    ("--disable-bias-linear", "on", None, "linear layers never have biases"),
     ("--group-query-attention", "on", None, "--num-query-groups sets the key/value heads"),
     ("--log-throughput", "on", None, "every train record has tokens/s, TFLOP/s and MFU"),
     ("--calculate-per-token-loss", "on", None, "the loss is always a mean over the global batch's tokens"),
     ("--attention-softmax-in-fp32", "on", None, "attention softmax accumulates in fp32"),
-    ("--no-position-embedding", "on", None, "no learned position embedding: RoPE"),
     ("--fp16", "off", None, "fp16 with loss scaling is not supported: use --bf16"),
-    ("--apply-layernorm-1p", "off", None, "norms are plain RMSNorm"),
-    ("--normalization", "value", ("RMSNorm",), "norms are RMSNorm"),
-    ("--position-embedding-type", "value", ("rope",), "positions are RoPE"),
-    ("--rotary-percent", "value", (1.0,), "RoPE covers the whole head dimension"),
+)
+_TRAINING_VALUES = (
     ("--context-parallel-size", "value", (1,), "context parallelism is not supported (TP, PP, DP, SP are)"),
     ("--distributed-backend", "value", ("nccl", "gloo"), "NCCL on GPUs, gloo on CPUs"),
     ("--rampup-batch-size", "value", (), "batch-size ramp-up is not supported: the global batch is fixed"),
     ("--num-layers-per-virtual-pipeline-stage", "value", (), "interleaved pipeline schedules are not supported"),
 )
+_KINDS = ("on", "off", "value")  # --help and checking order: accepted switches, refused switches, values
+MEGATRON_DESCRIPTIVE = tuple(sorted((*_TRAINING_SWITCHES, *megatron_lm_flags(), *_TRAINING_VALUES),
+                                    key=lambda entry: _KINDS.index(entry[1])))
 
 
 def _add_megatron_descriptive_flags(p: argparse.ArgumentParser) -> None:

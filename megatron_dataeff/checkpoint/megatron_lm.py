@@ -28,38 +28,16 @@ from megatron_dataeff.atomic import publish_directory, write_text_atomic
 from megatron_dataeff.checkpoint.format import (LATEST, METADATA, RELEASE, CheckpointError, check_checkpoint_files,
                                                 holds_checkpoints, read_common_state)
 from megatron_dataeff.checkpoint.storage import load_sharded
+from megatron_dataeff.config import weight_shape_fields
+from megatron_dataeff.models.family import MEGATRON_LM_ARGS, megatron_lm_problems
 from megatron_dataeff.objectives import objective_class
 
 CHECKPOINT_VERSION = 3.0
 
-# Megatron-LM's args (Namespace attributes, read by getattr) that must have these values for a model this
-# framework builds: (attribute, value it must have, Megatron-LM's flag, what is built here instead).
-_REQUIRED = (
-    ("normalization", "RMSNorm", "--normalization", "norms are RMSNorm"),
-    ("swiglu", True, "--swiglu", "the MLP is SwiGLU"),
-    ("add_bias_linear", False, "--disable-bias-linear", "linear layers have no biases"),
-    ("add_qkv_bias", False, "--add-qkv-bias", "the QKV projection has no bias"),
-    ("position_embedding_type", "rope", "--position-embedding-type", "positions are RoPE"),
-    ("rotary_percent", 1.0, "--rotary-percent", "RoPE covers the whole head dimension"),
-    ("rotary_interleaved", False, "--rotary-interleaved", "RoPE rotates halves, not interleaved pairs"),
-    ("use_rope_scaling", False, "--use-rope-scaling", "RoPE is not rescaled (no Llama-3.1 scaling)"),
-    ("squared_relu", False, "--squared-relu", "the MLP is SwiGLU"),
-    ("num_experts", None, "--num-experts", "the MLP is dense (no mixture of experts)"),
-    ("multi_latent_attention", False, "--multi-latent-attention", "attention is grouped-query attention"),
-    ("is_hybrid_model", False, "--hybrid-override-pattern", "every layer is a transformer layer"),
-    ("apply_layernorm_1p", False, "--apply-layernorm-1p", "norms are plain RMSNorm"),
-    ("layernorm_zero_centered_gamma", False, "--apply-layernorm-1p", "norms are plain RMSNorm"),
-)
-# Our ModelConfig field -> Megatron-LM's Namespace attribute(s), first found wins.
-_SHAPE = {
-    "num_layers": ("num_layers",),
-    "hidden_size": ("hidden_size",),
-    "ffn_hidden_size": ("ffn_hidden_size",),
-    "num_attention_heads": ("num_attention_heads",),
-    "kv_channels": ("kv_channels",),
-    "qk_layernorm": ("qk_layernorm",),
-    "untie_embeddings_and_output_weights": ("untie_embeddings_and_output_weights",),
-}
+# The ModelConfig fields the weights' shapes depend on, compared with Megatron-LM's Namespace attributes of the
+# same names (our flags are Megatron-LM's), except two read otherwise: the query groups count only under
+# --group-query-attention, and the vocabulary padding is compared as the embedding rows it gives.
+_SHAPE = tuple(f for f in weight_shape_fields() if f not in ("num_query_groups", "make_vocab_size_divisible_by"))
 _TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
 
 
@@ -85,16 +63,10 @@ def _arg(args, *names, default=None):
 
 def check_megatron_lm_model(ckpt: str, args, model_cfg, vocab_rows: int, tokenizer_type: str) -> None:
     """Refuse, naming Megatron-LM's flags, a checkpoint whose model is not the one this run builds."""
-    problems = []
-    for attr, required, flag, built in _REQUIRED:
-        value = getattr(args, attr, required)
-        if attr == "swiglu" and not value:
-            value = bool(getattr(args, "gated_linear_unit", False))
-        if value != required:
-            problems.append(f"{flag} {value!r} in the checkpoint: here {built}")
+    problems = megatron_lm_problems(args)  # the model family's traits (models/family.py)
     if str(_arg(args, "model_type", default="gpt")).lower().endswith(("bert", "t5", "encoder_and_decoder")):
         problems.append(f"model type {args.model_type}: only GPT (decoder-only) checkpoints are read")
-    saved = {field: _arg(args, *names) for field, names in _SHAPE.items()}
+    saved = {field: _arg(args, field) for field in _SHAPE}
     groups = _arg(args, "num_query_groups") if _arg(args, "group_query_attention", default=False) else None
     saved["num_query_groups"] = groups or saved["num_attention_heads"]
     if saved["kv_channels"] is None and saved["hidden_size"] and saved["num_attention_heads"]:
@@ -135,15 +107,11 @@ def megatron_lm_namespace(cfg, meta: dict, rows: int) -> argparse.Namespace:
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         group_query_attention=m.num_query_groups != m.num_attention_heads, kv_channels=m.kv_channels,
-        seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings,
-        position_embedding_type="rope", add_position_embedding=False, use_rotary_position_embeddings=True,
-        rotary_base=m.rotary_base, rotary_percent=1.0, rotary_interleaved=False, use_rope_scaling=False,
-        add_bias_linear=False, add_qkv_bias=False, squared_relu=False, swiglu=True,
+        seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings, rotary_base=m.rotary_base,
         untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-        apply_layernorm_1p=False, layernorm_zero_centered_gamma=False, normalization="RMSNorm",
         norm_epsilon=m.norm_epsilon, layernorm_epsilon=m.norm_epsilon, qk_layernorm=m.qk_layernorm,
-        apply_query_key_layer_scaling=False, attention_dropout=m.attention_dropout, hidden_dropout=m.hidden_dropout,
-        init_method_std=m.init_method_std, num_experts=None, multi_latent_attention=False, is_hybrid_model=False,
+        attention_dropout=m.attention_dropout, hidden_dropout=m.hidden_dropout, init_method_std=m.init_method_std,
+        **MEGATRON_LM_ARGS,  # the model family (models/family.py): RMSNorm, SwiGLU, RoPE, no biases, ...
         padded_vocab_size=rows, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
         ckpt_format="torch_dist", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,

@@ -22,13 +22,13 @@ the padding rows are recorded (`valid_vocab_size` / `suppress_tokens`) and never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_dataeff.errors import UserError
-from megatron_dataeff.models.family import FAMILY_DEFAULTS, FAMILY_OPTIONS
+from megatron_dataeff.models.family import FAMILY_DEFAULTS, FAMILY_MODEL_ARGS, FAMILY_OPTIONS
+from megatron_dataeff.models.shape import ModelShape  # the sizes the map reads (q_rows, kv_rows, ...)
 
 if TYPE_CHECKING:  # for annotations only
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -37,38 +37,6 @@ if TYPE_CHECKING:  # for annotations only
 
 class UnsupportedModelError(UserError, ValueError):
     """A checkpoint or HF model the map cannot represent; the message names what."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the map needs to know about a model: sizes and the optional tensors."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    vocab_rows: int  # embedding rows (padded vocabulary)
-    qk_layernorm: bool
-    tied: bool  # output layer shares the embedding
-
-    @property
-    def q_rows(self) -> int:
-        """Rows of the query projection: heads x head_dim."""
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_rows(self) -> int:
-        """Rows of the key (or value) projection: groups x head_dim."""
-        return self.num_query_groups * self.head_dim
-
-    @classmethod
-    def from_run_config(cls, cfg, vocab_rows: int) -> "ModelShape":
-        """The shape of a megatron_dataeff RunConfig's model with `vocab_rows` embedding rows."""
-        m = cfg.model
-        return cls(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
-                   m.kv_channels, vocab_rows, bool(m.qk_layernorm), not m.untie_embeddings_and_output_weights)
 
 
 # (megatron name, [(HF name, HF shape)], fused kind, present when).  `{i}` is the layer index; a shape is
@@ -300,7 +268,8 @@ def hf_tensor_for(mname: str, get, shape: ModelShape) -> torch.Tensor:
 # Options the map represents
 
 
-# TransformerConfig fields and the only value the map represents: the model family's (models/family.py).
+# TransformerConfig fields and the only value the map represents: the model family's (models/family.py), as
+# are the GPTModel arguments checked below.
 REQUIRED_MEGATRON_OPTIONS = {**FAMILY_OPTIONS, **FAMILY_DEFAULTS}
 
 
@@ -315,8 +284,9 @@ def check_megatron_model(model: GPTModel, rotary_base: float) -> None:
     for name, want in REQUIRED_MEGATRON_OPTIONS.items():
         if hasattr(config, name) and getattr(config, name) != want:
             problems.append(f"{name}={shown(getattr(config, name))} (supported: {shown(want)})")
-    if getattr(model, "position_embedding_type", "rope") != "rope":
-        problems.append(f"position_embedding_type={model.position_embedding_type!r} (supported: 'rope')")
+    for name, want in FAMILY_MODEL_ARGS.items():  # GPTModel keeps its arguments as attributes
+        if getattr(model, name, want) != want:
+            problems.append(f"{name}={getattr(model, name)!r} (supported: {want!r})")
     rope: RotaryEmbedding | None = getattr(model, "rotary_pos_emb", None)
     if rope is not None:
         hd = config.kv_channels

@@ -8,14 +8,17 @@ SwiGLU, per token: 3 (forward, weight-gradient and data-gradient GEMMs) x 2 (mul
                + 3 hidden ffn ]                        # SwiGLU: up, gate, down
     + hidden x padded_vocab                            # logits
 
-with q = heads x kv_channels and k = v = query_groups x kv_channels.  Causal attention counts half of
-the score matrix, as Megatron-LM does; masked diffusion attends both ways, so for it the core-attention
-term counts in full.  These are model FLOPs: recomputed forwards are not counted (MFU, not HFU).
+with q = heads x kv_channels and k = v = query_groups x kv_channels: every weight of the layers and of
+the output layer once (`models/shape.ModelShape`'s parameter counts), plus the two attention products,
+which hold no weights.  Causal attention counts half of the score matrix, as Megatron-LM does; masked
+diffusion attends both ways, so for it the core-attention term counts in full.  These are model FLOPs:
+recomputed forwards are not counted (MFU, not HFU).
 """
 
 from __future__ import annotations
 
 from megatron_dataeff.config import RunConfig
+from megatron_dataeff.models.shape import ModelShape
 from megatron_dataeff.objectives import objective_class
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().
@@ -36,12 +39,10 @@ PEAK_BF16_TFLOPS = (
 def flops_per_token(cfg: RunConfig, padded_vocab: int) -> float:
     """Model FLOPs (forward + backward) per trained token."""
     m = cfg.model
-    q = m.num_attention_heads * m.kv_channels
-    kv = m.num_query_groups * m.kv_channels
+    shape = ModelShape.from_model_config(m, padded_vocab)
     attention_span = m.seq_length if objective_class(cfg.objective).bidirectional else m.seq_length / 2
-    per_layer = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + q * attention_span * 2 \
-        + 3 * m.hidden_size * m.ffn_hidden_size
-    return 3 * 2 * (m.num_layers * per_layer + m.hidden_size * padded_vocab)
+    per_layer = shape.layer_matrix_parameters + shape.q_rows * attention_span * 2
+    return 3 * 2 * (shape.num_layers * per_layer + shape.embedding_parameters)
 
 
 def flops_per_step(cfg: RunConfig, padded_vocab: int) -> float:

@@ -40,6 +40,7 @@ from typing import Sequence
 
 from megatron_dataeff.config import RunConfig, auto_chunk_tokens
 from megatron_dataeff.models.attention_backends import attention_for_config
+from megatron_dataeff.models.shape import ModelShape
 from megatron_dataeff.objectives import objective_class
 
 GiB = 2**30
@@ -107,12 +108,7 @@ class _Shape:
 
     s: int
     b: int
-    h: int
-    ffn: int  # F / t
-    nq: int  # query heads / t
-    nkv: int  # key/value groups / t
-    d: int
-    vocab: int  # padded vocabulary / t
+    model: ModelShape  # this rank's part of the model (`ModelShape.per_rank`)
     tp: int
     sp: bool
     e: int  # bytes of the parameter / activation dtype
@@ -120,12 +116,47 @@ class _Shape:
     impl: str  # sdpa | local | te
     kernel: str
     causal: bool
-    qk_ln: bool
     p_attn: float
     p_hidden: float
     p_mlp: float
     mlp_fused_ext: bool  # the compiled SwiGLU+dropout kernel (else its torch reference)
     swiglu_fused: bool  # megatron's fused SwiGLU (GPU, --bias-swiglu-fusion on)
+
+    # this rank's sizes, by the short names the formulas below use
+    @property
+    def h(self) -> int:
+        """Hidden size."""
+        return self.model.hidden_size
+
+    @property
+    def ffn(self) -> int:
+        """F / t."""
+        return self.model.ffn_hidden_size
+
+    @property
+    def nq(self) -> int:
+        """Query heads / t."""
+        return self.model.num_attention_heads
+
+    @property
+    def nkv(self) -> int:
+        """Key/value groups / t (at least one)."""
+        return self.model.num_query_groups
+
+    @property
+    def d(self) -> int:
+        """Head dimension (--kv-channels)."""
+        return self.model.head_dim
+
+    @property
+    def vocab(self) -> int:
+        """Padded vocabulary / t."""
+        return self.model.vocab_rows
+
+    @property
+    def qk_ln(self) -> bool:
+        """Whether queries and keys are RMSNormed."""
+        return self.model.qk_layernorm
 
     @property
     def tokens(self) -> int:
@@ -165,12 +196,10 @@ def _shape(cfg: RunConfig, vocab_ids: int, device: str, te_available: bool) -> _
     else:
         fused_ext = True  # built by `pip install -e .` where nvcc exists (csrc/README.md)
     return _Shape(
-        s=m.seq_length, b=cfg.optim.micro_batch_size * objective.rows_per_sample(cfg.objective), h=m.hidden_size,
-        ffn=m.ffn_hidden_size // tp,
-        nq=m.num_attention_heads // tp, nkv=max(1, m.num_query_groups // tp), d=m.kv_channels,
-        vocab=m.vocab_rows(vocab_ids) // tp, tp=tp,
+        s=m.seq_length, b=cfg.optim.micro_batch_size * objective.rows_per_sample(cfg.objective),
+        model=ModelShape.from_model_config(m, m.vocab_rows(vocab_ids)).per_rank(tp), tp=tp,
         sp=bool(p.sequence_parallel and tp > 1), e=2 if cfg.optim.bf16 else 4, device=device, impl=impl,
-        kernel=kernel, causal=not objective.bidirectional, qk_ln=m.qk_layernorm, p_attn=m.attention_dropout,
+        kernel=kernel, causal=not objective.bidirectional, p_attn=m.attention_dropout,
         p_hidden=m.hidden_dropout, p_mlp=m.mlp_dropout, mlp_fused_ext=fused_ext,
         swiglu_fused=device == "cuda" and cfg.compute.bias_swiglu_fusion,
     )
@@ -206,7 +235,7 @@ def _core_attention(saved: _Saved, sh: _Shape, q: str, k: str, qkv_bytes: int) -
     """What core attention keeps of q [T, nq, d] (storage q), k [T, nkv, d] (storage k) and v (a view of
     the qkv storage); returns the name of its output storage (the input linear_proj keeps)."""
     T, e = sh.tokens, sh.e
-    dq = T * sh.nq * sh.d
+    dq = T * sh.model.q_rows
     gqa = sh.nq != sh.nkv
     bnss = sh.b * sh.nq * sh.s * sh.s
     if sh.impl == "local":
@@ -236,7 +265,7 @@ def _core_attention(saved: _Saved, sh: _Shape, q: str, k: str, qkv_bytes: int) -
         saved.keep("v.repeated", e * dq)
     else:
         saved.keep(q, e * dq)
-        saved.keep(k, e * T * sh.nkv * sh.d)
+        saved.keep(k, e * T * sh.model.kv_rows)
         saved.keep("qkv", qkv_bytes)
     s_lse = math.ceil(sh.s / 32) * 32 if path == "efficient" else sh.s
     saved.keep("attention.lse", 4 * sh.b * sh.nq * s_lse)
@@ -250,8 +279,8 @@ def layer_activations(sh: _Shape, recompute_modules: Sequence[str] = ()) -> dict
     recomputation (core_attn, mlp, layernorm)."""
     saved = _Saved()
     T, Ts, h, e, d = sh.tokens, sh.tokens_sp, sh.h, sh.e, sh.d
-    dq, dkv = sh.nq * d, sh.nkv * d
-    qkv_bytes = e * T * (dq + 2 * dkv)
+    dq, dkv = sh.model.q_rows, sh.model.kv_rows
+    qkv_bytes = e * T * sh.model.qkv_rows
     recompute_norm = "layernorm" in recompute_modules
     # input RMSNorm, then linear_qkv keeps its (un-gathered, under SP) input
     _norm(saved, sh, "ln1", "x", e * Ts * h, Ts * h, Ts)
@@ -347,10 +376,10 @@ def layer_backward_transient(sh: _Shape, recompute_modules: Sequence[str] = ()) 
       (`_scores_backward_peak`); by then the MLP's and the residual's saved tensors are freed."""
     full, kept = layer_activations(sh), layer_activations(sh, recompute_modules)
     T, e = sh.tokens, sh.e
-    mlp = _part(full, _MLP) - _part(kept, _MLP) + e * T * 3 * sh.ffn + e * 3 * sh.ffn * sh.h
+    mlp = _part(full, _MLP) - _part(kept, _MLP) + e * T * 3 * sh.ffn + e * sh.model.mlp_parameters
     after = _part(kept, _AFTER_ATTENTION)
     recomputed = (sum(full.values()) - _part(full, _AFTER_ATTENTION)) - (sum(kept.values()) - after)
-    attn = recomputed + e * T * (sh.nq + 2 * sh.nkv) * sh.d * 2 - after
+    attn = recomputed + e * T * sh.model.qkv_rows * 2 - after
     if sh.impl == "local" or (sh.impl == "sdpa" and sh.sdpa_path == "math"):
         attn += _scores_backward_peak(sh) * sh.b * sh.nq * sh.s * sh.s
     return max(mlp, attn, 0)
@@ -365,22 +394,18 @@ def parameter_counts(cfg: RunConfig, vocab_ids: int, stage: int = 0) -> tuple[in
     dtype.  The last stage holds the output layer: untied, or tied with
     PP > 1 (a copy of the word embeddings, kept in sync by megatron's embedding group)."""
     m, p = cfg.model, cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    h, d = m.hidden_size, m.kv_channels
-    vocab = m.vocab_rows(vocab_ids) // tp
+    pp = p.pipeline_model_parallel_size
+    shape = ModelShape.from_model_config(m, m.vocab_rows(vocab_ids)).per_rank(p.tensor_model_parallel_size)
     layers = m.num_layers // pp
-    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d // tp * h
-    proj = h * m.num_attention_heads * d // tp
-    mlp = 2 * m.ffn_hidden_size // tp * h + h * m.ffn_hidden_size // tp
-    matrices = layers * (qkv + proj + mlp)
-    norms = layers * (2 * h + (2 * d if m.qk_layernorm else 0))
+    matrices = layers * shape.layer_matrix_parameters
+    norms = layers * shape.layer_norm_parameters
     first, last = stage == 0, stage == pp - 1
     if first:
-        matrices += vocab * h
+        matrices += shape.embedding_parameters
     if last:
-        norms += h
-        if m.untie_embeddings_and_output_weights or not first:
-            matrices += vocab * h
+        norms += shape.final_norm_parameters
+        if not shape.tied or not first:
+            matrices += shape.embedding_parameters
     return matrices, norms
 
 
@@ -444,10 +469,9 @@ def _persistent(cfg: RunConfig, vocab_ids: int, stage: int, dp: int) -> tuple[in
     opt = (8 + (4 if cfg.optim.bf16 else 0)) * (mats + norms)
     if cfg.parallel.use_distributed_optimizer:
         opt = math.ceil(opt / dp)
-    m = cfg.model
-    tp = cfg.parallel.tensor_model_parallel_size
-    largest = max(m.vocab_rows(vocab_ids) // tp * m.hidden_size,
-                  2 * m.ffn_hidden_size // tp * m.hidden_size)
+    shape = ModelShape.from_model_config(cfg.model, cfg.model.vocab_rows(vocab_ids)).per_rank(
+        cfg.parallel.tensor_model_parallel_size)
+    largest = max(shape.embedding_parameters, 2 * shape.ffn_hidden_size * shape.hidden_size)  # embedding or fc1
     return params, grads, opt, mats + norms, largest
 
 
