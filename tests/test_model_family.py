@@ -36,14 +36,20 @@ def test_every_fact_is_stated_somewhere_and_says_what_is_built():
 
 
 def test_family_defaults_are_megatron_cores_defaults():
-    """What the builder leaves unset is megatron-core's default, and GPTModel takes the family's arguments."""
+    """Every option the family names is a TransformerConfig field of the installed megatron-core (the HF export
+    checks a model's config by these names: a renamed option must fail here, not be skipped there); what the
+    builder leaves unset is megatron-core's default; GPTModel takes the family's arguments."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_dataeff.export.hf_mapping import REQUIRED_MEGATRON_OPTIONS
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert set(REQUIRED_MEGATRON_OPTIONS) == {**family.FAMILY_OPTIONS, **family.FAMILY_DEFAULTS}.keys()
+    assert not set(REQUIRED_MEGATRON_OPTIONS) - fields, sorted(set(REQUIRED_MEGATRON_OPTIONS) - fields)
     config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, **family.FAMILY_OPTIONS)
-    for name, value in {**family.FAMILY_OPTIONS, **family.FAMILY_DEFAULTS}.items():
-        if hasattr(config, name):
-            assert getattr(config, name) == value, name
+    for name, value in REQUIRED_MEGATRON_OPTIONS.items():
+        assert getattr(config, name) == value, name
     params = inspect.signature(GPTModel).parameters
     assert set(family.FAMILY_MODEL_ARGS) <= set(params)
 

@@ -24,7 +24,7 @@ from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
 from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
-from megatron_dataeff.models.family import FAMILY_OPTIONS
+from megatron_dataeff.models.family import FAMILY_MODEL_ARGS, FAMILY_OPTIONS
 from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
 from megatron_dataeff.objectives import objective_class
 
@@ -159,7 +159,7 @@ def build_model(
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        **FAMILY_MODEL_ARGS,
         rotary_base=cfg.model.rotary_base,
     )
     model.attention_choice = choice
