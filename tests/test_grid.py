@@ -87,3 +87,27 @@ def test_grid_runs_resumes_and_reports(tmp_path):
     for png in ("val_loss.png", "val_loss_vs_tokens.png", "downstream.png"):
         data = (report / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_quickstart_runs_the_quickstart_scale(tmp_path):
+    """examples/quickstart.sh trains the quickstart scale: plain AR, AR with random-token dropout and masked
+    diffusion on the demo scale's model and budget, about 3 minutes on 2 cores, keeping only each run's last
+    checkpoint and scoring no offline tasks."""
+    from megatron_dataeff.arguments import parse_config
+
+    script = (ROOT / "examples" / "quickstart.sh").read_text()
+    assert "python tools/run_grid.py \"${GRID_ARGS[@]}\"" in script and "(--scale quickstart " in script
+    qs, demo = SCALES["quickstart"], SCALES["demo"]
+    assert qs.default_methods == ["ar", "ar_td0.3_random", "mdm"] and qs.downstream_evals == 0
+    assert (qs.flags, qs.unique_tokens, qs.epochs) == (demo.flags, demo.unique_tokens, demo.epochs)
+    seconds = 0.0
+    for method in qs.default_methods:
+        flags, facts = run_flags(qs, method, 1234, "/tmp/x")
+        assert parse_config(flags).optim.train_iters == facts["train_iters"] == facts["save_interval"]
+        seconds += facts["train_iters"] * qs.seconds_per_step * qs.cost(method)
+    assert 120 <= seconds <= 240
+    dry = subprocess.run([sys.executable, str(ROOT / "tools" / "run_grid.py"), "--scale", "quickstart", "--output",
+                          str(tmp_path / "qs"), "--dry-run"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    commands = dry.stdout.splitlines()
+    assert len(commands) == 3 and all("pretrain_diffusion.py" in c for c in commands)  # no evaluate.py

@@ -34,7 +34,7 @@ fixed rates.  That reading of the paper's sweep is ours (its code is not release
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 METHODS: dict[str, list[str]] = {
@@ -166,6 +166,11 @@ SCALES: dict[str, Scale] = {
         default_methods=[*PAPER_METHODS, *BEYOND], distributed=True,
     ),
 }
+# The quickstart (examples/quickstart.sh): the demo scale's model, budget and schedule for plain AR, AR with the
+# demo grid's strongest regulariser (token dropout 0.3, random-token noise) and masked diffusion, one checkpoint
+# per run (the last) and no offline tasks: three runs of 292 steps, about 3 minutes on 2 cores.
+SCALES["quickstart"] = replace(SCALES["demo"], name="quickstart", downstream_evals=0,
+                               default_methods=["ar", "ar_td0.3_random", "mdm"])
 
 
 def run_name(method: str, seed: int) -> str:

@@ -177,19 +177,31 @@ def _fmt_effective(row) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """Mean ± standard error over seeds; Δ vs ar: the best validation loss minus plain AR's at the same seeds,
     with the paired t-test's p-value; effective data: the unique tokens plain AR would need for the method's
-    best loss, as a multiple of the grid's budget (68% interval over resampled seeds)."""
+    best loss, as a multiple of the grid's budget (68% interval over resampled seeds).  A column with no value
+    in any row (no offline tasks scored, no fresh-data reference, fewer than 3 AR budgets) is left out."""
     head = ["method", "seeds", "best val loss", "Δ vs ar (paired p)", "effective data", "best epoch",
             "final val loss", "rise after best", "cloze acc", "continuation acc", "continuation acc_norm", "R*"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         rstar = _fmt(r, "r_star", 1)
         if rstar == "n/a" and r.get("r_star_note"):
             rstar = f"n/a ({r['r_star_note']})"
-        lines.append("| " + " | ".join([r["method"], str(r["seeds"]), _fmt(r, "best_val_loss"), _fmt_delta(r),
-                                        _fmt_effective(r), _fmt(r, "best_epoch", 1), _fmt(r, "final_val_loss"),
-                                        _fmt(r, "rise_after_best"), _fmt(r, "cloze_acc"), _fmt(r, "continuation_acc"),
-                                        _fmt(r, "continuation_acc_norm"), rstar]) + " |")
+        cells.append([r["method"], str(r["seeds"]), _fmt(r, "best_val_loss"), _fmt_delta(r), _fmt_effective(r),
+                      _fmt(r, "best_epoch", 1), _fmt(r, "final_val_loss"), _fmt(r, "rise_after_best"),
+                      _fmt(r, "cloze_acc"), _fmt(r, "continuation_acc"), _fmt(r, "continuation_acc_norm"), rstar])
+    keep = [j for j in range(len(head))
+            if not cells or any(row[j] and not row[j].startswith("n/a") for row in cells)]
+    lines = ["| " + " | ".join(head[j] for j in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(row[j] for j in keep) + " |" for row in cells]
     return "\n".join(lines) + "\n"
+
+
+def best_run(runs: list[Run]) -> Run:
+    """The run with the lowest validation loss at any point (a diffusion run's ELBO, an upper bound on its NLL,
+    competes as it is)."""
+    if not runs:
+        raise ValueError("no runs to choose from")
+    return min(runs, key=lambda r: min(v[2] for v in r.valid))
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -276,8 +288,9 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
             if ax.lines:
                 ax.legend(fontsize=7, ncol=3 if len(ax.lines) > 8 else 1, loc="upper center",
                           bbox_to_anchor=(0.5, -0.13))
+                # the top leaves out the first steps' losses but never a curve's end (how far it rose)
                 lo = min(min(line.get_ydata()) for line in ax.lines)
-                hi = max(np.percentile(line.get_ydata(), 60) for line in ax.lines)
+                hi = max(max(np.percentile(line.get_ydata(), 60), line.get_ydata()[-1]) for line in ax.lines)
                 ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
                 if xkey == 0 and same_budget and len(same_budget) < len(runs):
                     ax.set_xlim(0, 1.02 * max(r.valid[-1][0] for r in same_budget))

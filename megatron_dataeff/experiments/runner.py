@@ -110,8 +110,8 @@ def run_grid(args: GridArgs, command: str = "") -> int:
                 if not os.path.exists(os.path.join(args.output, run_name(m, s), "complete.json"))]
         seconds = sum(f["train_iters"] * scale.seconds_per_step * scale.cost(m) for m, f in todo)
         print(f"[grid] {len(todo)} of {len(methods) * len(seeds)} runs to train: about {seconds / 60:.0f} min on a "
-              f"2-core CPU ({scale.seconds_per_step:g} s/step measured there; scale by your cores), plus the "
-              f"offline evaluations", flush=True)
+              f"2-core CPU ({scale.seconds_per_step:g} s/step measured there; scale by your cores)"
+              f"{', plus the offline evaluations' if evaluate else ''}", flush=True)
 
     # Phase 1, every node: train each run that has not reached its last step.
     for seed in seeds:
