@@ -1,6 +1,6 @@
 """Export a megatron_dataeff checkpoint (any TP/PP layout) as a Hugging Face model directory.
 
-    python tools/export_hf.py --load runs/quickstart/checkpoints --output hf/quickstart --dtype bf16
+    python tools/export_hf.py --load runs/quickstart/ar_td0.3_random_s1234/checkpoints --output hf/quickstart --dtype bf16
 
 An AR model becomes a stock LlamaForCausalLM (Qwen3ForCausalLM with --qk-layernorm):
 `AutoModelForCausalLM.from_pretrained(HF_DIR)`.  A masked-diffusion model carries its own modeling

@@ -1,6 +1,6 @@
 """Write a megatron_dataeff checkpoint's model as a Megatron-LM checkpoint (torch_dist, model only).
 
-    python tools/export_megatron_lm.py --load runs/quickstart/checkpoints --save megatron_lm/quickstart
+    python tools/export_megatron_lm.py --load runs/quickstart/ar_s1234/checkpoints --save megatron_lm/quickstart
 
 Megatron-LM then continues from it with the model flags of the run (the model card of an HF export lists them;
 `--use-checkpoint-args` reads them from the checkpoint):

@@ -1,6 +1,6 @@
 """Generate text from a megatron_dataeff checkpoint (any TP/PP layout), AR or masked diffusion.
 
-    python tools/generate.py --load runs/quickstart/checkpoints --prompt "def main(" --max-new-tokens 64
+    python tools/generate.py --load runs/quickstart/ar_td0.3_random_s1234/checkpoints --prompt "def main(" --max-new-tokens 64
     python tools/generate.py --load ckpt --prompt "Once" --max-new-tokens 64 --temperature 0.8 --top-p 0.9 --seed 1
     python tools/generate.py --load mdm_ckpt --prompt "Once" --max-new-tokens 64 --block-length 32 --steps 64 --json
 

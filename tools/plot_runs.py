@@ -5,7 +5,7 @@ rise after the best, task accuracy, Muennighoff's R*; mean ± std over seeds), a
 
     python tools/plot_runs.py runs/tiny_grid                       # writes into runs/tiny_grid/report/
     python tools/plot_runs.py runs/g1 runs/g2 --output docs/results --prefix tiny_grid_
-    python tools/plot_runs.py runs/quickstart      # one run: also its train + validation loss_curve.png
+    python tools/plot_runs.py runs/quickstart/ar_s1234   # one run: also its train + validation loss_curve.png
 
 R* is fitted per method against the fresh-data reference runs (ar_fresh, mdm_fresh) of the grid;
 see megatron_dataeff/evaluation/effective_data.py for exactly what is fitted.
