@@ -255,6 +255,7 @@ def intact_checkpoint(load_dir: str, fallback: bool = True, print_fn=print) -> s
     iterations = checkpoint_iterations(load_dir)
     newest = latest_iteration(load_dir)
     candidates = [newest] + [it for it in reversed(iterations) if it < newest]
+    damaged = []
     for i, iteration in enumerate(candidates):
         ckpt = os.path.join(load_dir, checkpoint_name(iteration))
         problems = _problems(ckpt) if os.path.isdir(ckpt) else [f"{ckpt} is missing"]
@@ -263,12 +264,12 @@ def intact_checkpoint(load_dir: str, fallback: bool = True, print_fn=print) -> s
                 print_fn(f" resuming from {ckpt} instead, the newest intact checkpoint; {LATEST} still names "
                          f"iteration {newest} until the next save")
             return ckpt
-        what = f"{ckpt} is damaged: " + "; ".join(problems)
+        damaged.append(f"{ckpt} is damaged: " + "; ".join(problems))
         if not fallback:
-            raise CheckpointError(what + " (--no-checkpoint-fallback: not falling back to an earlier checkpoint)")
-        print_fn(f" warning: {what}")
-    raise CheckpointError(f"--load {load_dir}: no intact checkpoint (checked iterations "
-                          f"{', '.join(map(str, candidates))})")
+            raise CheckpointError(damaged[-1] + " (--no-checkpoint-fallback: not falling back to an earlier "
+                                                "checkpoint)")
+        print_fn(f" warning: {damaged[-1]}")
+    raise CheckpointError(f"--load {load_dir}: no intact checkpoint:\n  " + "\n  ".join(damaged))
 
 
 def load(ckpt: str, meta: dict, model, optimizer, placement: Placement) -> bool:
