@@ -14,10 +14,7 @@ from megatron_dataeff.config import RunConfig
 from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.models.attention_backends import attention_for_config
 from megatron_dataeff.models.layer_specs import transformer_engine_available
-from megatron_dataeff.objectives import DualObjective, objective_class
-
-VIEWS = DualObjective.evaluation_views  # --view: what a model of several views (the dual objective) is used as
-
+from megatron_dataeff.objectives import objective_class
 
 def objective_view(objective, view: str | None, ckpt: str = "the checkpoint"):
     """The ObjectiveConfig a checkpoint is used as: a model of several views (dual) as `view` (required), any
