@@ -31,8 +31,9 @@ def _megatron_training():
     pkg = types.ModuleType("megatron.training")
     pkg.__path__ = [os.path.join(root, "megatron", "training")]
     sys.modules["megatron.training"] = pkg
-    importlib.import_module("megatron")  # the parent package, then the stand-in as its attribute
-    setattr(sys.modules["megatron"], "training", pkg)
+    import megatron
+
+    megatron.training = pkg
     global_vars = importlib.import_module("megatron.training.global_vars")
     pkg.__dict__.update({k: getattr(global_vars, k) for k in dir(global_vars) if not k.startswith("_")})
     return (global_vars, importlib.import_module("megatron.training.arguments"),
