@@ -73,6 +73,21 @@ def test_no_checkpoint_fallback_refuses_naming_the_file(saved, tmp_path):
         train_in_process(FLAGS + ["--load", str(ckpt), "--no-checkpoint-fallback"], tmp_path / "refused")
 
 
+def test_a_checkpoint_named_by_load_is_verified_too(saved, tmp_path):
+    """--load DIR/iter_N (one iteration, named): checked against its manifest as a --save directory is; damaged, it
+    is refused in one line naming the file (nothing else is loaded in its place); intact, the run resumes from it
+    exactly as the uninterrupted run went on."""
+    from megatron_dataeff.checkpoint.format import CheckpointError
+
+    full, ckpt = saved
+    name = _damage(ckpt, "flipped")
+    with pytest.raises(CheckpointError, match=f"iter_0000004 is damaged: {name} does not match its checksum") as err:
+        train_in_process(FLAGS + ["--load", str(ckpt / "iter_0000004")], tmp_path / "named_damaged")
+    assert "\n" not in str(err.value)
+    resumed = losses(train_in_process(FLAGS + ["--load", str(ckpt / "iter_0000002")], tmp_path / "named_intact"))
+    assert resumed == full[2:]
+
+
 def test_checkpoint_without_a_manifest_still_loads(saved, tmp_path, capsys):
     """A checkpoint written before sizes and checksums were recorded resumes as before, with no warning."""
     full, ckpt = saved

@@ -63,16 +63,24 @@ def holds_checkpoints(save_dir: str) -> bool:
     return os.path.exists(os.path.join(save_dir, LATEST)) or bool(checkpoint_iterations(save_dir))
 
 
+def latest_marker(save_dir: str) -> str | None:
+    """What DIR's `latest` marker says (an iteration number, or Megatron-LM's `release`); None without one."""
+    marker = os.path.join(save_dir, LATEST)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker) as f:
+        return f.read().strip()
+
+
 def latest_iteration(load_dir: str) -> int:
     """The iteration named by DIR's `latest` marker."""
-    marker = os.path.join(load_dir, LATEST)
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load {load_dir}: no such directory")
-    if not os.path.exists(marker):
+    text = latest_marker(load_dir)
+    if text is None:
         raise CheckpointError(f"--load {load_dir}: no {LATEST} (no complete checkpoint was saved there)")
-    text = open(marker).read().strip()
     if not text.isdigit():
-        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
+        raise CheckpointError(f"{os.path.join(load_dir, LATEST)}: expected an iteration number, found {text!r}")
     return int(text)
 
 
@@ -81,10 +89,10 @@ def resolve_checkpoint(path: str, iteration: int | None = None) -> str:
     marker too) or itself."""
     if os.path.exists(os.path.join(path, METADATA)) or is_megatron_lm_checkpoint(path):
         return path
-    marker = os.path.join(path, LATEST)
-    if iteration is None and os.path.exists(marker) and open(marker).read().strip() == RELEASE:
+    if iteration is None and latest_marker(path) == RELEASE:
         if not os.path.isdir(os.path.join(path, RELEASE)):
-            raise CheckpointError(f"{marker} says {RELEASE}, but {os.path.join(path, RELEASE)} is missing")
+            raise CheckpointError(f"{os.path.join(path, LATEST)} says {RELEASE}, but {os.path.join(path, RELEASE)} "
+                                  f"is missing")
         return os.path.join(path, RELEASE)
     if iteration is None:
         iteration = latest_iteration(path)

@@ -28,8 +28,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_dataeff.checkpoint.format import (FILES, LATEST, METADATA, CheckpointError, CheckpointSaveError,
                                                 checkpoint_iterations, checkpoint_name, file_problems, file_record,
-                                                is_megatron_lm_checkpoint, latest_iteration, prune, publish_checkpoint,
-                                                read_metadata)
+                                                is_megatron_lm_checkpoint, latest_iteration, latest_marker, prune,
+                                                publish_checkpoint, read_metadata, resolve_checkpoint)
 from megatron_dataeff.checkpoint.storage import load_sharded
 
 
@@ -270,6 +270,22 @@ def intact_checkpoint(load_dir: str, fallback: bool = True, print_fn=print) -> s
                                                 "checkpoint)")
         print_fn(f" warning: {damaged[-1]}")
     raise CheckpointError(f"--load {load_dir}: no intact checkpoint:\n  " + "\n  ".join(damaged))
+
+
+def checkpoint_to_load(path: str, fallback: bool = True, print_fn=print) -> str:
+    """The checkpoint `--load PATH` reads, verified against its manifest (collective): in a `--save` directory whose
+    `latest` names an iteration, the newest intact checkpoint (`intact_checkpoint`); otherwise the one checkpoint
+    PATH is or names (an iter_N directory, Megatron-LM's `release`), refused when damaged with a CheckpointError
+    naming what is wrong."""
+    if (latest_marker(path) or "").isdigit():
+        return intact_checkpoint(path, fallback, print_fn)
+    ckpt = resolve_checkpoint(path)
+    problems = _problems(ckpt)
+    if problems:
+        raise CheckpointError(f"{ckpt} is damaged: " + "; ".join(problems) + " (a checkpoint named by --load is "
+                              "not replaced by another; --load its --save directory to resume from the newest "
+                              "intact one)")
+    return ckpt
 
 
 def load(ckpt: str, meta: dict, model, optimizer, placement: Placement) -> bool:

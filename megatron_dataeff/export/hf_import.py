@@ -195,13 +195,13 @@ def _check_options(cfg, vocab_ids: int) -> None:
 
 def _prepare_save(meta: dict, save_dir: str) -> tuple[int, str]:
     """(iteration, temporary directory) of a model-only checkpoint about to be written under save_dir."""
-    from megatron_dataeff.checkpoint.format import LATEST, checkpoint_name
+    from megatron_dataeff.checkpoint.format import checkpoint_name, latest_marker
 
     iteration = int(meta["iteration"])
-    marker = os.path.join(save_dir, LATEST)
-    if os.path.exists(marker) and open(marker).read().strip() != str(iteration):
-        raise OutputExistsError(f"--save {save_dir} already holds checkpoints up to iteration "
-                                f"{open(marker).read().strip()}; choose an empty directory")
+    latest = latest_marker(save_dir)
+    if latest is not None and latest != str(iteration):
+        raise OutputExistsError(f"--save {save_dir} already holds checkpoints up to iteration {latest}; choose an "
+                                f"empty directory")
     tmp = os.path.join(save_dir, checkpoint_name(iteration)) + ".tmp"
     os.makedirs(save_dir, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,10 +4,12 @@ explicit parts and knows no trainer.
 
 `--load` resumes one of our checkpoints (model, optimizer, RNG, position, schedule), or reads only the weights:
 with --finetune, from a model-only checkpoint (e.g. imported from Hugging Face), or from a Megatron-LM
-checkpoint (`checkpoint/megatron_lm.py`); those start at iteration 0 with a fresh optimizer.  RNG states are
-restored when the layout is the one they were saved at, on the same kind of device (dropout masks then continue
-exactly); otherwise they are reseeded.  A checkpoint of transformer-engine's layer spec loads into the local
-spec and back (`checkpoint/storage.fit_request`).
+checkpoint (`checkpoint/megatron_lm.py`); those start at iteration 0 with a fresh optimizer.  What --load names is
+found and verified against the sizes and checksums its metadata records by the checkpoint layer
+(`checkpoint.state.checkpoint_to_load`: a --save directory falls back to its newest intact checkpoint, a named
+iter_N directory is refused when damaged).  RNG states are restored when the layout is the one they were saved
+at, on the same kind of device (dropout masks then continue exactly); otherwise they are reseeded.  A checkpoint
+of transformer-engine's layer spec loads into the local spec and back (`checkpoint/storage.fit_request`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import os
 from dataclasses import dataclass
 
 from megatron_dataeff.checkpoint import megatron_lm, state
-from megatron_dataeff.checkpoint.format import (LATEST, check_checkpoint_files, check_compatible, checkpoint_name,
-                                                is_megatron_lm_checkpoint, read_metadata, resolve_checkpoint)
+from megatron_dataeff.checkpoint.format import (check_checkpoint_files, check_compatible, checkpoint_name,
+                                                is_megatron_lm_checkpoint, latest_marker, read_metadata)
 from megatron_dataeff.checkpoint.state import Placement, TrainState
 from megatron_dataeff.config import RunConfig
 from megatron_dataeff.training.optimizer import materialise_adam_state
@@ -79,14 +81,10 @@ class RunCheckpoints:
         if not ck.load:
             return None
         if (ck.save and os.path.abspath(ck.save) == os.path.abspath(ck.load)
-                and not os.path.exists(os.path.join(ck.load, LATEST))):
+                and latest_marker(ck.load) is None):
             self.log.print(f" --load {ck.load}: no checkpoint there yet; starting from scratch")
             return None
-        marker = os.path.join(ck.load, LATEST)
-        if os.path.isfile(marker) and open(marker).read().strip().isdigit():  # a --save directory: its newest intact
-            ckpt = state.intact_checkpoint(ck.load, ck.checkpoint_fallback, self.log.print)
-        else:
-            ckpt = resolve_checkpoint(ck.load)
+        ckpt = state.checkpoint_to_load(ck.load, ck.checkpoint_fallback, self.log.print)
         if is_megatron_lm_checkpoint(ckpt):
             info = megatron_lm.load_weights(ckpt, module, self.cfg.model, vocab_ids, self.cfg.data.tokenizer_type)
             self.log.print(f" loaded weights of {ckpt} (a Megatron-LM checkpoint of iteration "
