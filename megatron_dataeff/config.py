@@ -408,6 +408,14 @@ class DataConfig(_Section):
     data_cache_dir: Optional[str] = None
     """Where the embedded corpus is tokenized and cached; default: a folder under the run directory's
     parent."""
+    reset_position_ids: bool = False
+    """Packed documents (Megatron-LM's flag): position ids restart at 0 after each EOD token."""
+    reset_attention_mask: bool = False
+    """Packed documents (Megatron-LM's flag): a token attends only to tokens of its own document (causally for AR
+    rows, both ways for masked-diffusion rows)."""
+    eod_mask_loss: bool = False
+    """Packed documents (Megatron-LM's flag): positions whose input is the EOD token carry no loss and are not
+    counted in its normaliser."""
 
     def validate(self):
         if self.tokenizer_type is None:  # Megatron-LM: a vocab/merge pair means GPT-2 BPE

@@ -22,11 +22,14 @@ def _saved_run(tmp_path, extra=(), iters=3, nproc=1):
     return ckpt
 
 
-@pytest.mark.parametrize("objective, extra", [("ar", ["--use-distributed-optimizer"]), ("mdm", ["--bf16"])],
-                         ids=["ar-distributed-optimizer", "mdm-bf16"])
+@pytest.mark.parametrize("objective, extra", [
+    ("ar", ["--use-distributed-optimizer"]), ("mdm", ["--bf16"]),
+    ("dual", ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]),
+], ids=["ar-distributed-optimizer", "mdm-bf16", "dual-packed-documents"])
 def test_exact_resume_with_dropout(tmp_path, objective, extra):
     """2N steps == N steps, saved, resumed for N more: bit-identical losses, dropout RNG included; with the
-    distributed optimizer; in bf16 too (bf16 weights, norms included, with fp32 master weights in the optimizer state)."""
+    distributed optimizer; in bf16 too (bf16 weights, norms included, with fp32 master weights in the optimizer
+    state); with Megatron-LM's packed-document flags."""
     flags = BASE + DROPOUT + ["--objective", objective] + extra
     full = losses(run_pretrain(flags, tmp_path / "full"))
     ckpt = _saved_run(tmp_path, DROPOUT + ["--objective", objective] + extra)

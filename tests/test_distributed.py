@@ -29,6 +29,12 @@ OBJECTIVES = {"ar": ["--objective", "ar"], "mdm": ["--objective", "mdm"],
                                  "--token-dropout-aux-weight", "0.5"],
               # AR and masked diffusion per sample, each row with its own attention mask
               "dual": ["--objective", "dual", "--ar-fraction", "0.4"]}
+# Packed documents (Megatron-LM's three flags): masks, positions and the non-EOD normaliser in every layout
+DOCS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+OBJECTIVES.update({"ar+docs": ["--objective", "ar", "--token-dropout-rate", "0.3", "--token-dropout-aux-weight",
+                               "0.5", *DOCS],
+                   "mdm+docs": ["--objective", "mdm", *DOCS],
+                   "dual+docs": ["--objective", "dual", "--ar-fraction", "0.4", *DOCS]})
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +68,10 @@ DP2 = ["--use-distributed-optimizer"]  # 2 processes at TP=1 are DP=2
     ("ar", TP2), ("ar", DP2), ("mdm", TP2), ("mdm", DP2), ("ar+token_dropout", DP2), ("ar+mlp_dropout", TP2),
     ("ar", SP2), ("mdm", SP2), ("mdm+unfused", TP2 + ["--attention-backend", "sdpa"]),
     ("ar", TP2 + ["--cross-entropy-chunk-size", "16"]), ("ar+corruptions", DP2), ("dual", TP2),
+    ("ar+docs", SP2), ("mdm+docs", SP2), ("dual+docs", SP2),
 ], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2", "mlp_dropout-tp2", "ar-tp2-sp", "mdm-tp2-sp",
-        "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss", "corruptions-mir-dp2", "dual-tp2"])
+        "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss", "corruptions-mir-dp2", "dual-tp2",
+        "docs-mir-tp2-sp", "docs-mdm-tp2-sp", "docs-dual-tp2-sp"])
 def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layout):
     """TP=2 (also with sequence parallelism, with sdpa against unfused attention, with the loss in
     16-token chunks over the vocabulary shards) and DP=2 (distributed optimizer) give the TP=1 train and
@@ -72,7 +80,7 @@ def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layou
     _assert_same_losses(baselines[objective], recs)
 
 
-@pytest.mark.parametrize("objective", ["mdm", "ar+corruptions"])
+@pytest.mark.parametrize("objective", ["mdm", "ar+corruptions", "ar+docs", "mdm+docs", "dual+docs"])
 def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
     """PP=2 (1F1B over 4 micro-batches, one layer a stage, the tied embedding's gradient summed over both
     stages), started from the TP=1 baseline's initial weights, gives its train and validation losses; with
@@ -108,6 +116,13 @@ def test_mir_reports_both_halves_of_its_loss(baselines):
     for r in recs:
         assert r["loss"] == pytest.approx(r["loss_clean"] + 0.5 * r["loss_corrupted"], rel=1e-5)
     assert sum(r["loss_corrupted"] - r["loss_clean"] for r in recs) > 0
+
+
+def test_document_flags_change_the_run(baselines):
+    """The packed-document runs differ from the same objective without the flags (their windows hold document
+    ends), so the layout tests above exercise the flags."""
+    assert losses(baselines["mdm+docs"]) != losses(baselines["mdm"])
+    assert losses(baselines["dual+docs"]) != losses(baselines["dual"])
 
 
 def test_dual_reports_both_objectives(baselines):

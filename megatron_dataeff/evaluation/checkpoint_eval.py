@@ -53,7 +53,7 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
         for v in views:
             sc = scorer if v == task_view else ModelScorer.from_checkpoint(path, iteration=iteration,
                                                                           batch_size=batch_size, view=v)
-            res = validation_loss(sc, build_objective(sc.config, sc.mask_token_id), data, eval_windows,
+            res = validation_loss(sc, build_objective(sc.config, sc.mask_token_id, eod_token_id=sc.eod_token_id), data, eval_windows,
                                   mc_samples=n_mc)
             if v is None or v == views[0]:
                 out.update(res)

@@ -112,14 +112,19 @@ class ModelScorer:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def log_probs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s] ids -> [b, s, vocab] float32 log-probabilities (batched by `batch_size`)."""
+    def log_probs(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[b, s] ids -> [b, s, vocab] float32 log-probabilities (batched by `batch_size`); `position_ids` [b, s]
+        and `attention_mask` [b, 1, s, s] (True = masked out) as an ObjectiveBatch carries them, or None."""
         out = []
         for start in range(0, input_ids.shape[0], self.batch_size):
-            x = input_ids[start:start + self.batch_size].to(self.device)
+            rows = slice(start, start + self.batch_size)
+            x = input_ids[rows].to(self.device)
             b, s = x.shape
-            pos = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
-            logits = self.model(x, pos, None)
+            pos = position_ids[rows].to(self.device) if position_ids is not None else \
+                torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
+            mask = attention_mask[rows].to(self.device) if attention_mask is not None else None
+            logits = self.model(x, pos, mask)
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         return torch.cat(out, 0)
 

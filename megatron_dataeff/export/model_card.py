@@ -31,6 +31,24 @@ def _objective_line(cfg, meta: dict) -> str:
         return cfg.objective.name
 
 
+def _documents_line(dcfg) -> str:
+    """How the documents packed into a training window were treated (Megatron-LM's three flags)."""
+    on = [flag for flag, value in (("--reset-attention-mask", dcfg.reset_attention_mask),
+                                   ("--reset-position-ids", dcfg.reset_position_ids),
+                                   ("--eod-mask-loss", dcfg.eod_mask_loss)) if value]
+    if not on:
+        return ("one stream: attention and positions ran across document boundaries and the EOD token was a "
+                "target like any other (Megatron-LM's default)")
+    parts = []
+    if dcfg.reset_attention_mask:
+        parts.append("each token attended only to its own document")
+    if dcfg.reset_position_ids:
+        parts.append("positions restarted after each EOD")
+    if dcfg.eod_mask_loss:
+        parts.append("EOD positions carried no loss")
+    return f"{'; '.join(parts)} ({', '.join(f'`{f}`' for f in on)})"
+
+
 def _validation_rows(meta: dict) -> list[str]:
     record = meta.get("validation") or {}
     rows = []
@@ -108,6 +126,7 @@ def model_card(cfg, meta: dict, *, architecture: str, trained_objective: str, nu
         f"- regularisation: token dropout {cfg.objective.token_dropout_rate:g}, hidden dropout "
         f"{m.hidden_dropout:g}, attention dropout {m.attention_dropout:g}, MLP dropout {m.mlp_dropout:g}, weight "
         f"decay {cfg.optim.weight_decay:g}",
+        f"- packed documents: {_documents_line(trained.data)}",
         f"- written by {', '.join(f'{k} {v}' for k, v in (meta.get('written_by') or {}).items()) or 'unknown'}",
         "",
         "Command line (the flags that differ from the defaults):",

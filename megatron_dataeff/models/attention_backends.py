@@ -75,14 +75,20 @@ def resolve_attention_backend(requested: str, device: str, te_available: bool,
 
 def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoice:
     """What a RunConfig's --attention-backend / --transformer-impl mean on `device` (trainer and memory
-    estimate alike).  An objective whose rows carry their own attention masks (the dual objective) needs the
-    sdpa backend: `auto` means sdpa for it, and another backend is refused."""
+    estimate alike).  Rows that carry their own attention masks (the dual objective's per-sample masks,
+    --reset-attention-mask's documents) need an attention that takes a mask per row: sdpa (what `auto` means
+    then) or megatron's local attention; a transformer-engine choice is refused by name."""
     requested = cfg.compute.attention_backend
     if objective_class(cfg.objective).row_attention_masks:
-        name = cfg.objective.name
-        if requested not in ("auto", "sdpa"):
-            raise ConfigError(f"--objective {name} gives each sample its own attention mask (causal or none), which "
-                              f"only --attention-backend sdpa takes, not {requested}")
-        return AttentionChoice(requested, "sdpa", "auto", f"{requested}: --objective {name} needs per-sample masks")
-    return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout,
-                                     cfg.compute.transformer_impl)
+        why = f"--objective {cfg.objective.name} gives each sample its own attention mask (causal or none)"
+    elif cfg.data.reset_attention_mask:
+        why = "--reset-attention-mask confines attention to each packed document"
+    else:
+        return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout,
+                                         cfg.compute.transformer_impl)
+    if requested in ("auto", "sdpa"):
+        return AttentionChoice(requested, "sdpa", "auto", f"{requested}: {why}")
+    if requested == "local" or (requested == "unfused" and not (device == "cuda" and te_available
+                                                                 and cfg.compute.transformer_impl != "local")):
+        return AttentionChoice(requested, "local", "unfused", f"--attention-backend {requested}: {why}")
+    raise ConfigError(f"{why}, which --attention-backend {requested} does not take: use sdpa (or auto) or local")

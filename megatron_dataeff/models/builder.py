@@ -39,6 +39,10 @@ class DataEffTransformerConfig(TransformerConfig):
     cross_entropy_chunk_size: Optional[int] = None
     """Tokens per chunk of the chunked loss; None = automatic; 0 = megatron-core's unchunked loss."""
 
+    reset_position_ids: bool = False
+    """The rotary embedding takes each token's position id (restarting after each EOD: --reset-position-ids);
+    False: positions 0..seq-1, megatron-core's rotary embedding, which ignores position ids."""
+
 
 @functools.cache
 def _importable(module: str) -> bool:
@@ -56,9 +60,11 @@ def gpu_fusions(cfg: RunConfig, use_te: bool) -> dict[str, bool]:
     return dict(
         bias_activation_fusion=c.bias_swiglu_fusion,
         bias_dropout_fusion=c.bias_dropout_fusion,
+        # megatron's fused causal softmax applies its own triangle and ignores a document mask
         masked_softmax_fusion=c.masked_softmax_fusion and _importable("scaled_upper_triang_masked_softmax_cuda")
-        and _importable("scaled_masked_softmax_cuda"),
-        apply_rope_fusion=c.rope_fusion and use_te,
+        and _importable("scaled_masked_softmax_cuda") and not cfg.data.reset_attention_mask,
+        # transformer-engine's fused RoPE takes one table for the batch, not positions per token
+        apply_rope_fusion=c.rope_fusion and use_te and not cfg.data.reset_position_ids,
         gradient_accumulation_fusion=c.gradient_accumulation_fusion
         and (use_te or _importable("fused_weight_gradient_mlp_cuda")),
         persist_layer_norm=False,  # apex's persistent LayerNorm; our norm is RMSNorm
@@ -121,6 +127,19 @@ class DataEffGPTModel(GPTModel):
     """megatron-core's GPTModel with the chunked vocab-parallel loss (same values, no fp32 logits kept)."""
 
     attention_choice: Optional[AttentionChoice] = None  # set by build_model: which attention and why
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        """megatron-core's preprocessing; with --reset-position-ids the rotary embedding is taken at each token's
+        position id ([seq, batch, 1, dim] instead of megatron's [seq, 1, 1, dim] table, which ignores them)."""
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        table = out[1]  # (decoder_input, rotary_pos_emb, ...) in every supported megatron-core version
+        if not self.config.reset_position_ids or position_ids is None or table is None:
+            return out
+        if position_ids.shape[1] > table.shape[0]:
+            raise ValueError(f"position ids of a {position_ids.shape[1]}-token sequence against a "
+                             f"{table.shape[0]}-position rotary table")
+        per_token = table[:, 0, 0][position_ids.transpose(0, 1).to(table.device)]  # [s, b, dim]
+        return (out[0], per_token.unsqueeze(2), *out[2:])
 
     def compute_language_model_loss(self, labels, logits):
         chunk = getattr(self.config, "cross_entropy_chunk_size", 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from megatron_dataeff.objectives.ar import AutoregressiveObjective
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
+from megatron_dataeff.objectives.documents import DocumentFlags
 from megatron_dataeff.objectives.dual import DualObjective
 from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective
 from megatron_dataeff.objectives.token_dropout import TokenDropoutObjective
@@ -31,14 +32,17 @@ def objective_class(ocfg) -> type[Objective]:
     raise ValueError(f"no objective {ocfg.name!r}; known: {', '.join(OBJECTIVE_NAMES)}")
 
 
-def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train_iters: int | None = None
-                    ) -> Objective:
+def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train_iters: int | None = None,
+                    eod_token_id: int | None = None) -> Objective:
     """The objective of a RunConfig.  Training needs `vocab_ids` (random-token noise) and `train_iters` (an
-    annealed token-dropout rate); evaluation, which never corrupts AR inputs, does not."""
-    return objective_class(cfg.objective).from_config(cfg, mask_token_id, vocab_ids=vocab_ids,
-                                                      train_iters=train_iters)
+    annealed token-dropout rate); evaluation, which never corrupts AR inputs, does not.  The document flags
+    (--reset-position-ids, --reset-attention-mask, --eod-mask-loss) need the tokenizer's `eod_token_id`."""
+    objective = objective_class(cfg.objective).from_config(cfg, mask_token_id, vocab_ids=vocab_ids,
+                                                           train_iters=train_iters)
+    objective.documents = DocumentFlags.from_config(cfg.data, eod_token_id)
+    return objective
 
 
 __all__ = ["Objective", "ObjectiveBatch", "AutoregressiveObjective", "TokenDropoutObjective",
-           "MaskedDiffusionObjective", "DualObjective", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
+           "MaskedDiffusionObjective", "DualObjective", "DocumentFlags", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
            "build_objective"]

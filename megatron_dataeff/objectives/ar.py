@@ -19,8 +19,10 @@ class AutoregressiveObjective(Objective):
         return inputs, None
 
     def prepare(self, tokens, sample_index, *, evaluation=False):
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        inputs, mask = self.corrupt_inputs(inputs, sample_index, evaluation)
-        weight = torch.ones(labels.shape, dtype=torch.float32, device=tokens.device)
-        return ObjectiveBatch(input_ids=inputs.contiguous(), labels=labels.contiguous(), loss_weight=weight,
-                              num_tokens=labels.numel(), mask=mask)
+        clean, labels = tokens[:, :-1], tokens[:, 1:]
+        inputs, mask = self.corrupt_inputs(clean, sample_index, evaluation)
+        keep = self._loss_keep(clean)
+        weight = keep if keep is not None else torch.ones(labels.shape, dtype=torch.float32, device=tokens.device)
+        batch = ObjectiveBatch(input_ids=inputs.contiguous(), labels=labels.contiguous(), loss_weight=weight,
+                               num_tokens=self._count(clean, keep), mask=mask)
+        return self._with_documents(batch, clean, causal=True)

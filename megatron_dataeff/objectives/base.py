@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: the traits are read without torch (see megatron_dataeff/lazy.py)
     import torch
 
+    from megatron_dataeff.objectives.documents import DocumentFlags
+
 
 @dataclass
 class ObjectiveBatch:
@@ -26,14 +28,18 @@ class ObjectiveBatch:
     input_ids: torch.Tensor  # [batch, seq] model input (possibly corrupted)
     labels: torch.Tensor  # [batch, seq] targets
     loss_weight: torch.Tensor  # [batch, seq] float32 weight of each position's cross-entropy
-    num_tokens: int  # the loss normaliser of this micro-batch
+    # the loss normaliser of this micro-batch: an int, or a 0-d tensor where it depends on the tokens
+    # (--eod-mask-loss), left on the tokens' device so that building a batch never waits for it
+    num_tokens: int | torch.Tensor
     mask: torch.Tensor | None = None  # [batch, seq] bool, positions replaced by the mask token
     # Named parts of the loss reported on their own (e.g. MIR's clean and corrupted rows):
     # name -> (report weight [batch, seq] float32, tokens it is normalised by)
     parts: dict[str, tuple[torch.Tensor, int]] | None = None
     # [batch, 1, seq, seq] bool, True = masked out, where rows need their own attention mask (the dual
-    # objective); None: the layer spec's mask type decides
+    # objective, --reset-attention-mask); None: the layer spec's mask type decides
     attention_mask: torch.Tensor | None = None
+    # [batch, seq] int64 position ids (--reset-position-ids: restarting after each EOD); None: 0..seq-1
+    position_ids: torch.Tensor | None = None
 
 
 class Objective(abc.ABC):
@@ -52,6 +58,8 @@ class Objective(abc.ABC):
     part_names: tuple[str, ...] = ()  # the names of ObjectiveBatch.parts, the same for every batch
     evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
     monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
+    # how the documents packed into a window are treated (objectives/documents.py); None: one stream
+    documents: DocumentFlags | None = None
 
     def __init__(self, mask_token_id: int, seed: int):
         self.mask_token_id = int(mask_token_id)
@@ -96,6 +104,29 @@ class Objective(abc.ABC):
     def describe(self) -> str:
         """One line of what is trained (the start-up line)."""
         return self.name
+
+    # Packed documents (objectives/documents.py): every objective builds its rows from the clean input tokens
+    # x = tokens[:, :-1] of their samples and asks these three.
+
+    def _loss_keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[rows, seq] float32 1 where a position carries loss, 0 on EOD inputs under --eod-mask-loss; None: all."""
+        return self.documents.loss_keep(x) if self.documents is not None else None
+
+    def _count(self, x: torch.Tensor, keep: torch.Tensor | None):
+        """The positions of rows `x` that count in the loss's normaliser (an int, or a 0-d tensor with `keep`)."""
+        return x.numel() if keep is None else keep.sum()
+
+    def _with_documents(self, batch: ObjectiveBatch, x: torch.Tensor, causal) -> ObjectiveBatch:
+        """`batch` whose rows (clean inputs `x`) take the document flags' position ids and attention masks;
+        `causal`: whether the rows attend causally (a bool, or [rows] bool).  A row's own mask (the dual
+        objective's AR rows) is part of the document mask, which then replaces it."""
+        if self.documents is None:
+            return batch
+        batch.position_ids = self.documents.positions(x)
+        mask = self.documents.attention_mask(x, causal)
+        if mask is not None:
+            batch.attention_mask = mask
+        return batch
 
     def loss_parts(self, per_token_loss: torch.Tensor, batch: ObjectiveBatch) -> dict[str, tuple[torch.Tensor, int]]:
         """{part: (loss sum, tokens)} of the named parts of a training batch (none for most objectives)."""

@@ -74,13 +74,21 @@ class DualObjective(Objective):
         ar_in, ar_labels = _ar_rows(tokens)
         ones = torch.ones((b, s), dtype=torch.float32, device=tokens.device)
         mdm_weight = diffusion.loss_weight.to(tokens.device)
+        keep = self._loss_keep(ar_in)  # ar_in is the clean input of both kinds of row (x0 = tokens[:, :-1])
+        if keep is None:
+            counts = (b * s, n_ar * s, (b - n_ar) * s)
+        else:
+            ones, mdm_weight = keep, mdm_weight * keep
+            counts = (keep.sum(), (keep * row).sum(), (keep * ~row).sum())
         weight = torch.where(row, ones, mdm_weight)
-        return ObjectiveBatch(
+        batch = ObjectiveBatch(
             input_ids=torch.where(row, ar_in, diffusion.input_ids), labels=torch.where(row, ar_labels, diffusion.labels),
-            loss_weight=weight, num_tokens=b * s, mask=torch.where(row, torch.zeros_like(diffusion.mask), diffusion.mask),
+            loss_weight=weight, num_tokens=counts[0],
+            mask=torch.where(row, torch.zeros_like(diffusion.mask), diffusion.mask),
             attention_mask=causal_mask(b, s, tokens.device) & ar[:, None, None, None],
-            parts={"ar": (torch.where(row, ones, torch.zeros_like(ones)), n_ar * s),
-                   "mdm": (torch.where(row, torch.zeros_like(ones), mdm_weight), (b - n_ar) * s)})
+            parts={"ar": (torch.where(row, ones, torch.zeros_like(ones)), counts[1]),
+                   "mdm": (torch.where(row, torch.zeros_like(ones), mdm_weight), counts[2])})
+        return self._with_documents(batch, ar_in, causal=ar)
 
     def prepare(self, tokens, sample_index, *, evaluation=False):
         if evaluation:
@@ -103,6 +111,7 @@ class _DualView(Objective):
     def __init__(self, dual: DualObjective, view: str):
         super().__init__(dual.mask_token_id, dual.seed)
         self.dual, self.view_name = dual, view
+        self.documents = dual.documents
         self.name = f"dual:{view}"
         self.monte_carlo = view == "mdm"
 

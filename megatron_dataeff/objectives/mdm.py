@@ -60,5 +60,8 @@ class MaskedDiffusionObjective(Objective):
             x0, sample_index, self.seed, mode="mdm", eps=self.eps, mask_token_id=self.mask_token_id,
             stratify_group=stratify_group, stream_offset=philox.EVAL_STREAM_OFFSET if evaluation else 0,
         )
-        return ObjectiveBatch(input_ids=masked.input_ids, labels=x0, loss_weight=masked.weight,
-                              num_tokens=x0.numel(), mask=masked.mask)
+        keep = self._loss_keep(x0)
+        weight = masked.weight if keep is None else masked.weight * keep.to(masked.weight.device)
+        batch = ObjectiveBatch(input_ids=masked.input_ids, labels=x0, loss_weight=weight,
+                               num_tokens=self._count(x0, keep), mask=masked.mask)
+        return self._with_documents(batch, x0, causal=False)

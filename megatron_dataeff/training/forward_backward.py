@@ -42,20 +42,21 @@ class ForwardBackward:
         ob = objective.prepare(tokens, batch["sample_index"], evaluation=evaluation)
         input_ids, labels = ob.input_ids, ob.labels
         b, s = input_ids.shape
-        position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+        position_ids = ob.position_ids if ob.position_ids is not None else \
+            torch.arange(s, device=device).unsqueeze(0).expand(b, s)
         output = model(input_ids, position_ids, ob.attention_mask, labels=labels)
         return output, partial(self._loss_func, objective, ob)
 
     @staticmethod
     def _loss_func(objective, ob, per_token_loss):
         loss_sum, num_tokens = objective.loss(per_token_loss, ob)
-        n = torch.tensor(num_tokens, dtype=torch.int, device=loss_sum.device)
+        n = torch.as_tensor(num_tokens, device=loss_sum.device).to(torch.int)
         # The schedule divides the reported value in place: report a detached copy.
         reports = {"loss": torch.stack([loss_sum.detach().clone().float(), n.float()])}
         if ob.parts:  # training batches of objectives with named loss parts
             for name, (part_sum, tokens) in objective.loss_parts(per_token_loss, ob).items():
-                reports[f"part_{name}"] = torch.stack([part_sum.float(), torch.tensor(float(tokens),
-                                                                                      device=part_sum.device)])
+                reports[f"part_{name}"] = torch.stack([part_sum.float(), torch.as_tensor(
+                    tokens, device=part_sum.device).float()])
         return loss_sum, n, reports
 
     def run(self, batch_fn, step: int, forward_only: bool, view: str = "") -> torch.Tensor:

@@ -85,7 +85,7 @@ class Trainer:
         self.data = build_run_data(cfg, data_path)
         self.train_iters = train_iters_of(cfg, self.data.samples_per_epoch)
         self.objective = build_objective(cfg, self.mask_token_id, vocab_ids=self.vocab_ids,
-                                         train_iters=self.train_iters)
+                                         train_iters=self.train_iters, eod_token_id=self.tokenizer.eod)
         self.last_parts: dict[str, float] = {}  # the objective's named loss parts of the last step
         parts = build_model_and_optimizer(cfg, self.vocab_ids, rt)
         self.model, self.optimizer, self.num_parameters = parts.model, parts.optimizer, parts.num_parameters
@@ -219,8 +219,10 @@ class Trainer:
         """Train to --train-iters; returns the final train and validation losses."""
         cfg, rt = self.cfg, self.runtime
         gbs, seq = cfg.optim.global_batch_size, cfg.model.seq_length
+        docs = self.objective.documents
         self.log.print(
             f"[megatron_dataeff] {self.objective.describe()}"
+            + (f" | packed documents: {docs.describe()}" if docs is not None else "") +
             f" | {self.num_parameters / 1e6:.2f}M parameters | device {rt.device} | world {rt.world_size} "
             f"(TP {cfg.parallel.tensor_model_parallel_size}, PP {cfg.parallel.pipeline_model_parallel_size}, "
             f"DP {self.dp_size}) | {self.data.unique_tokens:,} unique tokens, "

@@ -1,0 +1,220 @@
+"""Packed documents: Megatron-LM's --reset-position-ids, --reset-attention-mask and --eod-mask-loss on every
+objective and attention backend (real megatron-core GPTModels on CPU)."""
+
+import pytest
+import torch
+
+from megatron_dataeff.arguments import build_parser, config_from_args
+from megatron_dataeff.config import ConfigError
+from megatron_dataeff.models.attention_backends import attention_for_config
+from megatron_dataeff.models.builder import build_model
+from megatron_dataeff.objectives import build_objective
+from megatron_dataeff.objectives.documents import DocumentFlags, document_attention_mask, document_ids
+from tests.conftest import losses, run_pretrain
+
+VOCAB, EOD, MASK = 258, 256, 257  # the byte tokenizer's ids
+DOC_FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+
+
+def _cfg(*argv):
+    cfg = config_from_args(build_parser().parse_args(["--num-layers", "2", "--seq-length", "48", *argv]))
+    cfg.validate_layout(1)
+    return cfg
+
+
+def _megatron_reference(data: torch.Tensor, reset_position_ids: bool, reset_attention_mask: bool,
+                        eod_mask_loss: bool):
+    """Megatron-LM's get_ltor_masks_and_position_ids for one row `data` [s] (the AR input tokens), transcribed
+    loop for loop: (attention mask [s, s] True = masked out, loss mask [s], position ids [s])."""
+    s = data.numel()
+    attention_mask = torch.tril(torch.ones((s, s)))
+    loss_mask = torch.ones(s)
+    if eod_mask_loss:
+        loss_mask[data == EOD] = 0.0
+    position_ids = torch.arange(s)
+    if reset_position_ids or reset_attention_mask:
+        eod_index = position_ids[data == EOD].clone()
+        prev_index = 0
+        for j in range(eod_index.numel()):
+            i = int(eod_index[j])
+            if reset_attention_mask:
+                attention_mask[(i + 1):, :(i + 1)] = 0
+            if reset_position_ids:
+                position_ids[(i + 1):] -= i + 1 - prev_index
+                prev_index = i + 1
+    return attention_mask < 0.5, loss_mask, position_ids
+
+
+@pytest.mark.parametrize("row", [
+    [5, 6, EOD, 7, 8, 9, EOD, 1], [EOD, 1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, EOD],
+    [1, EOD, EOD, 2, 3, EOD, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8]], ids=["two", "first", "last", "consecutive", "none"])
+def test_flags_mean_what_megatron_lm_computes(row):
+    """Positions, the causal document mask and the loss mask are Megatron-LM's (get_ltor_masks_and_position_ids)
+    for EODs anywhere: first, last, consecutive, none."""
+    x = torch.tensor([row])
+    flags = DocumentFlags(EOD, True, True, True)
+    want_mask, want_loss, want_pos = _megatron_reference(x[0], True, True, True)
+    assert torch.equal(flags.attention_mask(x, causal=True)[0, 0], want_mask)
+    assert torch.equal(flags.loss_keep(x)[0], want_loss)
+    assert torch.equal(flags.positions(x)[0], want_pos)
+    # both ways inside each document for diffusion rows: the causal mask is the bidirectional one's lower half
+    both = flags.attention_mask(x, causal=False)[0, 0]
+    assert torch.equal(both | torch.ones_like(both).triu(1), want_mask)
+    assert torch.equal(both, both.T)
+
+
+def test_per_row_causality():
+    """A [rows] bool picks causal rows (the dual objective's AR rows) inside the document mask."""
+    x = torch.tensor([[1, 2, EOD, 3], [1, 2, EOD, 3]])
+    mask = document_attention_mask(document_ids(x, EOD), torch.tensor([True, False]))
+    assert torch.equal(mask[0], document_attention_mask(document_ids(x[:1], EOD), True)[0])
+    assert torch.equal(mask[1], document_attention_mask(document_ids(x[1:], EOD), False)[0])
+
+
+def _windows(seed=0):
+    """Two windows of 49 tokens: [A | B | C] and [B | D], A and B documents ending in EOD; (tokens, B's start in
+    the first window, B's length)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(0, 256, (n,), generator=g)  # noqa: E731
+    a = torch.cat([rand(22), torch.tensor([EOD])])
+    b = torch.cat([rand(19), torch.tensor([EOD])])
+    first = torch.cat([a, b, rand(6)])
+    second = torch.cat([b, rand(29)])
+    return torch.stack([first, second]), a.numel(), b.numel()
+
+
+VIEWS = {"ar": ("ar", None), "mdm": ("mdm", None), "dual-ar": ("dual", "ar"), "dual-mdm": ("dual", "mdm")}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "local"])
+@pytest.mark.parametrize("view", list(VIEWS))
+@pytest.mark.parametrize("reset_positions", [True, False], ids=["positions-reset", "positions-run-on"])
+def test_a_document_sees_only_itself(megatron_cpu, backend, view, reset_positions):
+    """With --reset-attention-mask, document B packed after A gets the per-token losses B gets at the start of
+    its own window (same noise), and the gradient of B's loss with respect to A's input embeddings is exactly
+    zero: for AR, masked diffusion and both views of the dual model, on sdpa and megatron's local attention,
+    with positions reset or not (RoPE is relative, so inside a document both give the same scores)."""
+    objective_name, view_name = VIEWS[view]
+    flags = ["--reset-attention-mask", "--eod-mask-loss"] + (["--reset-position-ids"] if reset_positions else [])
+    cfg = _cfg("--objective", objective_name, "--attention-backend", backend, *flags)
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB, "cpu")
+    model.eval()
+    objective = build_objective(cfg, MASK, vocab_ids=VOCAB, eod_token_id=EOD)
+    if view_name is not None:
+        objective = objective.view(view_name)
+    tokens, start, length = _windows()
+    batch = objective.prepare(tokens, torch.tensor([3, 4]), evaluation=True)
+    diffusion = objective.monte_carlo
+    if diffusion:  # the same noise on B in both windows: B's masked tokens of the first window
+        batch.input_ids[1, :length] = batch.input_ids[0, start:start + length]
+        assert bool(batch.mask[0, start:start + length].any())
+    # B's positions that predict one of B's tokens: AR predicts the next one (B's EOD predicts past B)
+    span = length if diffusion else length - 1
+    embedded = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        embedded["out"] = out
+
+    handle = model.embedding.register_forward_hook(keep)
+    pos = batch.position_ids if batch.position_ids is not None else torch.arange(48).expand(2, 48)
+    per_token = model(batch.input_ids, pos, batch.attention_mask, labels=batch.labels)
+    handle.remove()
+    packed, alone = per_token[0, start:start + span], per_token[1, :span]
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    packed.sum().backward()
+    grad = embedded["out"].grad  # [s, b, h]
+    assert torch.count_nonzero(grad[:start, 0]) == 0  # A
+    assert torch.count_nonzero(grad[start + length:, 0]) == 0  # C, after B's EOD
+    assert torch.count_nonzero(grad[start:start + length, 0]) > 0
+    # without the flags A's tokens reach B
+    plain = build_objective(_cfg("--objective", objective_name, "--attention-backend", backend), MASK,
+                            vocab_ids=VOCAB, eod_token_id=EOD)
+    plain = plain.view(view_name) if view_name else plain
+    ob = plain.prepare(tokens, torch.tensor([3, 4]), evaluation=True)
+    ob.input_ids = batch.input_ids
+    leaked = model(ob.input_ids, torch.arange(48).expand(2, 48), ob.attention_mask, labels=ob.labels)
+    assert not torch.allclose(leaked[0, start:start + span], alone, rtol=1e-3, atol=1e-3)
+
+
+OBJECTIVE_FLAGS = {
+    "ar": ["--objective", "ar"],
+    "token_dropout": ["--objective", "ar", "--token-dropout-rate", "0.5", "--token-dropout-noise", "mixed",
+                      "--token-dropout-span", "3"],
+    "mir": ["--objective", "ar", "--token-dropout-rate", "0.3", "--token-dropout-aux-weight", "0.5"],
+    "mdm": ["--objective", "mdm"],
+    "dual": ["--objective", "dual", "--ar-fraction", "0.5"],
+}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_FLAGS))
+def test_eod_positions_carry_no_loss(name):
+    """--eod-mask-loss: every objective weighs positions whose clean input is EOD 0 and leaves them out of the
+    normaliser (MIR: of the clean rows it is normalised by; dual: of each part), and its attention masks and
+    positions cover all of its rows."""
+    cfg = _cfg(*OBJECTIVE_FLAGS[name], *DOC_FLAGS)
+    objective = build_objective(cfg, MASK, vocab_ids=VOCAB, train_iters=10, eod_token_id=EOD)
+    tokens = torch.stack([_windows(seed)[0][0] for seed in range(4)])
+    eod = tokens[:, :-1] == EOD
+    batch = objective.prepare(tokens, torch.arange(4))
+    rows = batch.input_ids.shape[0] // 4
+    assert batch.loss_weight.shape == (4 * rows, 48)
+    assert torch.all(batch.loss_weight[eod.repeat(rows, 1)] == 0)
+    assert int(batch.num_tokens) == int((~eod).sum())
+    assert batch.attention_mask.shape == (4 * rows, 1, 48, 48)
+    assert batch.position_ids.shape == (4 * rows, 48)
+    if batch.parts:
+        counts = [int(tokens) for _, tokens in batch.parts.values()]
+        if name == "mir":
+            assert counts == [int((~eod).sum())] * 2
+        else:  # dual: AR rows + diffusion rows
+            assert sum(counts) == int((~eod).sum()) and min(counts) > 0
+    without = build_objective(_cfg(*OBJECTIVE_FLAGS[name]), MASK, vocab_ids=VOCAB, train_iters=10, eod_token_id=EOD)
+    plain = without.prepare(tokens, torch.arange(4))
+    assert torch.equal(plain.input_ids, batch.input_ids)  # the flags never change the draws
+    assert int(plain.num_tokens) == tokens[:, :-1].numel() and plain.position_ids is None
+
+
+def test_flags_need_an_attention_that_takes_masks():
+    """--reset-attention-mask: auto means sdpa and says why; local takes it; a transformer-engine backend is
+    refused by name."""
+    cfg = _cfg("--reset-attention-mask")
+    choice = attention_for_config(cfg, "cuda", True)
+    assert choice.impl == "sdpa" and "--reset-attention-mask" in choice.reason
+    cfg = _cfg("--reset-attention-mask", "--attention-backend", "flash")
+    with pytest.raises(ConfigError, match="--reset-attention-mask.*--attention-backend flash"):
+        attention_for_config(cfg, "cuda", True)
+    assert attention_for_config(_cfg("--reset-attention-mask", "--attention-backend", "local"), "cpu", False).impl \
+        == "local"
+
+
+def test_flags_parse_as_megatron_lm_names_them():
+    """The three flags are Megatron-LM's names, off by default, recorded in the run's config."""
+    cfg = _cfg(*DOC_FLAGS)
+    assert (cfg.data.reset_position_ids, cfg.data.reset_attention_mask, cfg.data.eod_mask_loss) == (True,) * 3
+    assert cfg.to_dict()["data"]["eod_mask_loss"] is True
+    plain = _cfg()
+    assert not (plain.data.reset_position_ids or plain.data.reset_attention_mask or plain.data.eod_mask_loss)
+
+
+TRAIN = ["--train-iters", "4", "--log-interval", "1", "--eval-interval", "0", "--eval-iters", "2",
+         "--global-batch-size", "8", "--seq-length", "64", "--lr", "3e-3", "--num-layers", "2"]
+
+
+def test_loss_is_the_same_for_any_micro_batch_split(tmp_path):
+    """With the three flags, 1 micro-batch of 8 and 4 of 2 give the same train and validation losses (the
+    normaliser is the global count of non-EOD positions, however the batch is split), and the run records its
+    flags; the flags change the loss (windows of 64 bytes of the embedded corpus hold document ends)."""
+    flags = TRAIN + ["--objective", "mdm"] + DOC_FLAGS
+    one = run_pretrain(flags + ["--micro-batch-size", "8"], tmp_path / "one")
+    four = run_pretrain(flags + ["--micro-batch-size", "2"], tmp_path / "four")
+    for split in ("train", "valid"):
+        for x, y in zip(losses(one, split), losses(four, split), strict=True):
+            assert abs(x - y) <= 1e-5 * abs(x)
+    plain = run_pretrain(TRAIN + ["--objective", "mdm", "--micro-batch-size", "8"], tmp_path / "plain")
+    assert losses(plain) != losses(one)
+    import json
+
+    run = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert run["config"]["data"]["reset_attention_mask"] is True
