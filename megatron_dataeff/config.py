@@ -149,7 +149,7 @@ ObjectiveName = Literal[OBJECTIVE_NAMES]
 TokenDropoutSchedule = Literal["fixed", "uniform"]
 TokenDropoutNoise = Literal["mask", "random", "mixed"]
 TokenDropoutAnneal = Literal["none", "linear", "cosine"]
-ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa", "flex")
 AttentionBackend = Literal[ATTENTION_BACKENDS]
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 RecomputeModule = Literal[RECOMPUTE_MODULES]
@@ -326,6 +326,8 @@ class ComputeConfig(_Section):
     FlashAttention / memory-efficient kernels). flash, fused, unfused: that transformer-engine kernel;
     without TE flash = sdpa's flash kernel, fused = sdpa's cuDNN / memory-efficient kernels (GPU only),
     unfused = local. local: megatron-core's DotProductAttention (materialises [batch, heads, seq, seq]).
+    flex: torch's FlexAttention with block masks (compiled on GPUs; no attention dropout); auto takes it on a
+    GPU when the attention is more than causal or full (--reset-attention-mask, the dual objective).
     Attention-dropout masks are drawn by the kernel, per tensor-parallel rank, in every backend: not keyed
     per sample, so unlike token dropout and MLP dropout they differ between TP layouts."""
     transformer_impl: Literal["transformer_engine", "local"] = "transformer_engine"

@@ -86,13 +86,14 @@ def _windows(seed=0):
 VIEWS = {"ar": ("ar", None), "mdm": ("mdm", None), "dual-ar": ("dual", "ar"), "dual-mdm": ("dual", "mdm")}
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "local"])
+@pytest.mark.parametrize("backend", ["sdpa", "local", "flex"])
 @pytest.mark.parametrize("view", list(VIEWS))
 @pytest.mark.parametrize("reset_positions", [True, False], ids=["positions-reset", "positions-run-on"])
 def test_a_document_sees_only_itself(megatron_cpu, backend, view, reset_positions):
     """With --reset-attention-mask, document B packed after A gets the per-token losses B gets at the start of
     its own window (same noise), and the gradient of B's loss with respect to A's input embeddings is exactly
-    zero: for AR, masked diffusion and both views of the dual model, on sdpa and megatron's local attention,
+    zero: for AR, masked diffusion and both views of the dual model, on sdpa, FlexAttention and megatron's local
+    attention,
     with positions reset or not (RoPE is relative, so inside a document both give the same scores)."""
     objective_name, view_name = VIEWS[view]
     flags = ["--reset-attention-mask", "--eod-mask-loss"] + (["--reset-position-ids"] if reset_positions else [])
@@ -177,11 +178,12 @@ def test_eod_positions_carry_no_loss(name):
 
 
 def test_flags_need_an_attention_that_takes_masks():
-    """--reset-attention-mask: auto means sdpa and says why; local takes it; a transformer-engine backend is
-    refused by name."""
+    """--reset-attention-mask: auto means FlexAttention on a GPU and sdpa on a CPU, and says why; local takes
+    it; a transformer-engine backend is refused by name."""
     cfg = _cfg("--reset-attention-mask")
     choice = attention_for_config(cfg, "cuda", True)
-    assert choice.impl == "sdpa" and "--reset-attention-mask" in choice.reason
+    assert choice.impl == "flex" and "--reset-attention-mask" in choice.reason
+    assert attention_for_config(cfg, "cpu", False).impl == "sdpa"
     cfg = _cfg("--reset-attention-mask", "--attention-backend", "flash")
     with pytest.raises(ConfigError, match="--reset-attention-mask.*--attention-backend flash"):
         attention_for_config(cfg, "cuda", True)

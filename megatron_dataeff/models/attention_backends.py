@@ -11,6 +11,11 @@ the memory estimate and the command line can use it).
 | unfused | TE's unfused attention           | megatron's DotProductAttention        | megatron's DotProductAttention |
 | local   | megatron's DotProductAttention   | megatron's DotProductAttention        | megatron's DotProductAttention |
 | sdpa    | sdpa, torch picks                | sdpa, torch picks                     | sdpa                          |
+| flex    | FlexAttention (compiled)         | FlexAttention (compiled)              | FlexAttention (our backward)  |
+
+Attention beyond causal or full (rows with their own masks: --reset-attention-mask's documents, the dual
+objective's per-sample masks) takes a backend that takes a mask per row: `auto` means FlexAttention on a GPU
+and sdpa on CPUs; sdpa, flex and local take it; transformer-engine's are refused by name.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class AttentionChoice:
 
     def describe(self) -> str:
         """One phrase for the start-up line."""
-        name = {"te": f"transformer-engine ({self.kernel})", "local": "megatron local (unfused)",
+        name = {"te": f"transformer-engine ({self.kernel})", "local": "megatron local (unfused)", "flex": "flex",
                 "sdpa": "sdpa" + ("" if self.kernel == "auto" else f" ({self.kernel} kernel)")}[self.impl]
         return f"attention {name}: {self.reason}"
 
@@ -70,6 +75,11 @@ def resolve_attention_backend(requested: str, device: str, te_available: bool,
         return AttentionChoice(requested, "local", "unfused", why)
     if requested == "sdpa":
         return AttentionChoice(requested, "sdpa", "auto", "--attention-backend sdpa")
+    if requested == "flex":
+        if attention_dropout > 0:
+            raise ConfigError("--attention-backend flex has no attention dropout; with --attention-dropout use "
+                              "sdpa (or local)")
+        return AttentionChoice(requested, "flex", "auto", "--attention-backend flex")
     raise ConfigError(f"--attention-backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
 
 
@@ -86,9 +96,13 @@ def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoic
     else:
         return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout,
                                          cfg.compute.transformer_impl)
+    if requested == "auto" and device == "cuda" and cfg.model.attention_dropout == 0:
+        return AttentionChoice(requested, "flex", "auto", f"auto: {why} (FlexAttention's block masks on a GPU)")
     if requested in ("auto", "sdpa"):
         return AttentionChoice(requested, "sdpa", "auto", f"{requested}: {why}")
+    if requested == "flex":
+        return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout)
     if requested == "local" or (requested == "unfused" and not (device == "cuda" and te_available
                                                                  and cfg.compute.transformer_impl != "local")):
         return AttentionChoice(requested, "local", "unfused", f"--attention-backend {requested}: {why}")
-    raise ConfigError(f"{why}, which --attention-backend {requested} does not take: use sdpa (or auto) or local")
+    raise ConfigError(f"{why}, which --attention-backend {requested} does not take: use auto, sdpa, flex or local")

@@ -91,6 +91,10 @@ def build_layer_spec(
     if attention.impl == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = functools.partial(
             SDPAttention, kernel=attention.kernel)
+    elif attention.impl == "flex":
+        from megatron_dataeff.models.flex_attention import FlexAttention
+
+        spec.submodules.self_attention.submodules.core_attention = FlexAttention
     self_attention = spec.submodules.self_attention
     self_attention.params = dict(self_attention.params or {})
     self_attention.params["attn_mask_type"] = AttnMaskType.no_mask if bidirectional else AttnMaskType.causal
