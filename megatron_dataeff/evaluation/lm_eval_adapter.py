@@ -26,7 +26,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from megatron_dataeff.errors import ConfigError
+from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
+from megatron_dataeff.inference.kv_cache import KVCacheLogits
 
 try:  # lm-eval is optional: the adapter's methods work on any objects with `.args`
     from lm_eval.api.model import LM as _LMBase
@@ -51,8 +55,6 @@ class MegatronDataEffLM(_LMBase):
                  scorer=None, max_gen_toks=None, greedy_order: str = "confidence", view=None, **kwargs):
         if _LMBase is not object:
             super().__init__()
-        from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
-
         self.greedy_order = check_greedy_order(str(greedy_order))
         if scorer is None:
             if load is None:
@@ -60,8 +62,6 @@ class MegatronDataEffLM(_LMBase):
         bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         device = str(device or "cpu").split(":")[0]
         if device == "cuda":
-            import torch
-
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval defaults to cuda:0
         if scorer is None:
             scorer = ModelScorer.from_checkpoint(load, iteration=None if iteration is None else int(iteration),
@@ -155,8 +155,8 @@ class MegatronDataEffLM(_LMBase):
 
     def generate(self, context: str, max_new_tokens: int, temperature: float = 0.0) -> str:
         """Continue `context` by up to max_new_tokens tokens (greedy at temperature 0)."""
-        import torch
-
+        # here, not at the top: the samplers come with the diffusion modeling file, which needs transformers (the
+        # `hf` extra); scoring does not
         from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
 
         sc = self.scorer
@@ -191,8 +191,6 @@ class MegatronDataEffLM(_LMBase):
         """sc.logits_fn's contract (float32, padding rows -inf) decoded with a KV cache (inference/kv_cache.py)
         when the model is a megatron-core GPTModel; any other model recomputes the sequence each step."""
         from megatron.core.models.gpt import GPTModel
-
-        from megatron_dataeff.inference.kv_cache import KVCacheLogits
 
         sc = self.scorer
         if not isinstance(sc.model, GPTModel):

@@ -21,6 +21,8 @@ import numpy as np
 
 from megatron_dataeff.config import RunConfig
 from megatron_dataeff.evaluation.effective_data import fit_half_life
+from megatron_dataeff.experiments.grid import BUDGETS, METHODS, reference_of
+from megatron_dataeff.experiments.statistics import effective_data, mean_se, paired_test
 
 TASK_METRICS = ("cloze_acc", "continuation_acc", "continuation_acc_norm")
 
@@ -119,9 +121,6 @@ def summarise(runs: list[Run]) -> list[dict]:
     """One row per method: mean and standard error over seeds of each per-run figure, the paired test of its
     best validation loss against plain AR's (same seeds), and its effective-data multiple (plain AR at
     several budgets, experiments/statistics.py)."""
-    from megatron_dataeff.experiments.grid import BUDGETS, METHODS, reference_of
-    from megatron_dataeff.experiments.statistics import effective_data, mean_se, paired_test
-
     refs = {(r.method, r.seed): r for r in runs if r.method.endswith("_fresh")}
     per_run = []
     for r in runs:

@@ -17,6 +17,7 @@ at the end, so OUTPUT is either the previous export or the complete new one.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -25,6 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_dataeff.atomic import publish_directory, temporary_name, write_text_atomic
+from megatron_dataeff.checkpoint.reading import inference_config
+from megatron_dataeff.checkpoint.storage import checkpoint_tensor_shapes, read_tensor_regions
+from megatron_dataeff.distributed import initialize
 from megatron_dataeff.errors import ConfigError, OutputExistsError
 from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelError, check_megatron_model,
                                                 megatron_checkpoint_key, megatron_group_to_hf, megatron_groups,
@@ -32,6 +36,7 @@ from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelErro
 from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
 from megatron_dataeff.export.model_card import model_card
 from megatron_dataeff.export.safetensors_io import write_safetensors
+from megatron_dataeff.models.builder import build_model
 from megatron_dataeff.objectives import objective_class
 
 if TYPE_CHECKING:  # for annotations only
@@ -65,10 +70,6 @@ def export_checkpoint(load: str, output: str, iteration: int | None = None, dtyp
     Streams: the weights are read from the checkpoint one layer at a time (any saved TP/PP layout, resharded
     by dist_checkpointing) and written shard by shard, so host memory holds about one output shard and one
     layer, never the model (benchmarks/bench_export_memory.py measures it)."""
-    from megatron_dataeff.checkpoint.reading import inference_config
-    from megatron_dataeff.checkpoint.storage import checkpoint_tensor_shapes
-    from megatron_dataeff.distributed import initialize
-
     _check_output(output)
     ckpt, cfg, meta = inference_config(load, iteration, "cpu", view)
     if dtype is None:
@@ -106,10 +107,6 @@ def export_model(model: GPTModel, cfg, meta: dict, output: str, dtype: str = "fp
 def _check_options(cfg, meta: dict) -> None:
     """check_megatron_model on a one-layer model of the checkpoint's config: the options (RoPE, norms,
     activation) are the model's, at the cost of one layer and a small embedding."""
-    import copy
-
-    from megatron_dataeff.models.builder import build_model
-
     probe = copy.deepcopy(cfg)
     probe.model.num_layers = 1
     model = build_model(probe, min(meta["vocab_ids"], probe.model.make_vocab_size_divisible_by), "cpu",
@@ -121,8 +118,6 @@ def read_checkpoint_tensors(ckpt: str, names: list[str], num_layers: int, shapes
     """{megatron name: tensor} of some tensors of a checkpoint (e.g. one layer's), read without building the
     model or reading the rest: a layer's tensor is its slice of the key's layer-stacked tensor.  `shapes` is
     the checkpoint's `checkpoint_tensor_shapes`."""
-    from megatron_dataeff.checkpoint.storage import read_tensor_regions
-
     regions, keys = {}, {}
     for name in names:
         key, layer = megatron_checkpoint_key(name)

@@ -29,11 +29,19 @@ import os
 import shutil
 
 import torch
+from megatron.core import dist_checkpointing
 
+from megatron_dataeff.checkpoint.format import checkpoint_name, checkpoint_versions, latest_marker, publish_checkpoint
+from megatron_dataeff.checkpoint.storage import write_model_tensors
+from megatron_dataeff.config import (CheckpointConfig, DataConfig, ModelConfig, ObjectiveConfig, ParallelConfig,
+                                     RunConfig, padded_vocab_size)
+from megatron_dataeff.data.tokenizers import build_tokenizer, resolve_mask_token, tokenizer_from_metadata
+from megatron_dataeff.distributed import initialize
 from megatron_dataeff.errors import DataError, OutputExistsError, PathNotFoundError
 from megatron_dataeff.export.hf_mapping import (ModelShape, UnsupportedModelError, check_hf_names, hf_tensor_for,
                                                 megatron_checkpoint_key, megatron_shapes, read_hf_config)
 from megatron_dataeff.export.safetensors_io import SafetensorsDirectory
+from megatron_dataeff.models.builder import build_model
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -66,8 +74,6 @@ def read_hf_dir_config(hf_dir: str) -> tuple[dict, dict]:
 
 
 def _tokenizer_for(hf_dir: str, raw: dict, vocab_rows: int):
-    from megatron_dataeff.data.tokenizers import build_tokenizer, tokenizer_from_metadata
-
     recorded = (raw.get("megatron_dataeff") or {}).get("tokenizer") or {}
     if recorded.get("tokenizer_type") in ("ByteTokenizer", "NullTokenizer"):
         return tokenizer_from_metadata(recorded)
@@ -82,8 +88,6 @@ def _tokenizer_for(hf_dir: str, raw: dict, vocab_rows: int):
 
 def choose_vocab_padding(vocab_ids: int, hf_rows: int, tp: int) -> tuple[int, int]:
     """(make_vocab_size_divisible_by, embedding rows): the HF rows exactly when possible."""
-    from megatron_dataeff.config import padded_vocab_size
-
     if vocab_ids <= hf_rows:
         for d in (128, hf_rows):
             if d % tp == 0 and padded_vocab_size(vocab_ids, d) == hf_rows:
@@ -109,12 +113,6 @@ def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def import_hf(hf_dir: str, save_dir: str, objective: str | None = None, tensor_model_parallel_size: int = 1,
               pipeline_model_parallel_size: int = 1, seq_length: int | None = None, log=print) -> str:
     """Convert `hf_dir` into a model-only checkpoint under `save_dir`; returns the iter_0000000 path."""
-    from megatron_dataeff.config import (CheckpointConfig, DataConfig, ModelConfig, ObjectiveConfig,
-                                         ParallelConfig, RunConfig)
-    from megatron_dataeff.data.tokenizers import resolve_mask_token
-    from megatron_dataeff.checkpoint.format import checkpoint_versions
-    from megatron_dataeff.distributed import initialize
-
     raw, hf = read_hf_dir_config(hf_dir)
     if objective is None:
         objective = "mdm" if hf["model_type"] == "dataeff_mdm" else "ar"
@@ -187,16 +185,12 @@ def _check_options(cfg, vocab_ids: int) -> None:
     build is refused by name before anything is written)."""
     probe = copy.deepcopy(cfg)
     probe.model.num_layers = 1
-    from megatron_dataeff.models.builder import build_model
-
     build_model(probe, min(vocab_ids, probe.model.make_vocab_size_divisible_by), "cpu", pre_process=True,
                 post_process=True, initialize=False)
 
 
 def _prepare_save(meta: dict, save_dir: str) -> tuple[int, str]:
     """(iteration, temporary directory) of a model-only checkpoint about to be written under save_dir."""
-    from megatron_dataeff.checkpoint.format import checkpoint_name, latest_marker
-
     iteration = int(meta["iteration"])
     latest = latest_marker(save_dir)
     if latest is not None and latest != str(iteration):
@@ -212,9 +206,6 @@ def _prepare_save(meta: dict, save_dir: str) -> tuple[int, str]:
 def save_streamed_checkpoint(meta: dict, save_dir: str, shapes: dict, produce) -> str:
     """A model-only checkpoint whose tensors `produce(key)` makes one at a time (`write_model_tensors`),
     published as save_model_checkpoint's are; returns its path."""
-    from megatron_dataeff.checkpoint.format import publish_checkpoint
-    from megatron_dataeff.checkpoint.storage import write_model_tensors
-
     iteration, tmp = _prepare_save(meta, save_dir)
     write_model_tensors(tmp, shapes, produce)
     return publish_checkpoint(save_dir, tmp, iteration, json.dumps(meta, indent=2))
@@ -226,10 +217,6 @@ def save_model_checkpoint(model, meta: dict, save_dir: str) -> str:
     Written under a temporary name and renamed, then the `latest` marker is written, as training
     checkpoints are.  Refuses a directory whose latest checkpoint is another iteration.
     """
-    from megatron.core import dist_checkpointing
-
-    from megatron_dataeff.checkpoint.format import publish_checkpoint
-
     iteration, tmp = _prepare_save(meta, save_dir)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
     return publish_checkpoint(save_dir, tmp, iteration, json.dumps(meta, indent=2))

@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+from megatron_dataeff.errors import ConfigError
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of byte-level BPE (what `tokenizers`' ByteLevel uses)."""
@@ -83,8 +85,6 @@ def sentencepiece_tokenizer_hf(model_file: str, mask_token: str | None = None):
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
-
-    from megatron_dataeff.errors import ConfigError
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_file, "rb") as f:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
-from megatron_dataeff.objectives import TokenDropoutObjective, objective_class
+from megatron_dataeff.arguments import command_line
+from megatron_dataeff.config import RunConfig
+from megatron_dataeff.objectives import TokenDropoutObjective, build_objective, objective_class
 
 
 def _tokens(n) -> str:
@@ -21,8 +23,6 @@ def _tokens(n) -> str:
 
 
 def _objective_line(cfg, meta: dict) -> str:
-    from megatron_dataeff.objectives import build_objective
-
     train_iters = (meta.get("schedule") or {}).get("train_iters")
     try:
         return build_objective(cfg, meta["mask_token_id"], vocab_ids=meta["vocab_ids"],
@@ -65,9 +65,6 @@ def _validation_rows(meta: dict) -> list[str]:
 def model_card(cfg, meta: dict, *, architecture: str, trained_objective: str, num_parameters: int,
                has_tokenizer: bool) -> str:
     """README.md text of an export of the checkpoint described by (cfg, meta) as `architecture`."""
-    from megatron_dataeff.arguments import command_line
-    from megatron_dataeff.config import RunConfig
-
     trained = RunConfig.from_dict(meta["config"]) if meta.get("config") else cfg  # as trained: its layout too
     m = cfg.model
     objective = objective_class(cfg.objective)

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
 from megatron_dataeff.errors import ConfigError, UserError
+from megatron_dataeff.inference.kv_cache import KVCacheLogits
+from megatron_dataeff.inference.loading import load_model_for_inference
+from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
 from megatron_dataeff.objectives import objective_class
 
 
@@ -22,12 +27,6 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
                   kv_cache: bool = True, device: str = "cpu", view: Optional[str] = None) -> dict:
     """{"text", "token_ids"}: the continuation of `prompt` (ids without the prompt; text up to EOD); a dual-
     objective checkpoint generates as `view` ("ar" or "mdm")."""
-    import torch
-
-    from megatron_dataeff.inference.kv_cache import KVCacheLogits
-    from megatron_dataeff.inference.loading import load_model_for_inference
-    from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
-
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     model, cfg, meta = load_model_for_inference(load, iteration, device=device, view=view)

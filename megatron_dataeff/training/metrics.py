@@ -9,6 +9,9 @@ import os
 import secrets
 import time
 
+from megatron_dataeff.atomic import write_text_atomic
+from megatron_dataeff.errors import ConfigError
+
 
 def format_duration(seconds: float) -> str:
     """1h02m03s style."""
@@ -41,8 +44,6 @@ def check_wandb(project: str | None) -> None:
     import importlib.util
 
     if project is not None and importlib.util.find_spec("wandb") is None:
-        from megatron_dataeff.config import ConfigError
-
         raise ConfigError(f"--wandb-project {project}: the wandb package is not installed (pip install wandb, "
                           f"or leave the flag out)")
 
@@ -65,8 +66,6 @@ class WandbWriter:
     def __init__(self, project: str, name: str | None, save_dir: str, config: dict):
         import wandb
 
-        from megatron_dataeff.atomic import write_text_atomic
-
         os.makedirs(save_dir, exist_ok=True)
         id_path = os.path.join(save_dir, WANDB_RUN_ID)
         if os.path.exists(id_path):
@@ -79,8 +78,6 @@ class WandbWriter:
             self.run = wandb.init(project=project, name=name, dir=save_dir, config=config, id=run_id,
                                   resume="allow")
         except Exception as exc:  # no API key, no network, a bad entity: say so before training starts
-            from megatron_dataeff.config import ConfigError
-
             raise ConfigError(f"--wandb-project {project}: wandb.init failed ({exc}); log in with `wandb login` "
                                f"or WANDB_API_KEY, or run offline with WANDB_MODE=offline") from exc
         self.run.define_metric("*", step_metric="iteration")
