@@ -112,7 +112,7 @@ def test_weight_shape_fields_are_exactly_the_fields_that_change_the_weights(mega
 def test_dual_model_with_a_causal_row_mask_is_the_causal_model(megatron_cpu):
     """The dual objective's model attends both ways and gives AR rows a causal mask: with the same weights,
     a causal row equals the causal (AR) model and an unmasked row the bidirectional (mdm) one, in one batch."""
-    from megatron_dataeff.objectives.dual import causal_mask
+    from megatron_dataeff.objectives.row_masks import causal_rows
 
     def model_of(objective):
         cfg = config_from_args(build_parser().parse_args(["--objective", objective, "--num-layers", "2"]))
@@ -124,7 +124,7 @@ def test_dual_model_with_a_causal_row_mask_is_the_causal_model(megatron_cpu):
     mdm.load_state_dict(dual.state_dict())
     x = torch.randint(0, 258, (2, 12))
     pos = torch.arange(12).unsqueeze(0).expand(2, -1)
-    mask = causal_mask(2, 12) & torch.tensor([True, False])[:, None, None, None]
+    mask = causal_rows(torch.tensor([True, False]), 12).dense()
     with torch.no_grad():
         mixed, causal, both = dual(x, pos, mask), ar(x, pos, None), mdm(x, pos, None)
     assert torch.allclose(mixed[0], causal[0], atol=1e-5) and torch.allclose(mixed[1], both[1], atol=1e-5)

@@ -9,7 +9,8 @@ from megatron_dataeff.config import ConfigError
 from megatron_dataeff.models.attention_backends import attention_for_config
 from megatron_dataeff.models.builder import build_model
 from megatron_dataeff.objectives import build_objective
-from megatron_dataeff.objectives.documents import DocumentFlags, document_attention_mask, document_ids
+from megatron_dataeff.objectives.documents import DocumentFlags, document_ids
+from megatron_dataeff.objectives.row_masks import RowMask
 from tests.conftest import losses, run_pretrain
 
 VOCAB, EOD, MASK = 258, 256, 257  # the byte tokenizer's ids
@@ -54,11 +55,11 @@ def test_flags_mean_what_megatron_lm_computes(row):
     x = torch.tensor([row])
     flags = DocumentFlags(EOD, True, True, True)
     want_mask, want_loss, want_pos = _megatron_reference(x[0], True, True, True)
-    assert torch.equal(flags.attention_mask(x, causal=True)[0, 0], want_mask)
+    assert torch.equal(flags.row_mask(x, causal=True).dense()[0, 0], want_mask)
     assert torch.equal(flags.loss_keep(x)[0], want_loss)
     assert torch.equal(flags.positions(x)[0], want_pos)
     # both ways inside each document for diffusion rows: the causal mask is the bidirectional one's lower half
-    both = flags.attention_mask(x, causal=False)[0, 0]
+    both = flags.row_mask(x, causal=False).dense()[0, 0]
     assert torch.equal(both | torch.ones_like(both).triu(1), want_mask)
     assert torch.equal(both, both.T)
 
@@ -66,9 +67,9 @@ def test_flags_mean_what_megatron_lm_computes(row):
 def test_per_row_causality():
     """A [rows] bool picks causal rows (the dual objective's AR rows) inside the document mask."""
     x = torch.tensor([[1, 2, EOD, 3], [1, 2, EOD, 3]])
-    mask = document_attention_mask(document_ids(x, EOD), torch.tensor([True, False]))
-    assert torch.equal(mask[0], document_attention_mask(document_ids(x[:1], EOD), True)[0])
-    assert torch.equal(mask[1], document_attention_mask(document_ids(x[1:], EOD), False)[0])
+    mask = RowMask(torch.tensor([True, False]), document_ids(x, EOD)).dense()
+    assert torch.equal(mask[0], RowMask(True, document_ids(x[:1], EOD)).dense()[0])
+    assert torch.equal(mask[1], RowMask(False, document_ids(x[1:], EOD)).dense()[0])
 
 
 def _windows(seed=0):

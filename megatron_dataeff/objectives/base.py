@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only: the traits are read without torch (see me
     import torch
 
     from megatron_dataeff.objectives.documents import DocumentFlags
+    from megatron_dataeff.objectives.row_masks import RowMask
 
 
 @dataclass
@@ -35,11 +36,16 @@ class ObjectiveBatch:
     # Named parts of the loss reported on their own (e.g. MIR's clean and corrupted rows):
     # name -> (report weight [batch, seq] float32, tokens it is normalised by)
     parts: dict[str, tuple[torch.Tensor, int]] | None = None
-    # [batch, 1, seq, seq] bool, True = masked out, where rows need their own attention mask (the dual
-    # objective, --reset-attention-mask); None: the layer spec's mask type decides
-    attention_mask: torch.Tensor | None = None
+    # what each row attends to where rows need their own attention mask (the dual objective's per-sample
+    # causality, --reset-attention-mask's documents); None: the layer spec's mask type decides
+    row_mask: RowMask | None = None
     # [batch, seq] int64 position ids (--reset-position-ids: restarting after each EOD); None: 0..seq-1
     position_ids: torch.Tensor | None = None
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        """[batch, 1, seq, seq] bool, True = masked out (megatron's convention) of `row_mask`, or None."""
+        return self.row_mask.dense() if self.row_mask is not None else None
 
 
 class Objective(abc.ABC):
@@ -54,7 +60,7 @@ class Objective(abc.ABC):
     name: str = ""  # the --objective value it trains (a variant shares its base's)
     bidirectional: bool = False  # the model's layer spec attends both ways
     diffusion: bool = False  # a masked-diffusion model: ELBO validation, diffusion sampling and export
-    row_attention_masks: bool = False  # each row carries its own attention mask (ObjectiveBatch.attention_mask)
+    row_attention_masks: bool = False  # each row carries its own attention mask (ObjectiveBatch.row_mask)
     part_names: tuple[str, ...] = ()  # the names of ObjectiveBatch.parts, the same for every batch
     evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
     monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
@@ -123,9 +129,9 @@ class Objective(abc.ABC):
         if self.documents is None:
             return batch
         batch.position_ids = self.documents.positions(x)
-        mask = self.documents.attention_mask(x, causal)
+        mask = self.documents.row_mask(x, causal)
         if mask is not None:
-            batch.attention_mask = mask
+            batch.row_mask = mask
         return batch
 
     def loss_parts(self, per_token_loss: torch.Tensor, batch: ObjectiveBatch) -> dict[str, tuple[torch.Tensor, int]]:

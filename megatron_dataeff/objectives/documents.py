@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dataeff.lazy import lazy_module
+from megatron_dataeff.objectives.row_masks import RowMask
 
 torch = lazy_module("torch")
 
@@ -66,12 +67,12 @@ class DocumentFlags:
             return None
         return document_positions(x, self.eod_token_id)
 
-    def attention_mask(self, x: torch.Tensor, causal) -> torch.Tensor | None:
-        """[rows, 1, seq, seq] bool, True = masked out (megatron's convention): other documents, and later positions
-        of rows that are `causal` (a bool, or a [rows] bool tensor); None without reset_attention_mask."""
+    def row_mask(self, x: torch.Tensor, causal) -> RowMask | None:
+        """What rows `x` attend to: their own document, causally in rows that are `causal` (a bool, or a [rows]
+        bool tensor); None without reset_attention_mask."""
         if not self.reset_attention_mask:
             return None
-        return document_attention_mask(document_ids(x, self.eod_token_id), causal)
+        return RowMask(causal, document_ids(x, self.eod_token_id))
 
 
 def document_ids(x: torch.Tensor, eod_token_id: int) -> torch.Tensor:
@@ -89,16 +90,3 @@ def document_positions(x: torch.Tensor, eod_token_id: int) -> torch.Tensor:
     start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
     return index - start_index
 
-
-def document_attention_mask(doc_ids: torch.Tensor, causal) -> torch.Tensor:
-    """[rows, 1, seq, seq] bool, True = masked out: keys of another document, and keys after the query in `causal`
-    rows (a bool for every row, or a [rows] bool tensor)."""
-    rows, seq = doc_ids.shape
-    masked = doc_ids[:, None, :, None] != doc_ids[:, None, None, :]
-    if isinstance(causal, bool):
-        if not causal:
-            return masked
-        later = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).triu(diagonal=1)
-        return masked | later
-    later = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).triu(diagonal=1)
-    return masked | (later & causal.to(doc_ids.device)[:, None, None, None])

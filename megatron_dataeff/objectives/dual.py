@@ -5,8 +5,7 @@ Each training sample is trained either AR (input tokens[:-1], labels tokens[1:],
 attention mask) or as masked diffusion (input tokens[:-1] masked at rate p = (1 - eps) t + eps, labels the
 clean tokens[:-1], weight 1/p on masked positions, no attention mask), as its key decides:
 AR iff uniform(seed, sample, STREAM_OBJECTIVE) < ar_fraction.  The model's layer spec attends both ways;
-each AR row carries its own causal mask (`ObjectiveBatch.attention_mask`, megatron's convention: True =
-masked out), so a micro-batch mixes both kinds and every layout sees the same choice per sample.  Both
+each AR row carries its own causal mask (`ObjectiveBatch.row_mask`), so a micro-batch mixes both kinds and every layout sees the same choice per sample.  Both
 halves are per token of the micro-batch (one normaliser, batch x length), so the loss is the ar_fraction-
 weighted mix of the two; they are reported on their own as `ar` (NLL) and `mdm` (ELBO).
 
@@ -21,12 +20,7 @@ from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective
 
 torch = lazy_module("torch")
 philox = lazy_module("megatron_dataeff.ops.philox")
-
-
-def causal_mask(rows: int, seq: int, device=None) -> torch.Tensor:
-    """[rows, 1, seq, seq] bool, True above the diagonal (megatron's convention: True = masked out)."""
-    upper = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(diagonal=1)
-    return upper.expand(rows, 1, seq, seq)
+row_masks = lazy_module("megatron_dataeff.objectives.row_masks")
 
 
 def _ar_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +79,7 @@ class DualObjective(Objective):
             input_ids=torch.where(row, ar_in, diffusion.input_ids), labels=torch.where(row, ar_labels, diffusion.labels),
             loss_weight=weight, num_tokens=counts[0],
             mask=torch.where(row, torch.zeros_like(diffusion.mask), diffusion.mask),
-            attention_mask=causal_mask(b, s, tokens.device) & ar[:, None, None, None],
+            row_mask=row_masks.causal_rows(ar, s),
             parts={"ar": (torch.where(row, ones, torch.zeros_like(ones)), counts[1]),
                    "mdm": (torch.where(row, torch.zeros_like(ones), mdm_weight), counts[2])})
         return self._with_documents(batch, ar_in, causal=ar)

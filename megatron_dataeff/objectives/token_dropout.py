@@ -120,11 +120,11 @@ class TokenDropoutObjective(AutoregressiveObjective):
         if evaluation or self.aux_weight == 0:
             return clean
         corrupted, mask = self._corrupt(clean.input_ids, sample_index)
-        twice = (lambda t: None if t is None else torch.cat([t, t]))  # the clean rows' masks and positions
         return ObjectiveBatch(
             input_ids=torch.cat([clean.input_ids, corrupted]), labels=torch.cat([clean.labels, clean.labels]),
             loss_weight=torch.cat([clean.loss_weight, clean.loss_weight * self.aux_weight]),
             num_tokens=clean.num_tokens, mask=torch.cat([torch.zeros_like(mask), mask]),
             parts={name: (torch.cat([clean.loss_weight * (name == "clean"), clean.loss_weight * (name != "clean")]),
                           clean.num_tokens) for name in self.part_names},
-            attention_mask=twice(clean.attention_mask), position_ids=twice(clean.position_ids))
+            row_mask=clean.row_mask.repeat(2) if clean.row_mask is not None else None,
+            position_ids=torch.cat([clean.position_ids] * 2) if clean.position_ids is not None else None)

@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_dataeff.distributed import Runtime, all_reduce_cpu
 
@@ -27,6 +28,9 @@ class ForwardBackward:
         self.gbs, self.mbs, self.dp_size, self.seq = global_batch_size, micro_batch_size, dp_size, seq_length
         self.rows_per_sample = rows_per_sample
         self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        # FlexAttention takes a row mask as a BlockMask (no [seq, seq] tensor); sdpa and local a dense mask
+        choice = get_attr_wrapped_model(model[0], "attention_choice", allow_none=True)
+        self.block_masks = choice is not None and choice.impl == "flex"
 
     def _microbatches(self, batch_fn, step: int):
         """This rank's micro-batches of global batch `step`."""
@@ -44,7 +48,11 @@ class ForwardBackward:
         b, s = input_ids.shape
         position_ids = ob.position_ids if ob.position_ids is not None else \
             torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-        output = model(input_ids, position_ids, ob.attention_mask, labels=labels)
+        if ob.row_mask is None:
+            mask = None
+        else:
+            mask = ob.row_mask.block_mask() if self.block_masks else ob.attention_mask
+        output = model(input_ids, position_ids, mask, labels=labels)
         return output, partial(self._loss_func, objective, ob)
 
     @staticmethod

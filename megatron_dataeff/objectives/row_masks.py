@@ -1,0 +1,87 @@
+"""What each row of a batch attends to, where the layer spec's one mask (causal, or full) is not enough.
+
+A `RowMask` is the compact form an objective hands the model: per row, whether it attends causally, and the
+document index of each position (--reset-attention-mask) where attention stays inside documents.  One
+`mask_mod(b, h, q, kv) -> keep` defines it, evaluated two ways:
+
+- `dense()`: megatron's `[rows, 1, seq, seq]` bool attention mask (True = masked out), for sdpa and megatron's
+  local attention;
+- `block_mask()`: a FlexAttention `BlockMask` (only [rows, seq] document ids and [rows] flags behind it, never a
+  [seq, seq] tensor kept), for `--attention-backend flex`.
+
+Causality is part of the mask (`causal` rows see keys <= the query), so the mask means the same under a causal
+layer spec and a bidirectional one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_dataeff.lazy import lazy_module
+
+torch = lazy_module("torch")
+
+
+@dataclass
+class RowMask:
+    """Which keys each row's queries see: own document only (when `documents` is given), and causally in the
+    rows that are `causal`."""
+
+    causal: object  # bool (every row), or a [rows] bool tensor
+    documents: torch.Tensor | None = None  # [rows, seq] int32 document index of each position; None: one stream
+    rows: int = 0
+    seq: int = 0
+    _dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.documents is not None:
+            self.rows, self.seq = self.documents.shape
+
+    def mask_mod(self):
+        """keep(b, h, q, kv) -> bool tensor: True where query q of row b attends to key kv."""
+        documents, causal = self.documents, self.causal
+        per_row = not isinstance(causal, bool)
+
+        def keep(b, h, q, kv):
+            if documents is not None:
+                out = documents[b, q] == documents[b, kv]
+            else:
+                out = torch.ones_like(q >= kv)
+            if per_row:
+                out = out & ((kv <= q) | ~causal[b])
+            elif causal:
+                out = out & (kv <= q)
+            return out
+
+        return keep
+
+    @property
+    def device(self):
+        return self.documents.device if self.documents is not None else self.causal.device
+
+    def dense(self) -> torch.Tensor:
+        """[rows, 1, seq, seq] bool, True = masked out (computed once per mask)."""
+        if self._dense is None:
+            dev = self.device
+            b = torch.arange(self.rows, device=dev)[:, None, None, None]
+            q = torch.arange(self.seq, device=dev)[None, None, :, None]
+            kv = torch.arange(self.seq, device=dev)[None, None, None, :]
+            self._dense = ~self.mask_mod()(b, 0, q, kv)
+        return self._dense
+
+    def block_mask(self):
+        """FlexAttention's BlockMask of this mask (heads broadcast)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(self.mask_mod(), self.rows, None, self.seq, self.seq, device=self.device)
+
+    def repeat(self, n: int) -> "RowMask":
+        """The mask of n copies of the batch stacked row-wise (MIR's [clean; corrupted] rows)."""
+        causal = self.causal if isinstance(self.causal, bool) else self.causal.repeat(n)
+        documents = None if self.documents is None else self.documents.repeat(n, 1)
+        return RowMask(causal, documents, rows=self.rows * n, seq=self.seq)
+
+
+def causal_rows(ar: torch.Tensor, seq: int) -> RowMask:
+    """Rows `ar` ([rows] bool) causal, the others attending both ways, in one stream."""
+    return RowMask(ar, None, rows=ar.shape[0], seq=seq)
