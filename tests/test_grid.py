@@ -24,11 +24,11 @@ def _env():
 
 def test_grid_covers_the_paper_conditions():
     """The grid has the paper's 15 conditions (wd 0.1 is the AR baseline, so 14 runs) + 2 fresh-data
-    references + 3 plain-AR budgets + 7 methods beyond the paper; every run's flags parse as a RunConfig; a
-    budget run has F x the unique tokens at the baseline's number of steps."""
+    references + 3 plain-AR budgets + 9 methods beyond the paper + 3 packed-document variants; every run's flags
+    parse as a RunConfig; a budget run has F x the unique tokens at the baseline's number of steps."""
     from megatron_dataeff.arguments import parse_config
 
-    assert len(PAPER_METHODS) == 14 and len(METHODS) == 28
+    assert len(PAPER_METHODS) == 14 and len(METHODS) == 31
     for method in METHODS:
         flags, facts = run_flags(SCALES["tiny"], method, 1, "/tmp/x")
         cfg = parse_config(flags)
@@ -36,6 +36,10 @@ def test_grid_covers_the_paper_conditions():
             assert cfg.objective.token_dropout_schedule == "uniform" and cfg.objective.token_dropout_rate == 1.0
         if method.startswith("ar_mlp"):
             assert cfg.model.mlp_dropout == float(method[6:].split("_")[0])
+        if method.endswith("_doc"):  # Megatron-LM's three document flags on the method without them
+            assert cfg.data.reset_attention_mask and cfg.data.reset_position_ids and cfg.data.eod_mask_loss
+            base = parse_config(run_flags(SCALES["tiny"], method[:-4], 1, "/tmp/x")[0])
+            assert cfg.objective == base.objective
         if method.endswith("_fresh"):  # the same steps on unique_tokens x epochs fresh tokens
             assert cfg.data.epochs == 1 and cfg.data.unique_tokens > 19 * SCALES["tiny"].unique_tokens
         if method.startswith("ar_u"):

@@ -22,6 +22,9 @@ Methods (Gao et al. 2025, see docs/evaluation.md):
     ar_mlp0.1_td0.3         MLP dropout 0.1 and token dropout 0.3 together
     dual                    the dual objective: half the samples AR, half masked diffusion (its validation
                             loss is the AR NLL, comparable with the AR methods')
+    ar_doc, ar_td0.3_doc,   ar, ar_td0.3 and mdm on packed documents that do not see each other
+    mdm_doc                 (--reset-attention-mask --reset-position-ids --eod-mask-loss): does confining
+                            attention to the document change the comparison?
     ar_u{0.5,2,4}           plain AR at 0.5 / 2 / 4 x the unique tokens, the same number of steps (so
                             2 / 0.5 / 0.25 x the epochs): with `ar` they give best loss vs unique
                             tokens, through which each method's best loss becomes an effective-data
@@ -37,6 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+# Megatron-LM's packed-document flags (objectives/documents.py)
+DOCUMENT_FLAGS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
 METHODS: dict[str, list[str]] = {
     "ar": [],
     "ar_td0.1": ["--token-dropout-rate", "0.1"],
@@ -61,6 +66,9 @@ METHODS: dict[str, list[str]] = {
     "ar_mir0.3": ["--token-dropout-rate", "0.3", "--token-dropout-aux-weight", "0.5"],
     "ar_mlp0.1_td0.3": ["--mlp-dropout", "0.1", "--token-dropout-rate", "0.3"],
     "dual": ["--objective", "dual", "--ar-fraction", "0.5"],
+    "ar_doc": DOCUMENT_FLAGS,
+    "ar_td0.3_doc": ["--token-dropout-rate", "0.3", *DOCUMENT_FLAGS],
+    "mdm_doc": ["--objective", "mdm", *DOCUMENT_FLAGS],
     "ar_fresh": [],
     "mdm_fresh": ["--objective", "mdm"],
     "ar_u0.5": [],
@@ -70,7 +78,7 @@ METHODS: dict[str, list[str]] = {
 FRESH = {"ar_fresh": "ar", "mdm_fresh": "mdm"}  # reference run -> the family it calibrates
 BUDGETS = {"ar_u0.5": 0.5, "ar": 1.0, "ar_u2": 2.0, "ar_u4": 4.0}  # plain AR at F x the unique tokens
 BEYOND = ["ar_wd1.0", "ar_wd3.0", "ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal", "ar_mir0.3", "ar_mlp0.1_td0.3",
-          "dual"]
+          "dual", "ar_doc", "ar_td0.3_doc", "mdm_doc"]
 PAPER_METHODS = [m for m in METHODS if m not in FRESH and m not in BEYOND and (m not in BUDGETS or m == "ar")]
 
 

@@ -225,7 +225,9 @@ def write_curves_csv(runs: list[Run], path: str) -> None:
 
 def _style(method: str):
     """One colour per kind of method (a family's strength as its opacity); plain AR at other data budgets
-    dotted grey, fresh-data references dashed."""
+    dotted grey, fresh-data references dashed, packed-document variants (`_doc`) dash-dotted."""
+    if method.endswith("_doc"):
+        return {**_style(method[:-len("_doc")]), "linestyle": "-."}
     families = [("ar_u", "dimgray"), ("ar_td0.3_random", "tab:cyan"), ("ar_td0.3_mixed", "tab:olive"),
                 ("ar_td0.3_span", "tab:pink"), ("ar_td0.5_anneal", "tab:brown"), ("ar_mir", "goldenrod"),
                 ("dual", "tab:gray"), ("ar_td", "tab:blue"), ("ar_attn", "tab:orange"), ("ar_mlp", "tab:green"),
