@@ -37,6 +37,7 @@ class Run:
     train: list = field(default_factory=list)  # [(epoch, tokens, loss)] of the train log records, likewise
     downstream: list = field(default_factory=list)  # [{epoch, cloze_acc, ...}]
     objective: str = "ar"
+    flops_per_token: Optional[float] = None  # training FLOPs per token seen (run.json's compute record)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -75,9 +76,12 @@ def load_run(path: str) -> Optional[Run]:
 
     downstream = sorted((d for d in _read_jsonl(os.path.join(path, "downstream.jsonl")) if "epoch" in d),
                         key=lambda d: d["epoch"])
+    cfg = RunConfig.from_dict(info.get("config", {}))
+    flops = (info.get("compute") or {}).get("flops_per_step")
+    tokens_per_step = (cfg.optim.global_batch_size or 0) * cfg.model.seq_length
     return Run(path=path, method=method, seed=seed, unique_tokens=int(info.get("unique_tokens", 0)),
-               valid=curve("valid"), train=curve("train"), downstream=downstream,
-               objective=RunConfig.from_dict(info.get("config", {})).objective.name)
+               valid=curve("valid"), train=curve("train"), downstream=downstream, objective=cfg.objective.name,
+               flops_per_token=flops / tokens_per_step if flops and tokens_per_step else None)
 
 
 def find_runs(dirs) -> list[Run]:
@@ -117,31 +121,53 @@ def summarise_run(run: Run, reference: Optional[Run]) -> dict:
     return out
 
 
+def crossing(run: Run, level: float) -> Optional[tuple[float, float, Optional[float]]]:
+    """(epoch, tokens seen, training FLOPs) of the first validation point of `run` at or below `level`, None if
+    it never gets there."""
+    for epoch, tokens, loss in run.valid:
+        if loss <= level:
+            return epoch, tokens, tokens * run.flops_per_token if run.flops_per_token else None
+    return None
+
+
 def summarise(runs: list[Run]) -> list[dict]:
     """One row per method: mean and standard error over seeds of each per-run figure, the paired test of its
-    best validation loss against plain AR's (same seeds), and its effective-data multiple (plain AR at
-    several budgets, experiments/statistics.py)."""
+    best validation loss against plain AR's (same seeds), where each seed first gets below plain AR's best
+    of the same seed (epoch and training FLOPs), and its effective-data multiple (plain AR at several
+    budgets, experiments/statistics.py).  A diffusion model's validation loss is its ELBO, an upper bound on
+    its NLL: compared with AR's NLL it is the comparison that favours AR."""
     refs = {(r.method, r.seed): r for r in runs if r.method.endswith("_fresh")}
     per_run = []
+    ar_best = {r.seed: min(v[2] for v in r.valid) for r in runs if r.method == "ar"}
     for r in runs:
         ref_name = reference_of(r.method) if r.method in METHODS else ("mdm_fresh" if r.objective == "mdm"
                                                                       else "ar_fresh")
         ref = refs.get((ref_name, r.seed)) or next((v for (m, _), v in refs.items() if m == ref_name), None)
-        per_run.append(summarise_run(r, ref))
+        row = summarise_run(r, ref)
+        level = ar_best.get(r.seed, float(np.mean(list(ar_best.values()))) if ar_best else None)
+        if level is not None and r.method != "ar" and not r.method.endswith("_fresh") and r.method not in BUDGETS:
+            hit = crossing(r, level)
+            row["crosses_ar_best"] = hit is not None
+            if hit is not None:
+                row["cross_epoch"], row["cross_flops"] = hit[0], hit[2]
+        per_run.append(row)
     order = list(METHODS)
     methods = sorted({p["method"] for p in per_run}, key=lambda m: (order.index(m) if m in order else 99, m))
     best = {m: {p["seed"]: p["best_val_loss"] for p in per_run if p["method"] == m} for m in methods}
     budgets = {BUDGETS[m]: list(best[m].values()) for m in methods if m in BUDGETS}
     rows = []
-    keys = ["best_val_loss", "best_epoch", "final_val_loss", "rise_after_best", *TASK_METRICS, "r_star"]
+    keys = ["best_val_loss", "best_epoch", "final_val_loss", "rise_after_best", *TASK_METRICS, "r_star",
+            "cross_epoch", "cross_flops"]
     for m in methods:
         group = [p for p in per_run if p["method"] == m]
         row = {"method": m, "seeds": len(group)}
         for k in keys:
             row[k], row[k + "_se"] = mean_se([p[k] for p in group if p.get(k) is not None])
+        crossed = [p["crosses_ar_best"] for p in group if "crosses_ar_best" in p]
+        row["crossed"], row["cross_tried"] = sum(crossed), len(crossed)
         notes = {p.get("r_star_note") for p in group if p.get("r_star") is None}
         row["r_star_note"] = "; ".join(sorted(n for n in notes if n)) if notes else ""
-        comparable = m != "ar" and "ar" in best and not m.startswith("mdm")  # ELBO and NLL are not compared
+        comparable = m != "ar" and "ar" in best  # an ELBO against an NLL: the comparison favours AR
         row["delta_vs_ar"], row["p_vs_ar"], row["pairs_vs_ar"] = (paired_test(best[m], best["ar"]) if comparable
                                                                   else (None, None, 0))
         if not m.startswith("mdm"):
@@ -173,13 +199,27 @@ def _fmt_effective(row) -> str:
     return f"x{row['effective_data']:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else "")
 
 
+def _fmt_cross(row) -> str:
+    if not row.get("cross_tried"):
+        return ""
+    n, k = row["cross_tried"], row["crossed"]
+    if k == 0:
+        return f"no ({n}/{n} seeds stay above)"
+    flops = f", {row['cross_flops']:.2g} FLOPs" if row.get("cross_flops") is not None else ""
+    seeds = "" if k == n else f" ({k}/{n} seeds)"
+    return f"epoch {_fmt(row, 'cross_epoch', 1)}{flops}{seeds}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Mean ± standard error over seeds; Δ vs ar: the best validation loss minus plain AR's at the same seeds,
     with the paired t-test's p-value; effective data: the unique tokens plain AR would need for the method's
-    best loss, as a multiple of the grid's budget (68% interval over resampled seeds).  A column with no value
+    best loss, as a multiple of the grid's budget (68% interval over resampled seeds); below AR's best: the
+    first epoch (and training FLOPs) at which the method's validation loss is at or below plain AR's best of the
+    same seed, "no" if it never is.  A column with no value
     in any row (no offline tasks scored, no fresh-data reference, fewer than 3 AR budgets) is left out."""
     head = ["method", "seeds", "best val loss", "Δ vs ar (paired p)", "effective data", "best epoch",
-            "final val loss", "rise after best", "cloze acc", "continuation acc", "continuation acc_norm", "R*"]
+            "final val loss", "rise after best", "below AR's best at", "cloze acc", "continuation acc",
+            "continuation acc_norm", "R*"]
     cells = []
     for r in rows:
         rstar = _fmt(r, "r_star", 1)
@@ -187,7 +227,7 @@ def markdown_table(rows: list[dict]) -> str:
             rstar = f"n/a ({r['r_star_note']})"
         cells.append([r["method"], str(r["seeds"]), _fmt(r, "best_val_loss"), _fmt_delta(r), _fmt_effective(r),
                       _fmt(r, "best_epoch", 1), _fmt(r, "final_val_loss"), _fmt(r, "rise_after_best"),
-                      _fmt(r, "cloze_acc"), _fmt(r, "continuation_acc"), _fmt(r, "continuation_acc_norm"), rstar])
+                      _fmt_cross(r), _fmt(r, "cloze_acc"), _fmt(r, "continuation_acc"), _fmt(r, "continuation_acc_norm"), rstar])
     keep = [j for j in range(len(head))
             if not cells or any(row[j] and not row[j].startswith("n/a") for row in cells)]
     lines = ["| " + " | ".join(head[j] for j in keep) + " |", "|" + "---|" * len(keep)]
@@ -272,13 +312,23 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
     written = []
     for xkey, xlabel, fname in ((0, "epoch", "val_loss.png"), (1, "tokens seen", "val_loss_vs_tokens.png")):
         fig, axes = plt.subplots(1, 2, figsize=(13, 6.5), sharex=False)
-        for method, group in _by_method(runs).items():
+        groups = _by_method(runs)
+        ar_best = float(_mean_curve(groups["ar"], xkey)[1].min()) if "ar" in groups else None
+        for method, group in groups.items():
             ax = axes[1] if group[0].objective == "mdm" else axes[0]
             x, mean, se = _mean_curve(group, xkey)
             label = method if len(group) == 1 else f"{method} ({len(group)} seeds)"
             line, = ax.plot(x, mean, label=label, lw=1.4, **_style(method))
             if se is not None:
                 ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
+            below = np.nonzero(mean <= ar_best)[0] if ar_best is not None and method != "ar" \
+                and not method.endswith("_fresh") and method not in BUDGETS else []
+            if len(below):  # the mean curve's first point at or below plain AR's best: the crossover
+                ax.plot([x[below[0]]], [mean[below[0]]], marker="o", ms=6, mfc="none", color=line.get_color())
+        if ar_best is not None:
+            for ax in axes:
+                ax.axhline(ar_best, color="black", lw=0.8, ls=(0, (1, 3)), zorder=0,
+                           label="plain AR's best (mean): circles mark where a curve gets there")
         # On the epoch axis, plain AR at a smaller budget runs more epochs: the axis ends where the methods do.
         same_budget = [r for r in runs if not re.fullmatch(r"ar_u[\d.]+", r.method)]
         for ax, title in zip(axes, ("AR variants: validation NLL", "masked diffusion: validation ELBO")):
@@ -290,8 +340,11 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
                 ax.legend(fontsize=7, ncol=3 if len(ax.lines) > 8 else 1, loc="upper center",
                           bbox_to_anchor=(0.5, -0.13))
                 # the top leaves out the first steps' losses but never a curve's end (how far it rose)
-                lo = min(min(line.get_ydata()) for line in ax.lines)
-                hi = max(max(np.percentile(line.get_ydata(), 60), line.get_ydata()[-1]) for line in ax.lines)
+                curves = [line for line in ax.lines if len(line.get_ydata()) > 2]
+                lo = min(min(line.get_ydata()) for line in curves)
+                hi = max(max(np.percentile(line.get_ydata(), 60), line.get_ydata()[-1]) for line in curves)
+                if ar_best is not None:
+                    lo = min(lo, ar_best)
                 ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
                 if xkey == 0 and same_budget and len(same_budget) < len(runs):
                     ax.set_xlim(0, 1.02 * max(r.valid[-1][0] for r in same_budget))
