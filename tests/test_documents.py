@@ -221,3 +221,23 @@ def test_loss_is_the_same_for_any_micro_batch_split(tmp_path):
 
     run = json.loads((tmp_path / "one" / "run.json").read_text())
     assert run["config"]["data"]["reset_attention_mask"] is True
+
+
+def test_position_ids_reach_the_rotary_embedding(megatron_cpu):
+    """With --reset-position-ids the rotary embedding takes each token's position id: 0..seq-1 gives megatron's
+    own output bit for bit, restarted positions change what a bidirectional model computes across a boundary
+    (no document mask), and shifting every position by the same amount changes nothing (RoPE is relative)."""
+    torch.manual_seed(0)
+    stock = build_model(_cfg("--objective", "mdm", "--max-position-embeddings", "64"), VOCAB, "cpu").eval()
+    per_token = build_model(_cfg("--objective", "mdm", "--reset-position-ids", "--max-position-embeddings", "64"),
+                            VOCAB, "cpu").eval()
+    per_token.load_state_dict(stock.state_dict())
+    assert per_token.config.reset_position_ids and not stock.config.reset_position_ids
+    x = _windows()[0][:, :48]
+    run_on = torch.arange(48).expand(2, 48)
+    with torch.no_grad():
+        want = stock(x, run_on, None)
+        assert torch.equal(per_token(x, run_on, None), want)
+        restarted = DocumentFlags(EOD, reset_position_ids=True).positions(x)
+        assert not torch.allclose(per_token(x, restarted, None), want, atol=1e-3)
+        torch.testing.assert_close(per_token(x, run_on + 7, None), want, rtol=1e-4, atol=1e-4)

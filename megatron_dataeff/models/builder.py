@@ -115,6 +115,9 @@ def transformer_config(cfg: RunConfig, device: str, initialize: bool = True) -> 
         "deallocate_pipeline_outputs": True,
         "attention_backend": AttnBackend[choice.kernel] if choice.impl == "te" else AttnBackend.local,
         "perform_initialization": initialize,
+        # per-token rotary positions: restarting after each EOD, or an objective's own (block diffusion's
+        # repeated positions)
+        "reset_position_ids": cfg.data.reset_position_ids or objective_class(cfg.objective).token_positions,
     }
     if device == "cpu":
         kwargs.update(platform.cpu_config_overrides())
@@ -132,12 +135,11 @@ class DataEffGPTModel(GPTModel):
         """megatron-core's preprocessing; with --reset-position-ids the rotary embedding is taken at each token's
         position id ([seq, batch, 1, dim] instead of megatron's [seq, 1, 1, dim] table, which ignores them)."""
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-        table = out[1]  # (decoder_input, rotary_pos_emb, ...) in every supported megatron-core version
-        if not self.config.reset_position_ids or position_ids is None or table is None:
+        # (decoder_input, rotary_pos_emb, ...) in every supported megatron-core version
+        if not self.config.reset_position_ids or position_ids is None or out[1] is None:
             return out
-        if position_ids.shape[1] > table.shape[0]:
-            raise ValueError(f"position ids of a {position_ids.shape[1]}-token sequence against a "
-                             f"{table.shape[0]}-position rotary table")
+        # the table of every position the model takes (--max-position-embeddings), cached by megatron
+        table = self.rotary_pos_emb(max(out[1].shape[0], self.max_sequence_length))
         per_token = table[:, 0, 0][position_ids.transpose(0, 1).to(table.device)]  # [s, b, dim]
         return (out[0], per_token.unsqueeze(2), *out[2:])
 

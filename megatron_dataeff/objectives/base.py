@@ -64,6 +64,7 @@ class Objective(abc.ABC):
     part_names: tuple[str, ...] = ()  # the names of ObjectiveBatch.parts, the same for every batch
     evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
     monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
+    token_positions: bool = False  # its batches carry position ids of their own (ObjectiveBatch.position_ids)
     # how the documents packed into a window are treated (objectives/documents.py); None: one stream
     documents: DocumentFlags | None = None
 
