@@ -356,6 +356,32 @@ def test_evaluate_reproduces_trainer_validation_on_a_blended_run(megatron_cpu, t
     assert abs(b_only["val_loss"] - logged) > 0.05
 
 
+@pytest.mark.parametrize("objective", ["ar", "dual"])
+def test_evaluate_reproduces_trainer_validation_of_packed_documents(megatron_cpu, tmp_path, capsys, objective):
+    """--reset-position-ids --reset-attention-mask on windows of short documents: tools/evaluate.py hands the model
+    each validation batch's positions and document masks as the trainer's forward step does, and reproduces the
+    validation loss the trainer logged (a dual model in both views)."""
+    import numpy as np
+
+    from megatron_dataeff.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(1)
+    prefix = str(tmp_path / "docs")
+    with IndexedDatasetWriter(prefix, vocab_size=258) as w:
+        for _ in range(1000):  # several documents in every 33-token window
+            w.add_document(list(rng.integers(0, 256, int(rng.integers(3, 12)))) + [256])
+    ckpt = tmp_path / "ckpt"
+    records = run_pretrain(["--objective", objective, "--data-path", prefix, "--split", "80,20,0",
+                            "--reset-position-ids", "--reset-attention-mask", "--num-layers", "1", "--seq-length",
+                            "32", "--micro-batch-size", "8", "--train-iters", "4", "--eval-interval", "4",
+                            "--eval-iters", "2", "--save", str(ckpt), "--tensorboard-dir", ""], tmp_path / "run")
+    logged = [r for r in records if r["split"] == "valid"][-1]
+    res = _evaluate_in_process(capsys, "--load", str(ckpt), "--eval-windows", "16", "--mc-samples", "1")
+    assert res["windows"] == 16 and res["val_loss"] == pytest.approx(logged["loss"], rel=1e-6)
+    if objective == "dual":
+        assert res["val_loss_mdm"] == pytest.approx(logged["loss_mdm"], rel=1e-6)
+
+
 def test_chain_rule_and_mc_agree_on_trained_tiny_model(mdm_checkpoint, megatron_cpu):
     """On a trained tiny diffusion model: MC ELBO and random-order chain rule agree with the exact
     ELBO of a short answer within their standard errors."""

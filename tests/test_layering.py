@@ -13,8 +13,8 @@ LAYERS = {
     "models": 3,
     "arguments": 4,
     "distributed": 5, "checkpoint": 5,
-    "training": 6, "inference": 6,
-    "evaluation": 7, "export": 7,
+    "training": 6, "inference": 6, "evaluation": 6,  # the trainer validates with evaluation's validator
+    "export": 7,
     "experiments": 8,
 }
 # Files that stand alone (shipped inside every diffusion export, next to the model's weights): any layer reads them.

@@ -100,7 +100,7 @@ class Trainer:
             self.model, self.objective, rt, global_batch_size=o.global_batch_size, micro_batch_size=o.micro_batch_size,
             dp_size=self.dp_size, seq_length=seq, rows_per_sample=self.objective.rows_per_sample(cfg.objective))
         self.validator = Validator(self.forward_backward, self.data.valid_batch, self.log, eval_iters=lg.eval_iters,
-                                   tokens_per_batch=o.global_batch_size * seq, synced=self._params_synced)
+                                   global_batch_size=o.global_batch_size, seq_length=seq, synced=self._params_synced)
         self.step_log = StepLogger(self.log, self.objective.part_names, flops_per_step=self.flops_per_step,
                                    peak_tflops=self.peak_tflops, world_size=rt.world_size, device=rt.device,
                                    seq_length=seq, train_iters=self.train_iters)
