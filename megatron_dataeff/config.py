@@ -146,6 +146,7 @@ class _Section:
 # Choices
 
 ObjectiveName = Literal[OBJECTIVE_NAMES]
+BlockNoise = Literal["per-block", "shared"]
 TokenDropoutSchedule = Literal["fixed", "uniform"]
 TokenDropoutNoise = Literal["mask", "random", "mixed"]
 TokenDropoutAnneal = Literal["none", "linear", "cosine"]
@@ -288,8 +289,16 @@ class ObjectiveConfig(_Section):
     """mdm: mask probability p = (1 - eps) t + eps for t ~ U(0, 1)."""
     mdm_stratified: bool = False
     """mdm: stratify t over each global batch (one t per stratum, lower-variance loss)."""
+    block_size: Optional[int] = None
+    """block: tokens per block (divides --seq-length); 1 is AR-like, --seq-length is masked diffusion."""
+    block_noise: BlockNoise = "per-block"
+    """block: a mask rate t per block (per-block) or one per sequence (shared)."""
 
     def validate(self):
+        _require((self.name == "block") == (self.block_size is not None),
+                 "--objective block needs --block-size (and --block-size needs --objective block)")
+        _require(self.block_size is None or self.block_size >= 1, "--block-size must be >= 1")
+        _require(self.name == "block" or self.block_noise == "per-block", "--block-noise needs --objective block")
         if self.name == "dual" and self.ar_fraction is None:
             self.ar_fraction = 0.5
         _require(self.name == "dual" or self.ar_fraction is None, "--ar-fraction needs --objective dual")
@@ -689,6 +698,9 @@ class RunConfig:
                  f"{m.make_vocab_size_divisible_by}")
         if tp == 1:
             p.sequence_parallel = False  # nothing to split (Megatron-LM turns it off too)
+        b = self.objective.block_size
+        _require(b is None or m.seq_length % b == 0,
+                 f"--block-size {b} does not divide --seq-length {m.seq_length}")
         if p.sequence_parallel:
             _require(m.seq_length % tp == 0,
                      f"--sequence-parallel: --tensor-model-parallel-size {tp} does not divide --seq-length "

@@ -25,7 +25,8 @@ def _saved_run(tmp_path, extra=(), iters=3, nproc=1):
 @pytest.mark.parametrize("objective, extra", [
     ("ar", ["--use-distributed-optimizer"]), ("mdm", ["--bf16"]),
     ("dual", ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]),
-], ids=["ar-distributed-optimizer", "mdm-bf16", "dual-packed-documents"])
+    ("block", ["--block-size", "8"]),
+], ids=["ar-distributed-optimizer", "mdm-bf16", "dual-packed-documents", "block-diffusion"])
 def test_exact_resume_with_dropout(tmp_path, objective, extra):
     """2N steps == N steps, saved, resumed for N more: bit-identical losses, dropout RNG included; with the
     distributed optimizer; in bf16 too (bf16 weights, norms included, with fp32 master weights in the optimizer

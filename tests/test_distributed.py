@@ -34,7 +34,9 @@ DOCS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
 OBJECTIVES.update({"ar+docs": ["--objective", "ar", "--token-dropout-rate", "0.3", "--token-dropout-aux-weight",
                                "0.5", *DOCS],
                    "mdm+docs": ["--objective", "mdm", *DOCS],
-                   "dual+docs": ["--objective", "dual", "--ar-fraction", "0.4", *DOCS]})
+                   "dual+docs": ["--objective", "dual", "--ar-fraction", "0.4", *DOCS],
+                   # block diffusion: rows of twice the window ([x_t | x_0]) through every layout
+                   "block+docs": ["--objective", "block", "--block-size", "16", *DOCS]})
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +70,10 @@ DP2 = ["--use-distributed-optimizer"]  # 2 processes at TP=1 are DP=2
     ("ar", TP2), ("ar", DP2), ("mdm", TP2), ("mdm", DP2), ("ar+token_dropout", DP2), ("ar+mlp_dropout", TP2),
     ("ar", SP2), ("mdm", SP2), ("mdm+unfused", TP2 + ["--attention-backend", "sdpa"]),
     ("ar", TP2 + ["--cross-entropy-chunk-size", "16"]), ("ar+corruptions", DP2), ("dual", TP2),
-    ("ar+docs", SP2), ("mdm+docs", SP2), ("dual+docs", SP2),
+    ("ar+docs", SP2), ("mdm+docs", SP2), ("dual+docs", SP2), ("block+docs", SP2),
 ], ids=["ar-tp2", "ar-dp2", "mdm-tp2", "mdm-dp2", "token_dropout-dp2", "mlp_dropout-tp2", "ar-tp2-sp", "mdm-tp2-sp",
         "mdm-sdpa-tp2-vs-unfused-tp1", "ar-tp2-chunked-loss", "corruptions-mir-dp2", "dual-tp2",
-        "docs-mir-tp2-sp", "docs-mdm-tp2-sp", "docs-dual-tp2-sp"])
+        "docs-mir-tp2-sp", "docs-mdm-tp2-sp", "docs-dual-tp2-sp", "docs-block-tp2-sp"])
 def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layout):
     """TP=2 (also with sequence parallelism, with sdpa against unfused attention, with the loss in
     16-token chunks over the vocabulary shards) and DP=2 (distributed optimizer) give the TP=1 train and
@@ -80,7 +82,7 @@ def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layou
     _assert_same_losses(baselines[objective], recs)
 
 
-@pytest.mark.parametrize("objective", ["mdm", "ar+corruptions", "ar+docs", "mdm+docs", "dual+docs"])
+@pytest.mark.parametrize("objective", ["mdm", "ar+corruptions", "ar+docs", "mdm+docs", "dual+docs", "block+docs"])
 def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
     """PP=2 (1F1B over 4 micro-batches, one layer a stage, the tied embedding's gradient summed over both
     stages), started from the TP=1 baseline's initial weights, gives its train and validation losses; with

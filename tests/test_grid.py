@@ -24,11 +24,12 @@ def _env():
 
 def test_grid_covers_the_paper_conditions():
     """The grid has the paper's 15 conditions (wd 0.1 is the AR baseline, so 14 runs) + 2 fresh-data
-    references + 3 plain-AR budgets + 9 methods beyond the paper + 3 packed-document variants; every run's flags
+    references + 3 plain-AR budgets + 9 methods beyond the paper + 3 packed-document variants + 3 block sizes; every
+    run's flags
     parse as a RunConfig; a budget run has F x the unique tokens at the baseline's number of steps."""
     from megatron_dataeff.arguments import parse_config
 
-    assert len(PAPER_METHODS) == 14 and len(METHODS) == 31
+    assert len(PAPER_METHODS) == 14 and len(METHODS) == 34
     for method in METHODS:
         flags, facts = run_flags(SCALES["tiny"], method, 1, "/tmp/x")
         cfg = parse_config(flags)

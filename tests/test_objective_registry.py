@@ -3,7 +3,8 @@
 import pytest
 
 from megatron_dataeff.config import ObjectiveConfig, RunConfig, field_specs
-from megatron_dataeff.objectives import (OBJECTIVE_NAMES, REGISTRY, AutoregressiveObjective, DualObjective,
+from megatron_dataeff.objectives import (OBJECTIVE_NAMES, REGISTRY, AutoregressiveObjective, BlockDiffusionObjective,
+                                         DualObjective,
                                          MaskedDiffusionObjective, TokenDropoutObjective, build_objective,
                                          objective_class)
 from megatron_dataeff.training import flops
@@ -27,7 +28,7 @@ def test_flags_select_one_class(flags, cls):
 def test_objective_choices_are_the_registry_names():
     """--objective's choices are read from the registry, not written down a second time."""
     (spec,) = [s for s in field_specs(ObjectiveConfig) if s.name == "name"]
-    assert spec.choices == OBJECTIVE_NAMES == ("ar", "mdm", "dual")
+    assert spec.choices == OBJECTIVE_NAMES == ("ar", "mdm", "dual", "block")
     assert all(cls.name in OBJECTIVE_NAMES for cls in REGISTRY)
 
 
@@ -37,6 +38,11 @@ def test_traits_of_each_objective():
     assert MaskedDiffusionObjective.bidirectional and MaskedDiffusionObjective.diffusion
     assert DualObjective.bidirectional and DualObjective.row_attention_masks and not DualObjective.diffusion
     assert DualObjective.evaluation_views == ("ar", "mdm")
+    block = ObjectiveConfig(name="block", block_size=4)
+    assert objective_class(block) is BlockDiffusionObjective and BlockDiffusionObjective.diffusion
+    assert BlockDiffusionObjective.row_attention_masks and BlockDiffusionObjective.token_positions
+    assert BlockDiffusionObjective.sequence_multiple(block) == 2 and MaskedDiffusionObjective.sequence_multiple(block) == 1
+    assert not BlockDiffusionObjective.sequence_inference and MaskedDiffusionObjective.sequence_inference
     mir = ObjectiveConfig(token_dropout_rate=0.3, token_dropout_aux_weight=0.5)
     assert objective_class(mir).rows_per_sample(mir) == 2
     assert objective_class(ObjectiveConfig(token_dropout_rate=0.3)).rows_per_sample(ObjectiveConfig()) == 1

@@ -18,7 +18,7 @@ def _law(f):
     return E + A * f ** -ALPHA
 
 
-def _write_run(root, method, seed, best, objective="ar"):
+def _write_run(root, method, seed, best, objective="ar", block_size=None):
     """A run directory whose validation curve falls to `best` at epoch 10 and rises after."""
     d = root / f"{method}_s{seed}"
     d.mkdir()
@@ -27,7 +27,8 @@ def _write_run(root, method, seed, best, objective="ar"):
     lines = [json.dumps({"iteration": int(10 * e), "split": "valid", "loss": float(v), "epoch": float(e),
                          "consumed_tokens": int(1000 * e)}) for e, v in zip(epochs, losses)]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "run.json").write_text(json.dumps({"unique_tokens": 1000, "config": {"objective": {"name": objective}}}))
+    (d / "run.json").write_text(json.dumps({"unique_tokens": 1000, "config": {
+        "objective": {"name": objective, "block_size": block_size}, "model": {"seq_length": 128}}}))
 
 
 MDM_NOISE = [0.0, 0.0, 0.0]  # the mdm runs' offsets from 2.9 (set by the fixture)
@@ -99,3 +100,22 @@ def test_summary_table_and_banded_plots(grid, tmp_path):
     assert "no (3/3 seeds stay above)" in table and "below AR's best at" in table
     written = plot_runs(runs, str(tmp_path / "report"))
     assert all(p.endswith(".png") for p in written) and len(written) == 2
+
+
+def test_block_sizes_get_their_plot(grid, tmp_path):
+    """Block-diffusion runs are grouped by their --block-size and plotted (best loss against block size) beside
+    AR's and mdm's best; a grid without them gets no such plot."""
+    from megatron_dataeff.experiments.report import block_sizes
+
+    root = tmp_path / "blocks"
+    root.mkdir()
+    for size, best in ((4, 2.6), (16, 2.75), (128, 2.9)):
+        for s in (1, 2):
+            _write_run(root, f"block{size}", s, best + 0.01 * s, objective="block", block_size=size)
+    for s in (1, 2):
+        _write_run(root, "ar", s, 2.5 + 0.01 * s)
+    runs = find_runs([str(root)])
+    assert list(block_sizes(runs)) == [4, 16, 128] and all(len(v) == 2 for v in block_sizes(runs).values())
+    written = plot_runs(runs, str(tmp_path / "report"))
+    assert any(p.endswith("block_size.png") for p in written)
+    assert not any(p.endswith("block_size.png") for p in plot_runs(find_runs([str(grid)]), str(tmp_path / "r2")))

@@ -25,6 +25,8 @@ Methods (Gao et al. 2025, see docs/evaluation.md):
     ar_doc, ar_td0.3_doc,   ar, ar_td0.3 and mdm on packed documents that do not see each other
     mdm_doc                 (--reset-attention-mask --reset-position-ids --eod-mask-loss): does confining
                             attention to the document change the comparison?
+    block{4,16,128}         block diffusion (BD3-LM) with blocks of 4 / 16 tokens, between AR and masked
+                            diffusion; block128 is one block of the demo's 128-token window, a check against mdm
     ar_u{0.5,2,4}           plain AR at 0.5 / 2 / 4 x the unique tokens, the same number of steps (so
                             2 / 0.5 / 0.25 x the epochs): with `ar` they give best loss vs unique
                             tokens, through which each method's best loss becomes an effective-data
@@ -69,6 +71,9 @@ METHODS: dict[str, list[str]] = {
     "ar_doc": DOCUMENT_FLAGS,
     "ar_td0.3_doc": ["--token-dropout-rate", "0.3", *DOCUMENT_FLAGS],
     "mdm_doc": ["--objective", "mdm", *DOCUMENT_FLAGS],
+    "block4": ["--objective", "block", "--block-size", "4"],
+    "block16": ["--objective", "block", "--block-size", "16"],
+    "block128": ["--objective", "block", "--block-size", "128"],
     "ar_fresh": [],
     "mdm_fresh": ["--objective", "mdm"],
     "ar_u0.5": [],
@@ -78,13 +83,13 @@ METHODS: dict[str, list[str]] = {
 FRESH = {"ar_fresh": "ar", "mdm_fresh": "mdm"}  # reference run -> the family it calibrates
 BUDGETS = {"ar_u0.5": 0.5, "ar": 1.0, "ar_u2": 2.0, "ar_u4": 4.0}  # plain AR at F x the unique tokens
 BEYOND = ["ar_wd1.0", "ar_wd3.0", "ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal", "ar_mir0.3", "ar_mlp0.1_td0.3",
-          "dual", "ar_doc", "ar_td0.3_doc", "mdm_doc"]
+          "dual", "ar_doc", "ar_td0.3_doc", "mdm_doc", "block4", "block16", "block128"]
 PAPER_METHODS = [m for m in METHODS if m not in FRESH and m not in BEYOND and (m not in BUDGETS or m == "ar")]
 
 
 def reference_of(method: str) -> str:
     """The fresh-data reference whose loss-vs-tokens curve calibrates a method's effective data."""
-    return "mdm_fresh" if METHODS[method][:2] == ["--objective", "mdm"] else "ar_fresh"
+    return "mdm_fresh" if METHODS[method][:2] in (["--objective", "mdm"], ["--objective", "block"]) else "ar_fresh"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from megatron_dataeff.experiments.grid import BUDGETS, METHODS, reference_of
 from megatron_dataeff.experiments.statistics import effective_data, mean_se, paired_test
 
 TASK_METRICS = ("cloze_acc", "continuation_acc", "continuation_acc_norm")
+DIFFUSION_OBJECTIVES = ("mdm", "block")  # validated by an ELBO: the plots' right panel
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Run:
     downstream: list = field(default_factory=list)  # [{epoch, cloze_acc, ...}]
     objective: str = "ar"
     flops_per_token: Optional[float] = None  # training FLOPs per token seen (run.json's compute record)
+    block_size: Optional[int] = None  # block diffusion's --block-size
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -81,7 +83,8 @@ def load_run(path: str) -> Optional[Run]:
     tokens_per_step = (cfg.optim.global_batch_size or 0) * cfg.model.seq_length
     return Run(path=path, method=method, seed=seed, unique_tokens=int(info.get("unique_tokens", 0)),
                valid=curve("valid"), train=curve("train"), downstream=downstream, objective=cfg.objective.name,
-               flops_per_token=flops / tokens_per_step if flops and tokens_per_step else None)
+               flops_per_token=flops / tokens_per_step if flops and tokens_per_step else None,
+               block_size=cfg.objective.block_size)
 
 
 def find_runs(dirs) -> list[Run]:
@@ -315,7 +318,7 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
         groups = _by_method(runs)
         ar_best = float(_mean_curve(groups["ar"], xkey)[1].min()) if "ar" in groups else None
         for method, group in groups.items():
-            ax = axes[1] if group[0].objective == "mdm" else axes[0]
+            ax = axes[1] if group[0].objective in DIFFUSION_OBJECTIVES else axes[0]
             x, mean, se = _mean_curve(group, xkey)
             label = method if len(group) == 1 else f"{method} ({len(group)} seeds)"
             line, = ax.plot(x, mean, label=label, lw=1.4, **_style(method))
@@ -331,7 +334,7 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
                            label="plain AR's best (mean): circles mark where a curve gets there")
         # On the epoch axis, plain AR at a smaller budget runs more epochs: the axis ends where the methods do.
         same_budget = [r for r in runs if not re.fullmatch(r"ar_u[\d.]+", r.method)]
-        for ax, title in zip(axes, ("AR variants: validation NLL", "masked diffusion: validation ELBO")):
+        for ax, title in zip(axes, ("AR variants: validation NLL", "masked / block diffusion: validation ELBO")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("nats / token")
             ax.set_title(title)
@@ -371,7 +374,45 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    blocks = block_sizes(runs)
+    if blocks:
+        written.append(_plot_block_sizes(runs, blocks, os.path.join(out_dir, prefix + "block_size.png"), plt))
     return written
+
+
+def block_sizes(runs: list[Run]) -> dict[int, list[Run]]:
+    """{block size: its block-diffusion runs}, read from each run's config."""
+    out: dict[int, list[Run]] = {}
+    for r in runs:
+        if r.objective == "block" and r.block_size:
+            out.setdefault(r.block_size, []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _plot_block_sizes(runs: list[Run], blocks: dict[int, list[Run]], path: str, plt) -> str:
+    """Best validation loss (mean ± SE over seeds) against block size, beside plain AR's best NLL and masked
+    diffusion's best ELBO."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sizes = list(blocks)
+    stats = [mean_se([min(v[2] for v in r.valid) for r in blocks[b]]) for b in sizes]
+    ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], marker="o", capsize=3,
+                color="tab:red", label="block diffusion (ELBO)")
+    for method, color, name in (("ar", "black", "plain AR (NLL)"), ("mdm", "tab:red", "masked diffusion (ELBO)"),
+                                ("ar_td1.0", "tab:blue", "AR + masked input r ~ U(0,1) (NLL)")):
+        group = [r for r in runs if r.method == method]
+        if group:
+            best, _ = mean_se([min(v[2] for v in r.valid) for r in group])
+            ax.axhline(best, color=color, ls="--", lw=1, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size (tokens)")
+    ax.set_ylabel("best validation loss (nats / token)")
+    ax.set_title("between AR and masked diffusion")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_loss_curve(run_dir: str, path: str) -> str:

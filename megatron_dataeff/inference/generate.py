@@ -18,7 +18,7 @@ from megatron_dataeff.errors import ConfigError, UserError
 from megatron_dataeff.inference.kv_cache import KVCacheLogits
 from megatron_dataeff.inference.loading import load_model_for_inference
 from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
-from megatron_dataeff.objectives import objective_class
+from megatron_dataeff.objectives import objective_class, require_sequence_inference
 
 
 def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Optional[int] = None,
@@ -30,6 +30,7 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     model, cfg, meta = load_model_for_inference(load, iteration, device=device, view=view)
+    require_sequence_inference(cfg.objective, "sampling")
     diffusion = objective_class(cfg.objective).diffusion
     if diffusion:
         _check_diffusion_args(max_new_tokens, block_length, steps)

@@ -1,4 +1,5 @@
-"""Training objectives: AR, AR with token dropout, masked diffusion, dual (one contract, see base.py).
+"""Training objectives: AR, AR with token dropout, masked diffusion, dual, block diffusion (one contract, see
+base.py).
 
 `REGISTRY` is the one list of objective classes: `--objective NAME` trains the first class of that name whose
 `selects` accepts the run's flags (so a variant comes before its base).  Everything else asks the class
@@ -8,8 +9,10 @@ plus its line here.
 
 from __future__ import annotations
 
+from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.objectives.ar import AutoregressiveObjective
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
+from megatron_dataeff.objectives.block import BlockDiffusionObjective
 from megatron_dataeff.objectives.documents import DocumentFlags
 from megatron_dataeff.objectives.dual import DualObjective
 from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective
@@ -20,6 +23,7 @@ REGISTRY: tuple[type[Objective], ...] = (
     AutoregressiveObjective,
     MaskedDiffusionObjective,
     DualObjective,
+    BlockDiffusionObjective,
 )
 OBJECTIVE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(cls.name for cls in REGISTRY))  # --objective's choices
 
@@ -30,6 +34,14 @@ def objective_class(ocfg) -> type[Objective]:
         if cls.name == ocfg.name and cls.selects(ocfg):
             return cls
     raise ValueError(f"no objective {ocfg.name!r}; known: {', '.join(OBJECTIVE_NAMES)}")
+
+
+def require_sequence_inference(ocfg, what: str) -> None:
+    """Refuse `what` (an HF export, sampling, task scoring) by name for an objective whose models it is not
+    written for."""
+    if not objective_class(ocfg).sequence_inference:
+        raise ConfigError(f"--objective {ocfg.name}: {what} is not written for these models yet (validation is: "
+                          f"tools/evaluate.py without --tasks)")
 
 
 def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train_iters: int | None = None,
@@ -44,5 +56,5 @@ def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train
 
 
 __all__ = ["Objective", "ObjectiveBatch", "AutoregressiveObjective", "TokenDropoutObjective",
-           "MaskedDiffusionObjective", "DualObjective", "DocumentFlags", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
+           "MaskedDiffusionObjective", "DualObjective", "BlockDiffusionObjective", "DocumentFlags", "require_sequence_inference", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
            "build_objective"]

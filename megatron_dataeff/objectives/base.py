@@ -65,6 +65,8 @@ class Objective(abc.ABC):
     evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
     monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
     token_positions: bool = False  # its batches carry position ids of their own (ObjectiveBatch.position_ids)
+    # HF export, sampling and likelihood scoring of tasks are written for its models (validation always is)
+    sequence_inference: bool = True
     # how the documents packed into a window are treated (objectives/documents.py); None: one stream
     documents: DocumentFlags | None = None
 
@@ -88,6 +90,16 @@ class Objective(abc.ABC):
     def rows_per_sample(cls, ocfg) -> int:
         """Model rows per sample in training batches (MIR: clean + corrupted)."""
         return 1
+
+    @classmethod
+    def sequence_multiple(cls, ocfg) -> int:
+        """Model tokens per window token in a row (block diffusion's [x_t | x_0] rows: 2)."""
+        return 1
+
+    @classmethod
+    def attention_span(cls, ocfg, seq: int) -> float:
+        """Keys a query attends to on average in a window of `seq` tokens (for the FLOPs count)."""
+        return seq if cls.bidirectional else seq / 2
 
     @classmethod
     def input_noise(cls, ocfg) -> tuple[str, float | None] | None:

@@ -40,15 +40,17 @@ def flops_per_token(cfg: RunConfig, padded_vocab: int) -> float:
     """Model FLOPs (forward + backward) per trained token."""
     m = cfg.model
     shape = ModelShape.from_model_config(m, padded_vocab)
-    attention_span = m.seq_length if objective_class(cfg.objective).bidirectional else m.seq_length / 2
+    attention_span = objective_class(cfg.objective).attention_span(cfg.objective, m.seq_length)
     per_layer = shape.layer_matrix_parameters + shape.q_rows * attention_span * 2
     return 3 * 2 * (shape.num_layers * per_layer + shape.embedding_parameters)
 
 
 def flops_per_step(cfg: RunConfig, padded_vocab: int) -> float:
     """Model FLOPs of one optimizer step (global batch x sequence length tokens, each sample in as many model
-    rows as its objective trains it in: MIR runs every sample twice, clean and corrupted)."""
-    rows = objective_class(cfg.objective).rows_per_sample(cfg.objective)
+    rows as its objective trains it in: MIR runs every sample twice, clean and corrupted; and each row as long as
+    its objective makes it: block diffusion's rows are twice the window)."""
+    cls = objective_class(cfg.objective)
+    rows = cls.rows_per_sample(cfg.objective) * cls.sequence_multiple(cfg.objective)
     return flops_per_token(cfg, padded_vocab) * cfg.optim.global_batch_size * cfg.model.seq_length * rows
 
 

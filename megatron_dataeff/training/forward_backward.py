@@ -23,10 +23,11 @@ class ForwardBackward:
     """Runs global batches of `objective` through `model` (megatron's model chunks) on this rank."""
 
     def __init__(self, model: list, objective, runtime: Runtime, *, global_batch_size: int, micro_batch_size: int,
-                 dp_size: int, seq_length: int, rows_per_sample: int):
+                 dp_size: int, seq_length: int, rows_per_sample: int, sequence_multiple: int = 1):
         self.model, self.objective, self.runtime = model, objective, runtime
         self.gbs, self.mbs, self.dp_size, self.seq = global_batch_size, micro_batch_size, dp_size, seq_length
         self.rows_per_sample = rows_per_sample
+        self.model_seq = seq_length * sequence_multiple  # the rows' length (block diffusion: [x_t | x_0])
         self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
         # FlexAttention takes a row mask as a BlockMask (no [seq, seq] tensor); sdpa and local a dense mask
         choice = get_attr_wrapped_model(model[0], "attention_choice", allow_none=True)
@@ -76,10 +77,10 @@ class ForwardBackward:
             data_iterator=self._microbatches(batch_fn, step),
             model=self.model,
             num_microbatches=self.num_microbatches,
-            seq_length=self.seq,
+            seq_length=self.model_seq,
             # the rows the model sees per micro-batch (pipeline stages exchange tensors of this batch size)
             micro_batch_size=self.mbs * (1 if forward_only else self.rows_per_sample),
-            decoder_seq_length=self.seq,
+            decoder_seq_length=self.model_seq,
             forward_only=forward_only,
         )
         keys = ["loss"] + ([] if forward_only else [f"part_{name}" for name in self.objective.part_names])

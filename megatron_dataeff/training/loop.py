@@ -98,7 +98,8 @@ class Trainer:
         o, seq = cfg.optim, cfg.model.seq_length
         self.forward_backward = ForwardBackward(
             self.model, self.objective, rt, global_batch_size=o.global_batch_size, micro_batch_size=o.micro_batch_size,
-            dp_size=self.dp_size, seq_length=seq, rows_per_sample=self.objective.rows_per_sample(cfg.objective))
+            dp_size=self.dp_size, seq_length=seq, rows_per_sample=self.objective.rows_per_sample(cfg.objective),
+            sequence_multiple=self.objective.sequence_multiple(cfg.objective))
         self.validator = Validator(self.forward_backward, self.data.valid_batch, self.log, eval_iters=lg.eval_iters,
                                    global_batch_size=o.global_batch_size, seq_length=seq, synced=self._params_synced)
         self.step_log = StepLogger(self.log, self.objective.part_names, flops_per_step=self.flops_per_step,

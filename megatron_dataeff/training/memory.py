@@ -196,7 +196,8 @@ def _shape(cfg: RunConfig, vocab_ids: int, device: str, te_available: bool) -> _
     else:
         fused_ext = True  # built by `pip install -e .` where nvcc exists (csrc/README.md)
     return _Shape(
-        s=m.seq_length, b=cfg.optim.micro_batch_size * objective.rows_per_sample(cfg.objective),
+        s=m.seq_length * objective.sequence_multiple(cfg.objective),
+        b=cfg.optim.micro_batch_size * objective.rows_per_sample(cfg.objective),
         model=ModelShape.from_model_config(m, m.vocab_rows(vocab_ids)).per_rank(tp), tp=tp,
         sp=bool(p.sequence_parallel and tp > 1), e=2 if cfg.optim.bf16 else 4, device=device, impl=impl,
         kernel=kernel, causal=not objective.bidirectional, p_attn=m.attention_dropout,
