@@ -356,11 +356,12 @@ def test_evaluate_reproduces_trainer_validation_on_a_blended_run(megatron_cpu, t
     assert abs(b_only["val_loss"] - logged) > 0.05
 
 
-@pytest.mark.parametrize("objective", ["ar", "dual"])
+@pytest.mark.parametrize("objective", ["ar", "dual", "mdm"])
 def test_evaluate_reproduces_trainer_validation_of_packed_documents(megatron_cpu, tmp_path, capsys, objective):
-    """--reset-position-ids --reset-attention-mask on windows of short documents: tools/evaluate.py hands the model
-    each validation batch's positions and document masks as the trainer's forward step does, and reproduces the
-    validation loss the trainer logged (a dual model in both views)."""
+    """--reset-position-ids --reset-attention-mask --eod-mask-loss on windows of short documents: tools/evaluate.py
+    hands the model each validation batch's positions and document masks as the trainer's forward step does and
+    normalises by the windows' own non-EOD counts, and reproduces the validation loss the trainer logged (a dual
+    model in both views, masked diffusion's ELBO)."""
     import numpy as np
 
     from megatron_dataeff.data.indexed import IndexedDatasetWriter
@@ -372,7 +373,8 @@ def test_evaluate_reproduces_trainer_validation_of_packed_documents(megatron_cpu
             w.add_document(list(rng.integers(0, 256, int(rng.integers(3, 12)))) + [256])
     ckpt = tmp_path / "ckpt"
     records = run_pretrain(["--objective", objective, "--data-path", prefix, "--split", "80,20,0",
-                            "--reset-position-ids", "--reset-attention-mask", "--num-layers", "1", "--seq-length",
+                            "--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss", "--num-layers", "1",
+                            "--seq-length",
                             "32", "--micro-batch-size", "8", "--train-iters", "4", "--eval-interval", "4",
                             "--eval-iters", "2", "--save", str(ckpt), "--tensorboard-dir", ""], tmp_path / "run")
     logged = [r for r in records if r["split"] == "valid"][-1]

@@ -68,18 +68,20 @@ class ViewLoss:
 
 
 def reduce_losses(batches: Sequence[BatchLoss], windows: int) -> ViewLoss:
-    """A view's loss from its batches: sum / tokens of the (sum, tokens) pairs, or the mean and standard error of
-    the windows' values."""
+    """A view's loss from its batches: sum / tokens of the (sum, tokens) pairs where every batch has them, else the
+    mean of the windows' values; the standard error from the windows' values where there are any."""
+    se = float("nan")
     if all(b.values is not None for b in batches):
         v = torch.cat([b.values for b in batches])
         se = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-        return ViewLoss(float(v.mean()), se, windows)
+        if not all(b.total is not None for b in batches):
+            return ViewLoss(float(v.mean()), se, windows)
     if not all(b.total is not None for b in batches):
         raise ValueError("a view's batches report either (sum, tokens) or per-window values, not both")
     total = torch.zeros(2, dtype=torch.float64)
     for b in batches:
-        total += b.total
-    return ViewLoss(float(total[0] / total[1]) if total[1] > 0 else float("nan"), float("nan"), windows)
+        total += b.total.double()
+    return ViewLoss(float(total[0] / total[1]) if total[1] > 0 else float("nan"), se, windows)
 
 
 class Validation:
@@ -128,14 +130,19 @@ class Validation:
 
 
 def window_losses(scorer: ModelScorer, objective: Objective, tokens: torch.Tensor, window_index: torch.Tensor,
-                  copies: int = 1) -> torch.Tensor:
-    """[w] per-token loss of each window under `objective` (one view), the mean of its `copies` noisy copies;
-    tokens [w, seq + 1] clean, window_index [w] int64.  The model sees the batch's position ids and attention mask
-    as the trainer's forward step hands them (packed documents, the dual objective's AR rows)."""
+                  copies: int = 1) -> BatchLoss:
+    """The loss of windows `tokens` [w, seq + 1] (clean; window_index [w] int64) under `objective` (one view): each
+    window's per-token loss (the mean of its `copies` noisy copies) and the batch's (loss sum, tokens), which
+    differ from the values' mean where windows count different tokens (--eod-mask-loss).  The model sees the
+    batch's position ids and attention mask as the trainer's forward step hands them (packed documents, the dual
+    objective's AR rows)."""
     batch = objective.prepare_evaluation(tokens, window_index.to(torch.int64), copies)
     lp = scorer.log_probs(batch.input_ids, batch.position_ids, batch.attention_mask)
     ce = -lp.gather(-1, batch.labels[..., None].to(lp.device))[..., 0].double()
-    return objective.sample_losses(ce, batch).view(tokens.shape[0], copies).mean(-1)
+    sums, counts = objective.row_totals(ce, batch)
+    sums, counts = sums.view(tokens.shape[0], copies), counts.view(tokens.shape[0], copies)
+    values = (sums / counts).mean(-1)
+    return BatchLoss(total=torch.stack([sums.sum(), counts.sum()]).cpu(), values=values.cpu())
 
 
 def validation_loss(scorers: Mapping[str, ModelScorer], objective: Objective, data,
@@ -151,8 +158,7 @@ def validation_loss(scorers: Mapping[str, ModelScorer], objective: Objective, da
 
     def measure(view: View, start: int, size: int) -> BatchLoss:
         batch = data.valid_batch(start, size)
-        return BatchLoss(values=window_losses(scorers[view.name], view.objective, batch["tokens"],
-                                              batch["sample_index"], view.copies))
+        return window_losses(scorers[view.name], view.objective, batch["tokens"], batch["sample_index"], view.copies)
 
     losses = validation.run(measure)
     first = validation.views[0]

@@ -52,6 +52,12 @@ def _importable(module: str) -> bool:
         return False
 
 
+def per_token_positions(cfg: RunConfig) -> bool:
+    """Whether the rotary embedding takes each token's position id: restarting after each EOD
+    (--reset-position-ids), or an objective's own (block diffusion's positions repeated on both halves)."""
+    return cfg.data.reset_position_ids or objective_class(cfg.objective).token_positions
+
+
 def gpu_fusions(cfg: RunConfig, use_te: bool) -> dict[str, bool]:
     """TransformerConfig fusion fields on a GPU: each on when asked for (the default) and its kernel
     exists without apex (SwiGLU and dropout-add use megatron's torch.compile fuser; the masked softmax
@@ -64,7 +70,7 @@ def gpu_fusions(cfg: RunConfig, use_te: bool) -> dict[str, bool]:
         masked_softmax_fusion=c.masked_softmax_fusion and _importable("scaled_upper_triang_masked_softmax_cuda")
         and _importable("scaled_masked_softmax_cuda") and not cfg.data.reset_attention_mask,
         # transformer-engine's fused RoPE takes one table for the batch, not positions per token
-        apply_rope_fusion=c.rope_fusion and use_te and not cfg.data.reset_position_ids,
+        apply_rope_fusion=c.rope_fusion and use_te and not per_token_positions(cfg),
         gradient_accumulation_fusion=c.gradient_accumulation_fusion
         and (use_te or _importable("fused_weight_gradient_mlp_cuda")),
         persist_layer_norm=False,  # apex's persistent LayerNorm; our norm is RMSNorm
@@ -117,7 +123,7 @@ def transformer_config(cfg: RunConfig, device: str, initialize: bool = True) -> 
         "perform_initialization": initialize,
         # per-token rotary positions: restarting after each EOD, or an objective's own (block diffusion's
         # repeated positions)
-        "reset_position_ids": cfg.data.reset_position_ids or objective_class(cfg.objective).token_positions,
+        "reset_position_ids": per_token_positions(cfg),
     }
     if device == "cpu":
         kwargs.update(platform.cpu_config_overrides())
@@ -136,7 +142,8 @@ class DataEffGPTModel(GPTModel):
         position id ([seq, batch, 1, dim] instead of megatron's [seq, 1, 1, dim] table, which ignores them)."""
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
         # (decoder_input, rotary_pos_emb, ...) in every supported megatron-core version
-        if not self.config.reset_position_ids or position_ids is None or out[1] is None:
+        # a config built elsewhere (megatron's own TransformerConfig) takes megatron's positions
+        if not getattr(self.config, "reset_position_ids", False) or position_ids is None or out[1] is None:
             return out
         # the table of every position the model takes (--max-position-embeddings), cached by megatron
         table = self.rotary_pos_emb(max(out[1].shape[0], self.max_sequence_length))

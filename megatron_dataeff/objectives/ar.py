@@ -24,5 +24,5 @@ class AutoregressiveObjective(Objective):
         keep = self._loss_keep(clean)
         weight = keep if keep is not None else torch.ones(labels.shape, dtype=torch.float32, device=tokens.device)
         batch = ObjectiveBatch(input_ids=inputs.contiguous(), labels=labels.contiguous(), loss_weight=weight,
-                               num_tokens=self._count(clean, keep), mask=mask)
+                               num_tokens=self._count(clean, keep), mask=mask, row_tokens=self._row_tokens(keep))
         return self._with_documents(batch, clean, causal=True)

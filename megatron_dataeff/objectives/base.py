@@ -41,6 +41,8 @@ class ObjectiveBatch:
     row_mask: RowMask | None = None
     # [batch, seq] int64 position ids (--reset-position-ids: restarting after each EOD); None: 0..seq-1
     position_ids: torch.Tensor | None = None
+    # [batch] each row's share of `num_tokens` where rows count different tokens (--eod-mask-loss); None: equal
+    row_tokens: torch.Tensor | None = None
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
@@ -135,6 +137,11 @@ class Objective(abc.ABC):
         """The positions of rows `x` that count in the loss's normaliser (an int, or a 0-d tensor with `keep`)."""
         return x.numel() if keep is None else keep.sum()
 
+    @staticmethod
+    def _row_tokens(keep: torch.Tensor | None) -> torch.Tensor | None:
+        """[rows] each row's count in the normaliser with `keep`, None without (every row counts its length)."""
+        return None if keep is None else keep.sum(-1)
+
     def _with_documents(self, batch: ObjectiveBatch, x: torch.Tensor, causal) -> ObjectiveBatch:
         """`batch` whose rows (clean inputs `x`) take the document flags' position ids and attention masks;
         `causal`: whether the rows attend causally (a bool, or [rows] bool).  A row's own mask (the dual
@@ -167,9 +174,19 @@ class Objective(abc.ABC):
             raise ValueError(f"{self.name}: evaluation is deterministic; copies must be 1, got {copies}")
         return self.prepare(tokens, window_index, evaluation=True)
 
-    def sample_losses(self, per_token_loss: torch.Tensor, batch: ObjectiveBatch) -> torch.Tensor:
-        """[batch] loss of each row, `loss`'s sum restricted to the row over its share of `num_tokens`
-        (rows have equal length: their mean is `loss`'s sum / num_tokens)."""
+    def row_totals(self, per_token_loss: torch.Tensor, batch: ObjectiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows] loss sum, [rows] tokens) of each row: `loss`'s sum restricted to the row and the row's share of
+        `num_tokens` (their totals are `loss`'s pair)."""
         weight = batch.loss_weight.to(device=per_token_loss.device, dtype=per_token_loss.dtype)
+        sums = (per_token_loss * weight).sum(-1)
         rows = per_token_loss.shape[0]
-        return (per_token_loss * weight).sum(-1) / (batch.num_tokens / rows)
+        if batch.row_tokens is not None:
+            tokens = batch.row_tokens.to(device=sums.device, dtype=sums.dtype)
+        else:
+            tokens = sums.new_full((rows,), float(batch.num_tokens) / rows)
+        return sums, tokens
+
+    def sample_losses(self, per_token_loss: torch.Tensor, batch: ObjectiveBatch) -> torch.Tensor:
+        """[batch] loss of each row: its loss sum over its share of `num_tokens` (`row_totals`)."""
+        sums, tokens = self.row_totals(per_token_loss, batch)
+        return sums / tokens

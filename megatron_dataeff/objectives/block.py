@@ -106,7 +106,7 @@ class BlockDiffusionObjective(Objective):
             documents = documents_.document_ids(x0, self.documents.eod_token_id).repeat(1, 2)
         return ObjectiveBatch(
             input_ids=torch.cat([x_t, x0], 1), labels=torch.cat([x0, x0], 1),
-            loss_weight=torch.cat([weight, zeros], 1), num_tokens=self._count(x0, keep),
+            loss_weight=torch.cat([weight, zeros], 1), num_tokens=self._count(x0, keep), row_tokens=self._row_tokens(keep),
             mask=torch.cat([mask, torch.zeros_like(mask)], 1), position_ids=torch.cat([positions, positions], 1),
             row_mask=row_masks.RowMask(False, documents, rows=b, seq=2 * L, block_size=self.block_size,
                                        device=x0.device))

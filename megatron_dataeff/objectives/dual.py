@@ -77,7 +77,7 @@ class DualObjective(Objective):
         weight = torch.where(row, ones, mdm_weight)
         batch = ObjectiveBatch(
             input_ids=torch.where(row, ar_in, diffusion.input_ids), labels=torch.where(row, ar_labels, diffusion.labels),
-            loss_weight=weight, num_tokens=counts[0],
+            loss_weight=weight, num_tokens=counts[0], row_tokens=self._row_tokens(keep),
             mask=torch.where(row, torch.zeros_like(diffusion.mask), diffusion.mask),
             row_mask=row_masks.causal_rows(ar, s),
             parts={"ar": (torch.where(row, ones, torch.zeros_like(ones)), counts[1]),

@@ -63,5 +63,5 @@ class MaskedDiffusionObjective(Objective):
         keep = self._loss_keep(x0)
         weight = masked.weight if keep is None else masked.weight * keep.to(masked.weight.device)
         batch = ObjectiveBatch(input_ids=masked.input_ids, labels=x0, loss_weight=weight,
-                               num_tokens=self._count(x0, keep), mask=masked.mask)
+                               num_tokens=self._count(x0, keep), mask=masked.mask, row_tokens=self._row_tokens(keep))
         return self._with_documents(batch, x0, causal=False)
