@@ -90,9 +90,10 @@ def initialize(tp: int, pp: int, seed: int, device_flag: str = "auto", timeout_m
 
 
 def all_reduce_cpu(t: torch.Tensor, device: str, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Reduce a small CPU tensor over ranks (NCCL needs it on the GPU); returns it on the CPU."""
+    """Reduce a small tensor (on the CPU or the run's device) over ranks (NCCL needs it on the GPU); returns it on
+    the CPU."""
     if dist.get_world_size() == 1:
-        return t
+        return t.cpu()
     work = t.to("cuda") if device == "cuda" else t
     dist.all_reduce(work, group=group, op=op)
     return work.cpu()

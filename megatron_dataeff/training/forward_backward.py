@@ -19,6 +19,14 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_dataeff.distributed import Runtime, all_reduce_cpu
 
 
+def _on_device(count, device) -> torch.Tensor:
+    """A token count (an int, or a tensor already on the device) as a 0-d tensor on `device`: an int is filled in
+    by a kernel, not copied from the host (a host-to-device copy waits for the stream on CUDA)."""
+    if isinstance(count, torch.Tensor):
+        return count.to(device)
+    return torch.full((), count, dtype=torch.int64, device=device)
+
+
 class ForwardBackward:
     """Runs global batches of `objective` through `model` (megatron's model chunks) on this rank."""
 
@@ -59,13 +67,12 @@ class ForwardBackward:
     @staticmethod
     def _loss_func(objective, ob, per_token_loss):
         loss_sum, num_tokens = objective.loss(per_token_loss, ob)
-        n = torch.as_tensor(num_tokens, device=loss_sum.device).to(torch.int)
+        n = _on_device(num_tokens, loss_sum.device).to(torch.int)
         # The schedule divides the reported value in place: report a detached copy.
         reports = {"loss": torch.stack([loss_sum.detach().clone().float(), n.float()])}
         if ob.parts:  # training batches of objectives with named loss parts
             for name, (part_sum, tokens) in objective.loss_parts(per_token_loss, ob).items():
-                reports[f"part_{name}"] = torch.stack([part_sum.float(), torch.as_tensor(
-                    tokens, device=part_sum.device).float()])
+                reports[f"part_{name}"] = torch.stack([part_sum.float(), _on_device(tokens, part_sum.device).float()])
         return loss_sum, n, reports
 
     def run(self, batch_fn, step: int, forward_only: bool, view: str = "") -> torch.Tensor:
@@ -84,10 +91,12 @@ class ForwardBackward:
             forward_only=forward_only,
         )
         keys = ["loss"] + ([] if forward_only else [f"part_{name}" for name in self.objective.part_names])
-        total = torch.zeros(2 * len(keys), dtype=torch.float64)
+        # The micro-batches' reports add up on the device; the host reads them once a step (a copy per
+        # micro-batch would wait for the stream each time, between micro-batches of the pipeline).
+        total = torch.zeros(2 * len(keys), dtype=torch.float64, device=self.runtime.device)
         if self.runtime.is_last_stage:
             for out in outputs:
-                total += torch.cat([out[k].double().cpu() for k in keys])
+                total += torch.cat([out[k].double() for k in keys])
         # Every last-stage rank holds its data-parallel shard (repeated on each TP rank): summing
         # over all ranks repeats sum and count alike, so their ratio is the global loss everywhere.
         return all_reduce_cpu(total, self.runtime.device)
