@@ -158,14 +158,21 @@ def test_block_diffusion_trains_with_packed_documents(tmp_path):
     assert run["config"]["objective"]["block_size"] == 16 and run["config"]["data"]["reset_attention_mask"]
 
 
-def test_block_checkpoint_validates_and_refuses_what_is_not_written(megatron_cpu, tmp_path, capsys):
+def test_block_checkpoint_validates_exports_and_samples(megatron_cpu, tmp_path, capsys):
     """A block-diffusion checkpoint: tools/evaluate.py gives the trainer's validation ELBO (same windows, same
-    noise); the HF export, sampling and task scoring are refused by name before any work."""
+    noise); the HF export (trust_remote_code) computes the in-process logits of a [x_t | x_0] row under the block
+    mask (1e-4) and its `generate` gives tools/generate.py's tokens block by block (greedy and sampled, same
+    seed); task scoring is refused by name before any work."""
     import json
+
+    from transformers import AutoModel
 
     from megatron_dataeff.evaluation.checkpoint_eval import evaluate_checkpoint
     from megatron_dataeff.export.hf_export import export_checkpoint
+    from megatron_dataeff.export.modeling_dataeff_mdm import block_diffusion_keep
     from megatron_dataeff.inference.generate import generate_text
+    from megatron_dataeff.inference.loading import load_model_for_inference
+    from megatron_dataeff.objectives.row_masks import RowMask
     from tools.evaluate import main
 
     ckpt = tmp_path / "ckpt"
@@ -174,10 +181,29 @@ def test_block_checkpoint_validates_and_refuses_what_is_not_written(megatron_cpu
     assert main(["--json", "--load", str(ckpt), "--eval-windows", "16", "--val-mc-samples", "1"]) == 0
     res = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1])
     assert res["val_loss"] == pytest.approx(losses(recs, "valid")[-1], rel=1e-5)
-    with pytest.raises(ConfigError, match="--objective block: the Hugging Face export is not written"):
-        export_checkpoint(str(ckpt), str(tmp_path / "hf"))
-    assert not (tmp_path / "hf").exists()
-    with pytest.raises(ConfigError, match="--objective block: sampling is not written"):
-        generate_text(str(ckpt), "def ", 4)
+
+    hf_dir = tmp_path / "hf"
+    export_checkpoint(str(ckpt), str(hf_dir))
+    hf = AutoModel.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32).eval()
+    assert hf.config.block_size == 16
+    model, _, _ = load_model_for_inference(str(ckpt))
+    # the modeling file's mask is the trainer's (one definition each side of the export, checked equal)
+    keep = block_diffusion_keep(64, 16)
+    assert torch.equal(~keep, RowMask(False, rows=1, seq=128, block_size=16, device="cpu").dense()[0, 0])
+    block = build_objective(_cfg("--objective", "block", "--block-size", "16", "--seq-length", "64"), MASK)
+    batch = block.prepare(torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(3)),
+                          torch.tensor([0, 1]))
+    with torch.no_grad():
+        want = model(batch.input_ids, batch.position_ids, batch.attention_mask)[..., :hf.config.valid_vocab_size]
+        got = hf(batch.input_ids, attention_mask=keep[None, None], position_ids=batch.position_ids).logits
+    assert (got[..., :hf.config.valid_vocab_size] - want).abs().max() <= 1e-4
+
+    prompt = "def add(a, b):"
+    ids = list(prompt.encode())
+    for temperature in (0.0, 1.0):
+        cli = generate_text(str(ckpt), prompt, 24, temperature=temperature, seed=5, steps=4)
+        out = hf.generate(torch.tensor([ids]), gen_length=24, steps=4, temperature=temperature, seed=5)
+        assert out[0, :len(ids)].tolist() == ids and cli["token_ids"] == out[0, len(ids):].tolist()
+        assert len(cli["token_ids"]) == 24 and MASK not in cli["token_ids"]
     with pytest.raises(ConfigError, match="--objective block: scoring the offline tasks is not written"):
         evaluate_checkpoint(str(ckpt), tasks=["cloze"])

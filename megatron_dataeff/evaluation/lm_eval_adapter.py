@@ -31,7 +31,7 @@ import torch
 from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
 from megatron_dataeff.inference.kv_cache import KVCacheLogits
-from megatron_dataeff.objectives import require_sequence_inference
+from megatron_dataeff.objectives import require_likelihood_scoring
 
 try:  # lm-eval is optional: the adapter's methods work on any objects with `.args`
     from lm_eval.api.model import LM as _LMBase
@@ -68,7 +68,8 @@ class MegatronDataEffLM(_LMBase):
             scorer = ModelScorer.from_checkpoint(load, iteration=None if iteration is None else int(iteration),
                                                  device=device, batch_size=bs,
                                                  seed=None if seed is None else int(seed), view=view)
-        require_sequence_inference(scorer.config.objective, "lm-eval's likelihood scoring")
+        if scorer.config is not None:  # a checkpoint's model (a scorer built around a bare model has no config)
+            require_likelihood_scoring(scorer.config.objective, "lm-eval's likelihood scoring")
         self.scorer = scorer
         self.mc_samples = int(mc_samples)
         self.method = method

@@ -30,6 +30,7 @@ class DataEffMDMConfig(PretrainedConfig):
         qk_layernorm=False,  # per-head RMSNorm on queries and keys (Qwen3)
         mask_token_id=None,  # the [MASK] id the model was trained to fill in
         bidirectional=True,  # attention in both directions (what the model was trained with)
+        block_size=None,  # block diffusion (BD3-LM): blocks of this many tokens, generated left to right
         tie_word_embeddings=True,
         initializer_range=0.02,
         **kwargs,
@@ -48,5 +49,6 @@ class DataEffMDMConfig(PretrainedConfig):
         self.qk_layernorm = qk_layernorm
         self.mask_token_id = mask_token_id
         self.bidirectional = bidirectional
+        self.block_size = block_size
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

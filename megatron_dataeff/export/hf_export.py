@@ -37,7 +37,7 @@ from megatron_dataeff.export.hf_tokenizer import save_hf_tokenizer
 from megatron_dataeff.export.model_card import model_card
 from megatron_dataeff.export.safetensors_io import write_safetensors
 from megatron_dataeff.models.builder import build_model
-from megatron_dataeff.objectives import objective_class, require_sequence_inference
+from megatron_dataeff.objectives import objective_class
 
 if TYPE_CHECKING:  # for annotations only
     from megatron.core.models.gpt import GPTModel
@@ -137,7 +137,6 @@ def read_checkpoint_tensors(ckpt: str, names: list[str], num_layers: int, shapes
 
 def _write_export(cfg, meta: dict, shape: ModelShape, dtype: str, tensors, output: str, max_shard_size) -> str:
     """Write the export directory from (HF name, tensor) pairs, under a temporary name, then publish it."""
-    require_sequence_inference(cfg.objective, "the Hugging Face export")
     output = os.path.abspath(output)
     tmp = temporary_name(output)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -232,6 +231,7 @@ def _write_mdm_config(cfg, meta, shape: ModelShape, dtype: str, record: dict, ou
     config = DataEffMDMConfig(**_common_fields(cfg, shape, dtype), valid_vocab_size=meta["vocab_ids"],
                               rope_theta=float(cfg.model.rotary_base), qk_layernorm=shape.qk_layernorm,
                               mask_token_id=int(meta["mask_token_id"]), bidirectional=True,
+                              block_size=cfg.objective.block_size,
                               eos_token_id=eod, pad_token_id=eod)
     config.architectures = ["DataEffMDMForMaskedLM"]
     config.auto_map = {"AutoConfig": "configuration_dataeff_mdm.DataEffMDMConfig",

@@ -1,12 +1,13 @@
-"""A masked-diffusion GPT exported by megatron_dataeff, and its sampler.
+"""A masked-diffusion GPT exported by megatron_dataeff (or a block-diffusion one), and its samplers.
 
 Standalone: imports only torch and transformers, so it is copied into an export directory and loaded
 with `AutoModel.from_pretrained(path, trust_remote_code=True)`.  Weight names are Llama's
 (`model.layers.N.self_attn.q_proj.weight`, ...; Qwen3's `q_norm`/`k_norm` when `qk_layernorm`).
 Attention is bidirectional; the model fills in `config.mask_token_id`.
 
-`diffusion_generate` is the sampling algorithm as a pure function of a logits callable, so that
-megatron_dataeff's `tools/generate.py` runs exactly this code on a megatron model.
+`diffusion_generate` (masked diffusion) and `block_diffusion_generate` (block diffusion, BD3-LM: `config.block_size`)
+are the sampling algorithms as pure functions of a logits callable, so that megatron_dataeff's `tools/generate.py`
+runs exactly this code on a megatron model.
 """
 
 from typing import Callable, Iterable, Optional
@@ -97,6 +98,86 @@ def diffusion_generate(
                 if k:
                     idx = confidence[row].topk(k).indices
                     x[row, start + idx] = x0[row, idx]
+    return x
+
+
+def block_diffusion_keep(length: int, block_size: int, device=None) -> torch.Tensor:
+    """[2 * length, 2 * length] bool, True = attends: block diffusion's mask over a [x_t | x_0] row of two halves of
+    `length` tokens (BD3-LM): a noisy block sees itself both ways and the clean blocks before it; a clean block the
+    clean blocks up to itself.  (megatron_dataeff trains with the same mask: objectives/row_masks.py.)"""
+    i = torch.arange(2 * length, device=device)
+    clean = i >= length
+    block = torch.where(clean, i - length, i) // block_size
+    q_clean, kv_clean = clean[:, None], clean[None, :]
+    q_block, kv_block = block[:, None], block[None, :]
+    return (((q_block == kv_block) & (q_clean == kv_clean))
+            | ((q_block > kv_block) & kv_clean & ~q_clean)
+            | ((q_block >= kv_block) & kv_clean & q_clean))
+
+
+@torch.no_grad()
+def block_diffusion_generate(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    prompt_ids,
+    gen_length: int,
+    block_size: int,
+    steps: Optional[int] = None,
+    temperature: float = 0.0,
+    mask_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    suppress_ids: Iterable[int] = (),
+) -> torch.Tensor:
+    """Block-diffusion sampling (BD3-LM); returns [batch, prompt + gen_length] ids (prompt included).
+
+    The sequence is cut into blocks of `block_size` tokens from position 0, as in training; the blocks after the
+    prompt are generated left to right.  Each block starts with its unknown tokens masked and is unmasked over
+    `steps` steps (default: one token per step; the prompt's tail counts as known), committing the most
+    confident predictions (argmax, or Gumbel-max at `temperature`), as `diffusion_generate` does in a block; a
+    finished block is clean context for the next.  Each step calls `logits_fn(ids, position_ids, keep)` on the
+    training form of the sequence so far: ids [batch, 2e] = [current noisy | clean], positions 0..e-1 twice,
+    keep [2e, 2e] (`block_diffusion_keep`), returning [batch, 2e, vocab]; e is the end of the current block.
+    """
+    if mask_token_id is None:
+        raise ValueError("block_diffusion_generate needs mask_token_id")
+    if gen_length <= 0 or block_size <= 0:
+        raise ValueError(f"gen_length and block_size must be positive, got {gen_length} and {block_size}")
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if prompt.dim() == 1:
+        prompt = prompt[None, :]
+    batch, plen = prompt.shape
+    total = plen + gen_length
+    x = torch.full((batch, total), mask_token_id, dtype=torch.long, device=prompt.device)
+    x[:, :plen] = prompt
+    banned = torch.tensor(sorted(set(int(i) for i in suppress_ids) | {int(mask_token_id)}), dtype=torch.long)
+    first, last = plen // block_size, (total - 1) // block_size
+    for b in range(first, last + 1):
+        start, end = max(plen, b * block_size), min(total, (b + 1) * block_size)
+        n_steps = (end - start) if steps is None else int(steps)
+        if n_steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        counts = _transfer_schedule((x[:, start:end] == mask_token_id).sum(1), n_steps).cpu()
+        keep = block_diffusion_keep(end, block_size, x.device)
+        positions = torch.arange(end, device=x.device).repeat(2)[None, :].expand(batch, -1)
+        for i in range(n_steps):
+            if not bool((counts[:, i] > 0).any()):
+                continue
+            row = torch.cat([x[:, :end], x[:, :end]], 1)  # the clean half's positions >= start are never seen
+            logits = logits_fn(row, positions, keep)[:, start:end].float()
+            logits[..., banned.to(logits.device)] = float("-inf")
+            if temperature > 0:
+                u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+                gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0)))
+                x0 = (logits.double() / temperature + gumbel.to(logits.device)).argmax(-1)
+            else:
+                x0 = logits.argmax(-1)
+            confidence = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
+            masked = x[:, start:end] == mask_token_id
+            confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
+            for r in range(batch):
+                k = int(counts[r, i])
+                if k:
+                    idx = confidence[r].topk(k).indices
+                    x[r, start + idx] = x0[r, idx]
     return x
 
 
@@ -235,7 +316,9 @@ class DataEffMDMModel(DataEffMDMPreTrainedModel):
             position_ids = torch.arange(s, device=input_ids.device)[None, :].expand(b, s)
         cos, sin = _rope(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn_mask = None
-        if attention_mask is not None:  # [batch, seq] 1 = attend, 0 = padding
+        if attention_mask is not None and attention_mask.dim() == 4:  # [batch or 1, 1, seq, seq], True = attends
+            attn_mask = attention_mask.bool()
+        elif attention_mask is not None:  # [batch, seq] 1 = attend, 0 = padding
             attn_mask = attention_mask.bool()[:, None, None, :]
             if not self.config.bidirectional:
                 causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()
@@ -295,5 +378,15 @@ class DataEffMDMForMaskedLM(DataEffMDMPreTrainedModel):
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         padding = range(self.config.valid_vocab_size, self.config.vocab_size)
+        block_size = getattr(self.config, "block_size", None)
+        if block_size:  # block diffusion: `steps` per block; block_length is the model's own
+            if block_length is not None and int(block_length) != block_size:
+                raise ValueError(f"this block-diffusion model was trained with blocks of {block_size} tokens")
+
+            def logits_fn(ids, position_ids, keep):
+                return self(ids, attention_mask=keep[None, None], position_ids=position_ids).logits
+
+            return block_diffusion_generate(logits_fn, input_ids, gen_length, block_size, steps, temperature,
+                                            self.config.mask_token_id, generator, suppress_ids=padding)
         return diffusion_generate(lambda ids: self(ids).logits, input_ids, gen_length, block_length, steps,
                                   temperature, self.config.mask_token_id, generator, suppress_ids=padding)

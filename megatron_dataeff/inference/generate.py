@@ -17,8 +17,8 @@ from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
 from megatron_dataeff.errors import ConfigError, UserError
 from megatron_dataeff.inference.kv_cache import KVCacheLogits
 from megatron_dataeff.inference.loading import load_model_for_inference
-from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
-from megatron_dataeff.objectives import objective_class, require_sequence_inference
+from megatron_dataeff.inference.sampling import ar_generate, block_diffusion_generate, diffusion_generate
+from megatron_dataeff.objectives import objective_class
 
 
 def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Optional[int] = None,
@@ -30,9 +30,14 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     model, cfg, meta = load_model_for_inference(load, iteration, device=device, view=view)
-    require_sequence_inference(cfg.objective, "sampling")
     diffusion = objective_class(cfg.objective).diffusion
-    if diffusion:
+    block_size = cfg.objective.block_size  # block diffusion: generated block by block
+    if block_size is not None:
+        if block_length is not None and block_length != block_size:
+            raise ConfigError(f"--block-length {block_length}: this model was trained with --block-size {block_size}")
+        if steps is not None and steps <= 0:
+            raise ConfigError(f"--steps must be positive, got {steps}")
+    elif diffusion:
         _check_diffusion_args(max_new_tokens, block_length, steps)
     tokenizer = tokenizer_from_metadata(meta["tokenizer"])
     eod = meta["tokenizer"].get("eod")  # None: a tokenizer without EOS/SEP; AR then runs to the end
@@ -49,7 +54,14 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
         pos = torch.arange(x.shape[1], device=dev)[None, :].expand(x.shape[0], -1)
         return model(x, pos, None)
 
-    if diffusion:
+    def block_logits_fn(x, position_ids, keep):
+        mask = ~keep.to(dev)[None, None].expand(x.shape[0], 1, -1, -1)  # megatron's convention: True = masked out
+        return model(x.to(dev), position_ids.to(dev), mask)
+
+    if block_size is not None:
+        out = block_diffusion_generate(block_logits_fn, ids, max_new_tokens, block_size, steps, temperature,
+                                       meta["mask_token_id"], generator, suppress_ids=padding)
+    elif diffusion:
         out = diffusion_generate(logits_fn, ids, max_new_tokens, block_length, steps, temperature,
                                  meta["mask_token_id"], generator, suppress_ids=padding)
     else:

@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from megatron_dataeff.export.modeling_dataeff_mdm import diffusion_generate  # noqa: F401
+from megatron_dataeff.export.modeling_dataeff_mdm import (block_diffusion_generate,  # noqa: F401
+                                                          diffusion_generate)
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:

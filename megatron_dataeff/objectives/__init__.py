@@ -36,12 +36,13 @@ def objective_class(ocfg) -> type[Objective]:
     raise ValueError(f"no objective {ocfg.name!r}; known: {', '.join(OBJECTIVE_NAMES)}")
 
 
-def require_sequence_inference(ocfg, what: str) -> None:
-    """Refuse `what` (an HF export, sampling, task scoring) by name for an objective whose models it is not
-    written for."""
-    if not objective_class(ocfg).sequence_inference:
-        raise ConfigError(f"--objective {ocfg.name}: {what} is not written for these models yet (validation is: "
-                          f"tools/evaluate.py without --tasks)")
+def require_likelihood_scoring(ocfg, what: str) -> None:
+    """Refuse `what` (the offline tasks', lm-eval's likelihood scoring) by name for an objective whose models it is
+    not written for."""
+    if not objective_class(ocfg).likelihood_scoring:
+        raise ConfigError(f"--objective {ocfg.name}: {what} is not written for these models yet (validation, "
+                          f"sampling and the HF export are: tools/evaluate.py without --tasks, tools/generate.py, "
+                          f"tools/export_hf.py)")
 
 
 def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train_iters: int | None = None,
@@ -56,5 +57,5 @@ def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train
 
 
 __all__ = ["Objective", "ObjectiveBatch", "AutoregressiveObjective", "TokenDropoutObjective",
-           "MaskedDiffusionObjective", "DualObjective", "BlockDiffusionObjective", "DocumentFlags", "require_sequence_inference", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
+           "MaskedDiffusionObjective", "DualObjective", "BlockDiffusionObjective", "DocumentFlags", "require_likelihood_scoring", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
            "build_objective"]

@@ -67,8 +67,8 @@ class Objective(abc.ABC):
     evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
     monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
     token_positions: bool = False  # its batches carry position ids of their own (ObjectiveBatch.position_ids)
-    # HF export, sampling and likelihood scoring of tasks are written for its models (validation always is)
-    sequence_inference: bool = True
+    # the likelihood scoring of the offline tasks and lm-eval is written for its models
+    likelihood_scoring: bool = True
     # how the documents packed into a window are treated (objectives/documents.py); None: one stream
     documents: DocumentFlags | None = None
 
