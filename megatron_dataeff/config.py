@@ -373,6 +373,16 @@ class ComputeConfig(_Section):
     use_cpu_initialization: bool = False
     """GPU: initialise the weights on the CPU from the CPU generator, as a CPU run does (the same start on
     both; CPU runs always do this)."""
+    empty_unused_memory_level: Literal[0, 1, 2] = 0
+    """GPU: return cached, unused memory to the device (torch.cuda.empty_cache) as Megatron-LM does: 1 after each
+    step's forward-backward and after validation, 2 also after each optimizer step (0: never; no effect on CPUs)."""
+    manual_gc: bool = False
+    """Turn Python's automatic garbage collector off and collect at fixed points instead (Megatron-LM's): at
+    the start, every --manual-gc-interval steps, and around validation (--no-manual-gc-eval: not there)."""
+    manual_gc_interval: int = 0
+    """--manual-gc: steps between collections (0: only at the start and around validation)."""
+    manual_gc_eval: bool = True
+    """--manual-gc: collect before each validation (and the young generation after it)."""
 
     def validate(self):
         g = self.recompute_granularity
@@ -390,6 +400,7 @@ class ComputeConfig(_Section):
             _require(bool(self.recompute_modules), f"--recompute-modules takes {', '.join(RECOMPUTE_MODULES)}")
         _require(self.cross_entropy_chunk_size is None or self.cross_entropy_chunk_size >= 0,
                  "--cross-entropy-chunk-size must be >= 0 (0: one unchunked loss)")
+        _require(self.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0")
 
 
 @dataclass
@@ -499,6 +510,11 @@ class OptimConfig(_Section):
     """bf16 parameters and activations with fp32 master weights."""
     skip_nonfinite_steps: bool = False
     """Skip a step whose loss is NaN/inf instead of stopping the run."""
+    decoupled_lr: Optional[float] = None
+    """Peak learning rate of the input embedding and the output layer (Megatron-LM's; the same warmup and
+    decay as --lr); default: --lr."""
+    decoupled_min_lr: Optional[float] = None
+    """--decoupled-lr: final learning rate of the input embedding and the output layer; default: --min-lr."""
 
     def validate(self):
         _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
@@ -522,6 +538,11 @@ class OptimConfig(_Section):
                  "--lr-warmup-fraction must be in [0, 1)")
         _require(self.lr_warmup_fraction is None or not (self.lr_warmup_iters or self.lr_warmup_samples),
                  "--lr-warmup-fraction excludes --lr-warmup-iters / --lr-warmup-samples")
+        _require(self.decoupled_lr is None or self.decoupled_lr > 0, "--decoupled-lr must be positive")
+        _require(self.decoupled_min_lr is None or self.decoupled_lr is not None,
+                 "--decoupled-min-lr needs --decoupled-lr")
+        _require(self.decoupled_min_lr is None or 0 <= self.decoupled_min_lr <= self.decoupled_lr,
+                 "need 0 <= --decoupled-min-lr <= --decoupled-lr")
 
 
 @dataclass
@@ -584,6 +605,8 @@ class LoggingConfig(_Section):
     peak_tflops: Optional[float] = None
     """Per-device peak TFLOP/s for MFU; default from the GPU name (H100/H200 bf16 989, A100 312; none on
     CPUs)."""
+    logging_level: Optional[int] = None
+    """Level of Python's root logger (Megatron-LM's: 10 debug, 20 info, 30 warning, ...); default: unchanged."""
 
     def validate(self):
         _require(self.log_interval > 0, "--log-interval must be positive")

@@ -8,6 +8,7 @@ status.json) and `exits` (signals, time limits).  The loop steps the optimizer a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -33,6 +34,7 @@ from megatron_dataeff.training.build import (build_model_and_optimizer, check_de
 from megatron_dataeff.distributed import all_reduce_cpu, initialize, world_size_from_env
 from megatron_dataeff.training.exits import ExitConditions
 from megatron_dataeff.training.forward_backward import ForwardBackward
+from megatron_dataeff.training.housekeeping import Housekeeping
 from megatron_dataeff.training.memory import startup_report
 from megatron_dataeff.training.metrics import MetricsLogger, check_wandb, format_duration
 from megatron_dataeff.training.optimizer import build_scheduler, resume_schedule, schedule, scheduler_increment
@@ -64,6 +66,8 @@ class Trainer:
         attention_for_config(cfg, device, transformer_engine_available())
         check_wandb(cfg.logging.wandb_project)
         p, lg, ck, d = cfg.parallel, cfg.logging, cfg.checkpoint, cfg.data
+        if lg.logging_level is not None:  # Megatron-LM's --logging-level: the root logger's
+            logging.getLogger().setLevel(lg.logging_level)
         self.runtime = rt = initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.optim.seed,
                                        p.device, timeout_minutes=p.distributed_timeout_minutes)
         wandb = None if lg.wandb_project is None else dict(
@@ -74,6 +78,7 @@ class Trainer:
         self.placement = Placement((p.pipeline_model_parallel_size, p.tensor_model_parallel_size, self.dp_size),
                                    (rt.pp_rank, rt.tp_rank, rt.dp_rank), rt.device)
         self.checkpoints = RunCheckpoints(cfg, self.placement, self.log)
+        self.housekeeping = Housekeeping(cfg.compute, rt.device)
         self.exits = ExitConditions(ck.exit_signal_handler, ck.exit_signal, ck.exit_duration_in_mins,
                                     ck.exit_interval, self.start_time,
                                     lambda t: all_reduce_cpu(t, rt.device, op=dist.ReduceOp.MAX))
@@ -195,6 +200,7 @@ class Trainer:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         total = self.forward_backward.run(self.data.train_batch, step, forward_only=False)
+        self.housekeeping.after_forward_backward()
         loss = float(total[0] / total[1])
         self.last_parts = {name: float(total[2 + 2 * i] / total[3 + 2 * i])
                            for i, name in enumerate(self.objective.part_names)}
@@ -205,6 +211,7 @@ class Trainer:
                     f"such steps instead)")
             return loss, float("nan"), False
         ok, grad_norm, _ = self.optimizer.step()
+        self.housekeeping.after_optimizer_step()
         if ok:
             self.scheduler.step(increment=scheduler_increment(self.schedule, self.cfg.optim.global_batch_size))
         return loss, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
@@ -212,8 +219,10 @@ class Trainer:
     def validate(self) -> float:
         """Validate now, log it, keep the run's last and best; returns the validation loss."""
         s = self.state
+        self.housekeeping.before_validation()
         s.validation = self.validator.log_validation(s.iteration, self.data.epoch_of(s.consumed_samples),
                                                      s.consumed_samples * self.cfg.model.seq_length, s.validation)
+        self.housekeeping.after_validation()
         return s.validation["last"]["loss"]
 
     def train(self) -> dict:
@@ -239,9 +248,11 @@ class Trainer:
             self.log.print("[megatron_dataeff] warning: an --exit-* condition without --save stops the run "
                            "without saving it")
         self.exits.install()
+        self.housekeeping.start()
         try:
             return self._train_loop()
         finally:
+            self.housekeeping.stop()
             self.exits.restore()
 
     def _train_loop(self) -> dict:
@@ -261,6 +272,7 @@ class Trainer:
                 self.step_log.emit(s.iteration, lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
                                    epoch=self.data.epoch_of(s.consumed_samples), consumed_samples=s.consumed_samples,
                                    stepped=stepped)
+            self.housekeeping.after_step(s.iteration)
             if lg.eval_interval and lg.eval_iters and s.iteration % lg.eval_interval == 0 \
                     and s.iteration < self.train_iters:
                 last["valid_loss"] = self.validate()

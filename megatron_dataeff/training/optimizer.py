@@ -31,6 +31,10 @@ def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel])
         params_dtype=model_chunks[0].config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         decoupled_weight_decay=True,
+        # Megatron-LM's --decoupled-lr: megatron-core gives the parameters marked is_embedding_or_output_parameter
+        # (input embedding, output layer) a group of their own with this peak and final lr.
+        decoupled_lr=o.decoupled_lr,
+        decoupled_min_lr=o.decoupled_min_lr,
     )
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
     if cfg.parallel.use_distributed_optimizer:
@@ -130,6 +134,10 @@ def schedule(cfg: RunConfig, train_iters: int) -> dict:
         "--lr-wsd-decay-style": o.lr_wsd_decay_style if wsd else None,
         "--weight-decay": o.weight_decay,
         "wd_incr_steps": max(1, total),
+        # The embedding and output layer's own peak and final lr (recorded only when given).
+        **({"--decoupled-lr": o.decoupled_lr,
+            "--decoupled-min-lr": o.min_lr if o.decoupled_min_lr is None else o.decoupled_min_lr}
+           if o.decoupled_lr is not None else {}),
     }
 
 
@@ -156,8 +164,11 @@ def schedule_differences(saved: dict, now: dict, cfg: RunConfig) -> list[str]:
     if o.lr_warmup_fraction is not None:
         notes["--lr-warmup-iters"] = notes["--lr-warmup-samples"] = " (from --lr-warmup-fraction)"
     names = {"unit": "schedule unit (--train-iters or --train-samples)"}
+    decoupled = [f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}"
+                 for k in ("--decoupled-lr", "--decoupled-min-lr") if saved.get(k) != now.get(k)]
     return [f"{names.get(k, k)}{notes.get(k, '')}: checkpoint {saved[k]!r}, this run {now[k]!r}" for k in now
-            if k in saved and k != "wd_incr_steps" and saved[k] is not None and saved[k] != now[k]]
+            if k in saved and k != "wd_incr_steps" and not k.startswith("--decoupled") and saved[k] is not None
+            and saved[k] != now[k]] + decoupled
 
 
 def build_scheduler(cfg: RunConfig, optimizer, train_iters: int, values: dict | None = None) -> OptimizerParamScheduler:
