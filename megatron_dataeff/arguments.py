@@ -108,22 +108,61 @@ def build_parser() -> argparse.ArgumentParser:
 # Megatron-LM flags that describe what is built here: the one model family (dense GPT, RMSNorm, SwiGLU, RoPE,
 # no biases: `models/family.py` states those), and how it is trained (per-token loss, bf16, the parallelisms,
 # below): accepted where they say what is built, refused by name where they ask for something else.  (flag,
-# argparse kind, accepted values or None for a switch, what is built instead)
+# argparse kind, accepted values (None: any value; for a switch: None), what is built instead)
 _ALWAYS = "always so here"
+_FP8 = "FP8 training is not supported: drop the --fp8-* flags (--bf16 is the low precision here)"
+_FSDP = ("Megatron-FSDP is not supported: drop the FSDP flags (--use-distributed-optimizer shards the optimizer "
+         "state over data-parallel ranks)")
+_PROFILE = ("built-in profiling is not supported: drop --profile and the --profile-* flags and run under nsys or "
+            "torch.profiler")
 _TRAINING_SWITCHES = (
     ("--use-mcore-models", "on", None, _ALWAYS),
     ("--group-query-attention", "on", None, "--num-query-groups sets the key/value heads"),
     ("--log-throughput", "on", None, "every train record has tokens/s, TFLOP/s and MFU"),
     ("--calculate-per-token-loss", "on", None, "the loss is always a mean over the global batch's tokens"),
     ("--attention-softmax-in-fp32", "on", None, "attention softmax accumulates in fp32"),
+    ("--no-create-attention-mask-in-dataloader", "on", None,
+     "no attention mask is built in the data loader: the objective gives the attention its mask"),
     ("--fp16", "off", None, "fp16 with loss scaling is not supported: use --bf16"),
+    ("--fp8-param-gather", "off", None, _FP8),
+    ("--mock-data", "off", None, "synthetic data is not generated: give --data-path, or leave it out to train on "
+                                 "the built-in test corpus"),
+    ("--no-mmap-bin-files", "off", None, "the .bin files are always memory-mapped (the tokens read are the same): "
+                                         "drop the flag"),
+    ("--no-check-for-nan-in-loss-and-grad", "off", None,
+     "a NaN/inf loss always stops the run: drop the flag, or pass --skip-nonfinite-steps to skip such steps"),
+    ("--use-megatron-fsdp", "off", None, _FSDP),
+    ("--fsdp-double-buffer", "off", None, _FSDP),
+    ("--fsdp-manual-registration", "off", None, _FSDP),
+    ("--init-model-with-meta-device", "off", None, "meta-device initialisation (for Megatron-FSDP) is not "
+                                                   "supported: drop the flag"),
+    ("--use-nccl-ub", "off", None, "NCCL user-buffer registration is not supported: drop the flag"),
+    ("--profile", "off", None, _PROFILE),
+    ("--record-memory-history", "off", None, "memory-history snapshots are not recorded: drop the flag (and "
+                                             "use torch.cuda.memory._record_memory_history in a profiling run)"),
 )
 _TRAINING_VALUES = (
     ("--context-parallel-size", "value", (1,), "context parallelism is not supported (TP, PP, DP, SP are)"),
     ("--distributed-backend", "value", ("nccl", "gloo"), "NCCL on GPUs, gloo on CPUs"),
     ("--rampup-batch-size", "value", (), "batch-size ramp-up is not supported: the global batch is fixed"),
     ("--num-layers-per-virtual-pipeline-stage", "value", (), "interleaved pipeline schedules are not supported"),
+    ("--step-batch-size-schedule", "value", (), "batch-size schedules are not supported: the global batch is "
+                                                "fixed (--global-batch-size)"),
+    ("--fp8-format", "value", (), _FP8),
+    ("--fp8-amax-history-len", "value", (), _FP8),
+    ("--fp8-amax-compute-algo", "value", (), _FP8),
+    ("--data-parallel-sharding-strategy", "value", ("no_shard",), _FSDP),
+    ("--num-workers", "value", (0,), "batches are read in the training process, as Megatron-LM's --num-workers 0: "
+                                     "drop the flag"),
+    ("--profile-step-start", "value", (), _PROFILE),
+    ("--profile-step-end", "value", (), _PROFILE),
+    ("--profile-ranks", "value", (), _PROFILE),
+    ("--tiktoken-pattern", "value", ("v1", "v2"),
+     "read only by --tokenizer-type TikTokenizer (not built here); ignored with the others, as in Megatron-LM"),
+    ("--data-cache-path", "value", None, "no dataset index files are cached (the sample order is computed at "
+                                         "start); the directory is not used"),
 )
+_MANY = ("--rampup-batch-size", "--step-batch-size-schedule", "--profile-ranks")  # flags taking several values
 _KINDS = ("on", "off", "value")  # --help and checking order: accepted switches, refused switches, values
 MEGATRON_DESCRIPTIVE = tuple(sorted((*_TRAINING_SWITCHES, *megatron_lm_flags(), *_TRAINING_VALUES),
                                     key=lambda entry: _KINDS.index(entry[1])))
@@ -139,8 +178,8 @@ def _add_megatron_descriptive_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=dest, action="store_true", help=help_)
         else:
             typ = type(allowed[0]) if allowed else str
-            nargs = "+" if flag == "--rampup-batch-size" else None
-            shown = ", ".join(str(a) for a in allowed) or "nothing"
+            nargs = "+" if flag in _MANY else None
+            shown = "any value" if allowed is None else ", ".join(str(a) for a in allowed) or "nothing"
             g.add_argument(flag, dest=dest, type=typ, nargs=nargs, default=None, metavar=flag[2:].upper().replace("-", "_"),
                            help=f"accepts {shown}: {what}")
     g.add_argument("--use-flash-attn", dest="megatron_use_flash_attn", action="store_true",
@@ -153,7 +192,7 @@ def check_megatron_descriptive_flags(args: argparse.Namespace) -> None:
         value = getattr(args, "megatron_" + flag[2:].replace("-", "_"), None)
         if kind == "off" and value:
             raise ConfigError(f"{flag}: {what}")
-        if kind == "value" and value is not None and value not in allowed:
+        if kind == "value" and value is not None and allowed is not None and value not in allowed:
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
             raise ConfigError(f"{flag} {shown}: {what}" + (f" (accepted: {', '.join(map(str, allowed))})"
                                                             if allowed else ""))

@@ -1,11 +1,14 @@
 """Megatron-LM's own GPT and Llama example command lines (shrunk) train here with the script name changed;
 what they ask for that is not built here is refused by name; sample-based schedules follow Megatron-LM's
-arithmetic; a dataset with an id outside the vocabulary is refused with the file and the id."""
+arithmetic; a dataset with an id outside the vocabulary is refused with the file and the id; every flag of
+Megatron-LM's dense-model example scripts (core_v0.16.0..core_v0.19.x) is parsed or refused by name."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from megatron_dataeff.arguments import build_parser, parse_config
 from megatron_dataeff.data.indexed import IndexedDatasetWriter
 from megatron_dataeff.data.tokenizers import build_tokenizer
 from tests.conftest import ROOT, child_env, run_pretrain
+from tests.megatron_lm_examples import DENSE_EXAMPLES, read_list, script_argv, verdicts
 
 BPE = ROOT / "tests" / "assets" / "tokenizers" / "bpe"
 
@@ -129,3 +133,51 @@ def test_dataset_with_an_id_outside_the_vocabulary_is_refused(tmp_path):
     assert proc.returncode == 2
     assert f"{prefix}.bin: token id 300 at token" in proc.stderr
     assert "outside the vocabulary of 258 ids" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Every flag of Megatron-LM's own dense-model example scripts: parsed, or refused by name
+
+EXAMPLE_FLAGS = ROOT / "tests" / "assets" / "megatron_lm_example_flags.txt"
+# What those scripts ask for that is honoured here (Megatron-LM's meaning), beside the shape/schedule flags.
+HONOURED = {"--manual-gc", "--empty-unused-memory-level", "--calculate-per-token-loss", "--decoupled-lr",
+            "--decoupled-min-lr", "--logging-level", "--exit-duration-in-mins", "--grad-reduce-in-bf16",
+            "--cross-entropy-loss-fusion", "--use-distributed-optimizer", "--overlap-grad-reduce",
+            "--overlap-param-gather", "--sequence-parallel", "--train-samples", "--lr-decay-samples",
+            "--lr-warmup-samples"}
+LIST = read_list(EXAMPLE_FLAGS)
+
+
+@pytest.mark.parametrize("version", sorted(LIST))
+def test_megatron_lm_example_flags_are_parsed_or_refused_by_name(version):
+    """The checked-in list (tests/assets/megatron_lm_example_flags.txt, Megatron-LM core_v0.16.0..core_v0.19.x):
+    each script version's command line parses once the flags refused by name are dropped; none is unrecognized."""
+    result = verdicts(LIST[version])
+    for flag in HONOURED & set(result):
+        assert result[flag] == "parsed", (flag, result[flag])
+
+
+def test_the_list_covers_the_supported_releases():
+    versions = " ".join(LIST)
+    for script in ("gpt3/train_gpt3_175b_distributed.sh", "llama/train_llama3_8b_h100_fp8.sh",
+                   "megatron_fsdp/train_llama3_8b_fsdp_h100_fp8.sh"):
+        assert script in versions
+    assert "core_v0.16.0" in versions and "core_v0.19." in versions
+
+
+MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
+
+
+@pytest.mark.skipif(not MEGATRON_LM_DIR, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout")
+def test_megatron_lm_checkout_example_flags_are_parsed_or_refused_by_name():
+    """The dense-model example scripts of the checkout at MEGATRON_LM_DIR, read as bash runs them."""
+    root = Path(MEGATRON_LM_DIR)
+    scripts = sorted({p for pattern in DENSE_EXAMPLES for p in root.glob(pattern)})
+    assert scripts, f"no {', '.join(DENSE_EXAMPLES)} under {root}"
+    for script in scripts:
+        argv = script_argv(script.read_text())
+        assert len(argv) > 10, f"{script}: no pretrain_gpt.py command line found"
+        try:
+            verdicts(argv)
+        except AssertionError as exc:
+            raise AssertionError(f"{script}: {exc}") from None
