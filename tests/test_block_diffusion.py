@@ -158,11 +158,11 @@ def test_block_diffusion_trains_with_packed_documents(tmp_path):
     assert run["config"]["objective"]["block_size"] == 16 and run["config"]["data"]["reset_attention_mask"]
 
 
-def test_block_checkpoint_validates_exports_and_samples(megatron_cpu, tmp_path, capsys):
+def test_block_checkpoint_validates_exports_samples_and_scores(megatron_cpu, tmp_path, capsys):
     """A block-diffusion checkpoint: tools/evaluate.py gives the trainer's validation ELBO (same windows, same
     noise); the HF export (trust_remote_code) computes the in-process logits of a [x_t | x_0] row under the block
     mask (1e-4) and its `generate` gives tools/generate.py's tokens block by block (greedy and sampled, same
-    seed); task scoring is refused by name before any work."""
+    seed); task scoring takes the block ELBO (exact for one token) and the block sampler's greedy decoding."""
     import json
 
     from transformers import AutoModel
@@ -205,5 +205,33 @@ def test_block_checkpoint_validates_exports_and_samples(megatron_cpu, tmp_path, 
         out = hf.generate(torch.tensor([ids]), gen_length=24, steps=4, temperature=temperature, seed=5)
         assert out[0, :len(ids)].tolist() == ids and cli["token_ids"] == out[0, len(ids):].tolist()
         assert len(cli["token_ids"]) == 24 and MASK not in cli["token_ids"]
-    with pytest.raises(ConfigError, match="--objective block: scoring the offline tasks is not written"):
-        evaluate_checkpoint(str(ckpt), tasks=["cloze"])
+
+    # task scoring: the block ELBO of an answer (exact for one token), greedy = what the block sampler decodes
+    from megatron_dataeff.evaluation.scoring import ModelScorer
+
+    scorer = ModelScorer.from_checkpoint(str(ckpt))
+    assert scorer.block_size == 16
+    greedy = generate_text(str(ckpt), prompt, 20)["token_ids"]  # one token per step, as the greedy check decodes
+    assert scorer.score(ids, greedy, mc_samples=4).is_greedy
+    assert not scorer.score(ids, greedy[:-1] + [(greedy[-1] + 1) % 256], mc_samples=4).is_greedy
+    one = scorer.score(ids, greedy[:1], mc_samples=3)
+    x = torch.tensor([ids + [MASK]])
+    rows = torch.cat([x, x], 1)
+    n = x.shape[1]
+    mask = RowMask(False, rows=1, seq=2 * n, block_size=16, device="cpu").dense()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(rows, torch.arange(n).repeat(2)[None], mask).float(), -1)[0, n - 1, greedy[0]]
+    assert one.logprob == pytest.approx(float(lp), abs=1e-4) and one.stderr == pytest.approx(0.0, abs=1e-6)
+    res = evaluate_checkpoint(str(ckpt), tasks=["cloze"], num_examples=4, mc_samples=2, validation=False)
+    assert 0.0 <= res["cloze_acc"] <= 1.0
+    # the lm-eval adapter: the same scores, and generate_until decodes with the block sampler
+    from types import SimpleNamespace
+
+    from megatron_dataeff.evaluation.lm_eval_adapter import MegatronDataEffLM
+
+    lm = MegatronDataEffLM(scorer=scorer, mc_samples=4)
+    text = scorer.tokenizer.detokenize(greedy)
+    (logprob, is_greedy), = lm.loglikelihood([SimpleNamespace(args=(prompt, text))])
+    assert is_greedy and logprob == pytest.approx(scorer.score(ids, greedy, mc_samples=4).logprob, rel=1e-6)
+    gen, = lm.generate_until([SimpleNamespace(args=(prompt, {"until": [], "max_gen_toks": 20}))])
+    assert gen == generate_text(str(ckpt), prompt, 20)["text"]

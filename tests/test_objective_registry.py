@@ -42,7 +42,6 @@ def test_traits_of_each_objective():
     assert objective_class(block) is BlockDiffusionObjective and BlockDiffusionObjective.diffusion
     assert BlockDiffusionObjective.row_attention_masks and BlockDiffusionObjective.token_positions
     assert BlockDiffusionObjective.sequence_multiple(block) == 2 and MaskedDiffusionObjective.sequence_multiple(block) == 1
-    assert not BlockDiffusionObjective.likelihood_scoring and MaskedDiffusionObjective.likelihood_scoring
     mir = ObjectiveConfig(token_dropout_rate=0.3, token_dropout_aux_weight=0.5)
     assert objective_class(mir).rows_per_sample(mir) == 2
     assert objective_class(ObjectiveConfig(token_dropout_rate=0.3)).rows_per_sample(ObjectiveConfig()) == 1

@@ -12,7 +12,7 @@ from megatron_dataeff.data.blending import build_run_data, run_data_path
 from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
 from megatron_dataeff.evaluation.tasks import build_tasks, evaluate_tasks, validation_documents
 from megatron_dataeff.evaluation.validation import validation_loss
-from megatron_dataeff.objectives import build_objective, objective_class, require_likelihood_scoring
+from megatron_dataeff.objectives import build_objective, objective_class
 
 
 def checkpoint_data(scorer: ModelScorer, data_path: Optional[Sequence[str]] = None):
@@ -36,8 +36,6 @@ def evaluate_checkpoint(path: str, *, iteration: Optional[int] = None, tasks: Se
     check_greedy_order(greedy_order)  # before the checkpoint loads
     t0 = time.time()
     trained = RunConfig.from_dict(read_metadata(resolve_checkpoint(path, iteration))["config"])
-    if tasks:  # before any work: a model the task scoring is not written for
-        require_likelihood_scoring(trained.objective, "scoring the offline tasks")
     views = objective_class(trained.objective).evaluation_views
     several = len(views) > 1  # a model of several views (dual): each validated, the tasks scored as `view`
     task_view = (view or views[0]) if several else view

@@ -31,7 +31,6 @@ import torch
 from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.evaluation.scoring import ModelScorer, check_greedy_order
 from megatron_dataeff.inference.kv_cache import KVCacheLogits
-from megatron_dataeff.objectives import require_likelihood_scoring
 
 try:  # lm-eval is optional: the adapter's methods work on any objects with `.args`
     from lm_eval.api.model import LM as _LMBase
@@ -68,8 +67,6 @@ class MegatronDataEffLM(_LMBase):
             scorer = ModelScorer.from_checkpoint(load, iteration=None if iteration is None else int(iteration),
                                                  device=device, batch_size=bs,
                                                  seed=None if seed is None else int(seed), view=view)
-        if scorer.config is not None:  # a checkpoint's model (a scorer built around a bare model has no config)
-            require_likelihood_scoring(scorer.config.objective, "lm-eval's likelihood scoring")
         self.scorer = scorer
         self.mc_samples = int(mc_samples)
         self.method = method
@@ -136,7 +133,8 @@ class MegatronDataEffLM(_LMBase):
         for pos in range(0, len(ids), chunk):
             cont = ids[pos:pos + chunk]
             ctx = ids[max(0, pos - (sc.max_length - len(cont))):pos]
-            total += sc.score(ctx, cont, method="mc" if self.method == "exact" else self.method,
+            method = "mc" if self.method == "exact" or sc.block_size is not None else self.method
+            total += sc.score(ctx, cont, method=method,
                               mc_samples=self.mc_samples, greedy=False).logprob
         return total
 
@@ -160,7 +158,7 @@ class MegatronDataEffLM(_LMBase):
         """Continue `context` by up to max_new_tokens tokens (greedy at temperature 0)."""
         # here, not at the top: the samplers come with the diffusion modeling file, which needs transformers (the
         # `hf` extra); scoring does not
-        from megatron_dataeff.inference.sampling import ar_generate, diffusion_generate
+        from megatron_dataeff.inference.sampling import ar_generate, block_diffusion_generate, diffusion_generate
 
         sc = self.scorer
         n_new = max(1, min(int(max_new_tokens), sc.max_length - 1))
@@ -170,7 +168,16 @@ class MegatronDataEffLM(_LMBase):
         ids = ids[-(sc.max_length - n_new):] if len(ids) > sc.max_length - n_new else ids
         g = torch.Generator().manual_seed(sc.seed)
         suppress = [sc.mask_token_id]
-        if sc.diffusion:
+        if sc.block_size is not None:  # block diffusion: the model's own blocks, one token per step by default
+
+            def block_logits(x, position_ids, keep):
+                mask = ~keep[None, None].expand(x.shape[0], 1, -1, -1)  # megatron's convention: True = masked out
+                return sc.mask_padding(sc.model(x.to(sc.device), position_ids.to(sc.device),
+                                                mask.to(sc.device)).float())
+
+            out = block_diffusion_generate(block_logits, torch.tensor([ids]), n_new, sc.block_size,
+                                           self.gen_steps, temperature, sc.mask_token_id, g, suppress_ids=suppress)
+        elif sc.diffusion:
             block = self.gen_block_length or n_new
             if n_new % block:
                 n_new = (n_new // block + 1) * block

@@ -27,6 +27,13 @@ context, with only continuation tokens masked (L = continuation length):
 low-confidence order), `greedy_order="l2r"` the leftmost masked position.  AR greedy decoding is
 always left to right; AR scoring accepts and ignores the option.
 
+Block-diffusion models (`block_size`): the ELBO decomposes over the blocks of context + continuation (blocks of
+B tokens from the first scored position, as in training); every block holding continuation tokens is masked at
+once in one [x_t | x_0] row under the block mask (a noisy block sees itself and the clean blocks before it), the
+context given.  `method="mc"` draws, per sample and per block of m continuation tokens, k ~ U{1..m} (stratified
+over the samples) and a uniform k-subset, the term being Σ_blocks m/k Σ_{i ∈ S} log p(x_i | ...); `Score.is_greedy`
+runs the block sampler (one token per step, by confidence).  exact and chain are masked diffusion's only.
+
 Noise is drawn from a generator seeded by (seed, the request's token ids), so a request's estimate
 does not depend on what else is in the batch or in which order requests come.
 """
@@ -42,6 +49,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_dataeff.errors import ConfigError
+from megatron_dataeff.objectives.row_masks import RowMask
 
 GREEDY_ORDERS = ("confidence", "l2r")
 
@@ -76,7 +84,7 @@ class ModelScorer:
     def __init__(self, model, *, diffusion: bool, mask_token_id: int, max_length: int, eps: float = 1e-3,
                  tokenizer=None, device: str = "cpu", batch_size: int = 32, seed: int = 1234,
                  eod_token_id: Optional[int] = None, vocab_ids: Optional[int] = None, config=None,
-                 metadata: Optional[dict] = None):
+                 metadata: Optional[dict] = None, block_size: Optional[int] = None):
         self.model = model
         self.diffusion = bool(diffusion)
         self.mask_token_id = int(mask_token_id)
@@ -91,6 +99,7 @@ class ModelScorer:
         self.vocab_ids = vocab_ids
         self.config = config
         self.metadata = metadata or {}
+        self.block_size = block_size  # a block-diffusion model's blocks (None: AR or masked diffusion)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -108,7 +117,7 @@ class ModelScorer:
         return cls(model, diffusion=objective_class(cfg.objective).diffusion, mask_token_id=meta["mask_token_id"],
                    max_length=cfg.model.seq_length, eps=cfg.objective.mdm_eps, tokenizer=tokenizer,
                    device=device, batch_size=batch_size, seed=cfg.optim.seed if seed is None else seed,
-                   vocab_ids=meta["vocab_ids"], config=cfg, metadata=meta)
+                   vocab_ids=meta["vocab_ids"], config=cfg, metadata=meta, block_size=cfg.objective.block_size)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -175,6 +184,13 @@ class ModelScorer:
         out = []
         for ctx, cont in pairs:
             ctx, cont = self._fit(list(ctx), list(cont), extra=0)
+            if self.block_size is not None:
+                if method != "mc":
+                    raise ConfigError(f"--method {method}: a block-diffusion model is scored by its Monte-Carlo ELBO "
+                                      f"(--method mc)")
+                lp, se = self._block_mc(ctx, cont, mc_samples)
+                out.append(Score(lp, se, self._block_greedy(ctx, cont) if greedy else False, len(cont)))
+                continue
             if method == "mc":
                 lp, se = self._mdm_mc(ctx, cont, mc_samples)
             elif method == "exact":
@@ -226,6 +242,62 @@ class ModelScorer:
         lp = self.log_probs(x)[:, c:]  # [n, L, V]
         tok = lp.gather(-1, torch.tensor(cont)[None, :, None].expand(n, L, 1))[..., 0]
         return (tok.double() * masks.double()).sum(-1)
+
+    def _block_rows(self, seq: torch.Tensor, noisy: torch.Tensor):
+        """The training form of sequences: ([n, 2s] ids [noisy | clean], [n, 2s] positions, [n, 1, 2s, 2s] mask)."""
+        n, s = noisy.shape
+        ids = torch.cat([noisy, seq.expand(n, s)], 1)
+        pos = torch.arange(s).repeat(2)[None].expand(n, -1)
+        mask = RowMask(False, rows=1, seq=2 * s, block_size=self.block_size, device="cpu").dense().expand(n, -1, -1, -1)
+        return ids, pos, mask
+
+    def _block_mc(self, ctx, cont, mc_samples: int) -> tuple[float, float]:
+        c, L, B = len(ctx), len(cont), self.block_size
+        n = int(mc_samples)
+        if n < 1:
+            raise ConfigError(f"--mc-samples must be >= 1, got {mc_samples}")
+        seq = torch.tensor(ctx + cont, dtype=torch.long)[None]
+        g = _request_generator(self.seed, ctx + [-1] + cont, "block-mc")
+        masks = torch.zeros(n, L, dtype=torch.bool)
+        scale = torch.zeros(n, L, dtype=torch.float64)  # m / k of the position's block, on its masked positions
+        for b in range(c // B, (c + L - 1) // B + 1):
+            lo, hi = max(c, b * B) - c, min(c + L, (b + 1) * B) - c  # the block's continuation positions
+            m = hi - lo
+            u = float(torch.rand((), generator=g))
+            k = torch.clamp(torch.floor((torch.arange(n, dtype=torch.float64) + u) * m / n).long() + 1, 1, m)
+            rank = torch.rand(n, m, generator=g).argsort(-1).argsort(-1)
+            chosen = rank < k[:, None]
+            masks[:, lo:hi] = chosen
+            scale[:, lo:hi] = (m / k.double())[:, None] * chosen
+        noisy = seq.expand(n, -1).clone()
+        noisy[:, c:] = torch.where(masks, torch.full_like(noisy[:, c:], self.mask_token_id), noisy[:, c:])
+        ids, pos, mask = self._block_rows(seq, noisy)
+        lp = self.log_probs(ids, pos, mask)[:, c:c + L]
+        tok = lp.gather(-1, torch.tensor(cont)[None, :, None].expand(n, L, 1))[..., 0].double()
+        terms = (tok * scale).sum(-1)
+        se = float(terms.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+        return float(terms.mean()), se
+
+    @torch.no_grad()
+    def _block_greedy(self, ctx, cont) -> bool:
+        """Would the block sampler (greedy, one token per step, most confident first) produce exactly `cont`?"""
+        c, L = len(ctx), len(cont)
+        x = torch.tensor(ctx + [self.mask_token_id] * L, dtype=torch.long)[None]
+        B = self.block_size
+        for b in range(c // B, (c + L - 1) // B + 1):
+            start, end = max(c, b * B), min(c + L, (b + 1) * B)
+            for _ in range(end - start):
+                ids, pos, mask = self._block_rows(x[:, :end], x[:, :end])
+                logits = self.mask_padding(self.model(ids.to(self.device), pos.to(self.device),
+                                                      mask.to(self.device)).float())[0, start:end]
+                logits[:, self.mask_token_id] = float("-inf")
+                prob, pred = logits.softmax(-1).max(-1)
+                masked = x[0, start:end] == self.mask_token_id
+                j = int(torch.where(masked, prob, torch.full_like(prob, -1.0)).argmax())
+                if int(pred[j]) != cont[start + j - c]:
+                    return False
+                x[0, start + j] = pred[j]
+        return True
 
     def _mdm_mc(self, ctx, cont, mc_samples: int) -> tuple[float, float]:
         L = len(cont)

@@ -9,7 +9,6 @@ plus its line here.
 
 from __future__ import annotations
 
-from megatron_dataeff.errors import ConfigError
 from megatron_dataeff.objectives.ar import AutoregressiveObjective
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
 from megatron_dataeff.objectives.block import BlockDiffusionObjective
@@ -36,15 +35,6 @@ def objective_class(ocfg) -> type[Objective]:
     raise ValueError(f"no objective {ocfg.name!r}; known: {', '.join(OBJECTIVE_NAMES)}")
 
 
-def require_likelihood_scoring(ocfg, what: str) -> None:
-    """Refuse `what` (the offline tasks', lm-eval's likelihood scoring) by name for an objective whose models it is
-    not written for."""
-    if not objective_class(ocfg).likelihood_scoring:
-        raise ConfigError(f"--objective {ocfg.name}: {what} is not written for these models yet (validation, "
-                          f"sampling and the HF export are: tools/evaluate.py without --tasks, tools/generate.py, "
-                          f"tools/export_hf.py)")
-
-
 def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train_iters: int | None = None,
                     eod_token_id: int | None = None) -> Objective:
     """The objective of a RunConfig.  Training needs `vocab_ids` (random-token noise) and `train_iters` (an
@@ -57,5 +47,5 @@ def build_objective(cfg, mask_token_id: int, vocab_ids: int | None = None, train
 
 
 __all__ = ["Objective", "ObjectiveBatch", "AutoregressiveObjective", "TokenDropoutObjective",
-           "MaskedDiffusionObjective", "DualObjective", "BlockDiffusionObjective", "DocumentFlags", "require_likelihood_scoring", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
+           "MaskedDiffusionObjective", "DualObjective", "BlockDiffusionObjective", "DocumentFlags", "REGISTRY", "OBJECTIVE_NAMES", "objective_class",
            "build_objective"]

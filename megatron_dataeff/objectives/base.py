@@ -67,8 +67,6 @@ class Objective(abc.ABC):
     evaluation_views: tuple[str, ...] = ("",)  # validation views (the dual objective: "ar" and "mdm")
     monte_carlo: bool = False  # the evaluation loss depends on drawn noise (more copies, less variance)
     token_positions: bool = False  # its batches carry position ids of their own (ObjectiveBatch.position_ids)
-    # the likelihood scoring of the offline tasks and lm-eval is written for its models
-    likelihood_scoring: bool = True
     # how the documents packed into a window are treated (objectives/documents.py); None: one stream
     documents: DocumentFlags | None = None
 

@@ -37,7 +37,6 @@ class BlockDiffusionObjective(Objective):
     row_attention_masks = True
     monte_carlo = True
     token_positions = True  # positions 0..L-1 on both halves
-    likelihood_scoring = False  # the tasks' and lm-eval's scoring of a block-diffusion model: not written yet
 
     def __init__(self, mask_token_id: int, seed: int, block_size: int, eps: float = 1e-3, shared_noise: bool = False):
         super().__init__(mask_token_id, seed)
