@@ -161,8 +161,8 @@ def test_block_diffusion_trains_with_packed_documents(tmp_path):
 def test_block_checkpoint_validates_exports_samples_and_scores(megatron_cpu, tmp_path, capsys):
     """A block-diffusion checkpoint: tools/evaluate.py gives the trainer's validation ELBO (same windows, same
     noise); the HF export (trust_remote_code) computes the in-process logits of a [x_t | x_0] row under the block
-    mask (1e-4) and its `generate` gives tools/generate.py's tokens block by block (greedy and sampled, same
-    seed); task scoring takes the block ELBO (exact for one token) and the block sampler's greedy decoding."""
+    mask (1e-4), its KV cache the logits of recomputing, and its `generate` gives tools/generate.py's tokens block by
+    block (greedy and sampled, same seed); task scoring takes the block ELBO (exact for one token) and the block sampler's greedy decoding."""
     import json
 
     from transformers import AutoModel
@@ -197,6 +197,18 @@ def test_block_checkpoint_validates_exports_samples_and_scores(megatron_cpu, tmp
         want = model(batch.input_ids, batch.position_ids, batch.attention_mask)[..., :hf.config.valid_vocab_size]
         got = hf(batch.input_ids, attention_mask=keep[None, None], position_ids=batch.position_ids).logits
     assert (got[..., :hf.config.valid_vocab_size] - want).abs().max() <= 1e-4
+
+    # the export's KV cache (clean blocks kept as keys and values) gives the logits of recomputing the training form
+    from megatron_dataeff.export.modeling_dataeff_mdm import BlockKVCache, BlockRecompute
+
+    seq = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    recompute = BlockRecompute(lambda i, p, k: hf(i, attention_mask=k[None, None], position_ids=p).logits, 16)
+    cached = BlockKVCache(hf)
+    with torch.no_grad():
+        for block_start, start, end in ((16, 18, 32), (32, 32, 40)):
+            diff = (cached.logits(seq, block_start, start, end) - recompute.logits(seq, block_start, start, end))
+            assert diff.abs().max() <= 1e-4
+            cached.block_done(seq, block_start, end)
 
     prompt = "def add(a, b):"
     ids = list(prompt.encode())

@@ -158,7 +158,8 @@ class MegatronDataEffLM(_LMBase):
         """Continue `context` by up to max_new_tokens tokens (greedy at temperature 0)."""
         # here, not at the top: the samplers come with the diffusion modeling file, which needs transformers (the
         # `hf` extra); scoring does not
-        from megatron_dataeff.inference.sampling import ar_generate, block_diffusion_generate, diffusion_generate
+        from megatron_dataeff.inference.sampling import (BlockRecompute, ar_generate, block_diffusion_generate,
+                                                         diffusion_generate)
 
         sc = self.scorer
         n_new = max(1, min(int(max_new_tokens), sc.max_length - 1))
@@ -175,8 +176,9 @@ class MegatronDataEffLM(_LMBase):
                 return sc.mask_padding(sc.model(x.to(sc.device), position_ids.to(sc.device),
                                                 mask.to(sc.device)).float())
 
-            out = block_diffusion_generate(block_logits, torch.tensor([ids]), n_new, sc.block_size,
-                                           self.gen_steps, temperature, sc.mask_token_id, g, suppress_ids=suppress)
+            out = block_diffusion_generate(BlockRecompute(block_logits, sc.block_size), torch.tensor([ids]), n_new,
+                                           sc.block_size, self.gen_steps, temperature, sc.mask_token_id, g,
+                                           suppress_ids=suppress)
         elif sc.diffusion:
             block = self.gen_block_length or n_new
             if n_new % block:

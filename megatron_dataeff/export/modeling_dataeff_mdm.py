@@ -115,9 +115,29 @@ def block_diffusion_keep(length: int, block_size: int, device=None) -> torch.Ten
             | ((q_block >= kv_block) & kv_clean & q_clean))
 
 
+class BlockRecompute:
+    """Block logits by recomputing the sequence so far in the training form: ids [batch, 2e] = [noisy | clean],
+    positions 0..e-1 twice, the [2e, 2e] mask of `block_diffusion_keep` (e: the end of the current block);
+    `logits_fn(ids, position_ids, keep) -> [batch, 2e, vocab]`."""
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 block_size: int):
+        self.logits_fn, self.block_size = logits_fn, int(block_size)
+
+    def logits(self, x: torch.Tensor, block_start: int, start: int, end: int) -> torch.Tensor:
+        """[batch, end - start, vocab] of positions start..end-1 of the block beginning at block_start."""
+        keep = block_diffusion_keep(end, self.block_size, x.device)
+        positions = torch.arange(end, device=x.device).repeat(2)[None, :].expand(x.shape[0], -1)
+        row = torch.cat([x[:, :end], x[:, :end]], 1)  # the clean half from block_start on is never seen
+        return self.logits_fn(row, positions, keep)[:, start:end]
+
+    def block_done(self, x: torch.Tensor, block_start: int, end: int) -> None:
+        """A block is finished (nothing to keep here)."""
+
+
 @torch.no_grad()
 def block_diffusion_generate(
-    logits_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    blocks,
     prompt_ids,
     gen_length: int,
     block_size: int,
@@ -133,9 +153,9 @@ def block_diffusion_generate(
     prompt are generated left to right.  Each block starts with its unknown tokens masked and is unmasked over
     `steps` steps (default: one token per step; the prompt's tail counts as known), committing the most
     confident predictions (argmax, or Gumbel-max at `temperature`), as `diffusion_generate` does in a block; a
-    finished block is clean context for the next.  Each step calls `logits_fn(ids, position_ids, keep)` on the
-    training form of the sequence so far: ids [batch, 2e] = [current noisy | clean], positions 0..e-1 twice,
-    keep [2e, 2e] (`block_diffusion_keep`), returning [batch, 2e, vocab]; e is the end of the current block.
+    finished block is clean context for the next.  `blocks` gives the logits of a block given the clean blocks
+    before it: `BlockRecompute` (any logits callable: the sequence so far in the training form each step) or
+    `BlockKVCache` (the exported model: clean blocks kept as keys and values).
     """
     if mask_token_id is None:
         raise ValueError("block_diffusion_generate needs mask_token_id")
@@ -151,18 +171,16 @@ def block_diffusion_generate(
     banned = torch.tensor(sorted(set(int(i) for i in suppress_ids) | {int(mask_token_id)}), dtype=torch.long)
     first, last = plen // block_size, (total - 1) // block_size
     for b in range(first, last + 1):
-        start, end = max(plen, b * block_size), min(total, (b + 1) * block_size)
+        block_start = b * block_size
+        start, end = max(plen, block_start), min(total, (b + 1) * block_size)
         n_steps = (end - start) if steps is None else int(steps)
         if n_steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
         counts = _transfer_schedule((x[:, start:end] == mask_token_id).sum(1), n_steps).cpu()
-        keep = block_diffusion_keep(end, block_size, x.device)
-        positions = torch.arange(end, device=x.device).repeat(2)[None, :].expand(batch, -1)
         for i in range(n_steps):
             if not bool((counts[:, i] > 0).any()):
                 continue
-            row = torch.cat([x[:, :end], x[:, :end]], 1)  # the clean half's positions >= start are never seen
-            logits = logits_fn(row, positions, keep)[:, start:end].float()
+            logits = blocks.logits(x, block_start, start, end).float()
             logits[..., banned.to(logits.device)] = float("-inf")
             if temperature > 0:
                 u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
@@ -178,6 +196,7 @@ def block_diffusion_generate(
                 if k:
                     idx = confidence[r].topk(k).indices
                     x[r, start + idx] = x0[r, idx]
+        blocks.block_done(x, block_start, end)
     return x
 
 
@@ -234,7 +253,9 @@ class DataEffAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, past=None, keep=None):
+        """`past`: (k, v) [batch, kv heads, cached, head_dim] of earlier positions, attended to with the segment
+        (block diffusion's clean blocks); `keep`: a list that receives this segment's rotated (k, v)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv, self.head_dim)
@@ -244,6 +265,10 @@ class DataEffAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if keep is not None:
+            keep.append((k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         if self.num_kv != self.num_heads:
             rep = self.num_heads // self.num_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -275,8 +300,8 @@ class DataEffDecoderLayer(nn.Module):
         self.post_attention_layernorm = DataEffRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DataEffMLP(config)
 
-    def forward(self, x, cos, sin, attn_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask, past=None, keep=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -309,7 +334,10 @@ class DataEffMDMModel(DataEffMDMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, keep=None):
+        """[batch, seq] ids -> [batch, seq, hidden].  `past_key_values`: per layer (k, v) of earlier positions that
+        every position of `input_ids` attends to as well (block diffusion's clean blocks); `keep`: a list that
+        receives each layer's (k, v) of this input."""
         b, s = input_ids.shape
         x = self.embed_tokens(input_ids)
         if position_ids is None:
@@ -323,8 +351,8 @@ class DataEffMDMModel(DataEffMDMPreTrainedModel):
             if not self.config.bidirectional:
                 causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()
                 attn_mask = attn_mask & causal
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, None if past_key_values is None else past_key_values[i], keep)
         return self.norm(x)
 
 
@@ -383,10 +411,51 @@ class DataEffMDMForMaskedLM(DataEffMDMPreTrainedModel):
             if block_length is not None and int(block_length) != block_size:
                 raise ValueError(f"this block-diffusion model was trained with blocks of {block_size} tokens")
 
-            def logits_fn(ids, position_ids, keep):
-                return self(ids, attention_mask=keep[None, None], position_ids=position_ids).logits
-
-            return block_diffusion_generate(logits_fn, input_ids, gen_length, block_size, steps, temperature,
-                                            self.config.mask_token_id, generator, suppress_ids=padding)
+            return block_diffusion_generate(BlockKVCache(self), input_ids, gen_length, block_size, steps,
+                                            temperature, self.config.mask_token_id, generator, suppress_ids=padding)
         return diffusion_generate(lambda ids: self(ids).logits, input_ids, gen_length, block_length, steps,
                                   temperature, self.config.mask_token_id, generator, suppress_ids=padding)
+
+
+class BlockKVCache:
+    """Block logits of an exported block-diffusion model with its clean blocks kept as keys and values: the clean
+    context is computed once (block-causally, as the clean half of training), a block being denoised attends to the
+    cache and to itself (both ways), and a finished block joins the cache as clean context."""
+
+    def __init__(self, model: DataEffMDMForMaskedLM):
+        self.model = model
+        self.block_size = int(model.config.block_size)
+        self.cache = None  # per layer (k, v) of the clean positions 0..cached-1
+        self.cached = 0
+
+    def _run(self, ids, first: int, attention_mask=None, keep=None):
+        b, s = ids.shape
+        positions = torch.arange(first, first + s, device=ids.device)[None, :].expand(b, -1)
+        h = self.model.model(ids, attention_mask=attention_mask, position_ids=positions, past_key_values=self.cache,
+                             keep=keep)
+        weight = self.model.model.embed_tokens.weight if self.model.lm_head is None else self.model.lm_head.weight
+        return F.linear(h, weight)
+
+    def _extend(self, x: torch.Tensor, upto: int) -> None:
+        """Clean positions cached..upto-1 join the cache (block-causal among themselves, all of the cache)."""
+        if upto <= self.cached:
+            return
+        s, B = upto - self.cached, self.block_size
+        block = (torch.arange(self.cached, upto, device=x.device)) // B
+        keep_mask = (block[None, :] <= block[:, None])
+        if self.cache is not None:
+            keep_mask = torch.cat([torch.ones(s, self.cached, dtype=torch.bool, device=x.device), keep_mask], 1)
+        kept = []
+        self._run(x[:, self.cached:upto], self.cached, attention_mask=keep_mask[None, None], keep=kept)
+        if self.cache is None:
+            self.cache = kept
+        else:
+            self.cache = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(self.cache, kept)]
+        self.cached = upto
+
+    def logits(self, x: torch.Tensor, block_start: int, start: int, end: int) -> torch.Tensor:
+        self._extend(x, block_start)  # the clean blocks before this one
+        return self._run(x[:, block_start:end], block_start)[:, start - block_start:]
+
+    def block_done(self, x: torch.Tensor, block_start: int, end: int) -> None:
+        self._extend(x, end)

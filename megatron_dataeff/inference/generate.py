@@ -17,7 +17,8 @@ from megatron_dataeff.data.tokenizers import tokenizer_from_metadata
 from megatron_dataeff.errors import ConfigError, UserError
 from megatron_dataeff.inference.kv_cache import KVCacheLogits
 from megatron_dataeff.inference.loading import load_model_for_inference
-from megatron_dataeff.inference.sampling import ar_generate, block_diffusion_generate, diffusion_generate
+from megatron_dataeff.inference.sampling import (BlockRecompute, ar_generate, block_diffusion_generate,
+                                                 diffusion_generate)
 from megatron_dataeff.objectives import objective_class
 
 
@@ -59,8 +60,8 @@ def generate_text(load: str, prompt: str, max_new_tokens: int, *, iteration: Opt
         return model(x.to(dev), position_ids.to(dev), mask)
 
     if block_size is not None:
-        out = block_diffusion_generate(block_logits_fn, ids, max_new_tokens, block_size, steps, temperature,
-                                       meta["mask_token_id"], generator, suppress_ids=padding)
+        out = block_diffusion_generate(BlockRecompute(block_logits_fn, block_size), ids, max_new_tokens, block_size,
+                                       steps, temperature, meta["mask_token_id"], generator, suppress_ids=padding)
     elif diffusion:
         out = diffusion_generate(logits_fn, ids, max_new_tokens, block_length, steps, temperature,
                                  meta["mask_token_id"], generator, suppress_ids=padding)

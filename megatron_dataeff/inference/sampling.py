@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from megatron_dataeff.export.modeling_dataeff_mdm import (block_diffusion_generate,  # noqa: F401
+from megatron_dataeff.export.modeling_dataeff_mdm import (BlockRecompute, block_diffusion_generate,  # noqa: F401
                                                           diffusion_generate)
 
 
