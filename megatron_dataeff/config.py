@@ -17,6 +17,7 @@ import functools
 import inspect
 import math
 import textwrap
+import time
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -589,10 +590,13 @@ class LoggingConfig(_Section):
     """Steps between validation runs (0: only at the end)."""
     eval_iters: int = 10
     """Validation batches per evaluation."""
-    run_dir: str = "runs/default"
-    """Everything a run writes (run.json, metrics.jsonl, status.json, TensorBoard), unless given elsewhere."""
+    run_dir: Optional[str] = None
+    """Everything a run writes (run.json, metrics.jsonl, status.json, TensorBoard), unless given elsewhere; default:
+    --log-dir, else --save, else a new runs/<date>-<time> directory.  A run never writes into a directory that
+    holds another run's record (run.json) unless it continues that run: its --load or --save is the recorded
+    run's --save."""
     log_dir: Optional[str] = None
-    """Where metrics.jsonl goes; default: --run-dir."""
+    """Where metrics.jsonl goes; default: the run directory."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard event files; default: RUN_DIR/tensorboard; "" turns TensorBoard off."""
     wandb_project: Optional[str] = None
@@ -615,6 +619,12 @@ class LoggingConfig(_Section):
         _require(self.wandb_project is None or self.wandb_project.strip() != "", "--wandb-project is empty")
         _require(self.wandb_project is not None or (self.wandb_exp_name is None and self.wandb_save_dir is None),
                  "--wandb-exp-name and --wandb-save-dir need --wandb-project")
+        if self.run_dir is not None:
+            self.place(self.run_dir)
+
+    def place(self, run_dir: str) -> None:
+        """Put the run in `run_dir`: the defaults of the places that follow it."""
+        self.run_dir = run_dir
         if self.log_dir is None:
             self.log_dir = self.run_dir
         if self.tensorboard_dir is None:
@@ -700,8 +710,16 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def place_run(self) -> str:
+        """The run directory (see --run-dir): given, else --log-dir, else --save, else a new runs/<date>-<time>."""
+        lg = self.logging
+        if lg.run_dir is None:
+            lg.place(lg.log_dir or self.checkpoint.save or time.strftime("runs/%Y%m%d-%H%M%S"))
+        return lg.run_dir
+
     def validate_layout(self, world_size: int) -> int:
         """Checks that need the process count or span sections; returns the data-parallel size."""
+        self.place_run()
         m, p, o = self.model, self.parallel, self.optim
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         _require(world_size % (tp * pp) == 0,

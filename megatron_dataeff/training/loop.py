@@ -73,8 +73,12 @@ class Trainer:
         wandb = None if lg.wandb_project is None else dict(
             project=lg.wandb_project, name=lg.wandb_exp_name or os.path.basename(os.path.normpath(lg.run_dir)),
             save_dir=lg.wandb_save_dir, config=cfg.to_dict())
-        self.log = MetricsLogger(lg.log_dir, lg.tensorboard_dir or None, enabled=rt.is_logging_rank, wandb=wandb)
         self.record = RunRecord(lg.run_dir, rt.is_logging_rank)
+        # one run, one directory: refused on every rank (the logging rank reads the record) before anything is written
+        problem = self.record.owner_problem(cfg) if rt.is_logging_rank else None
+        if all_reduce_cpu(torch.tensor([float(problem is not None)]), rt.device, op=dist.ReduceOp.MAX)[0] > 0:
+            raise ConfigError(problem or f"run directory {lg.run_dir} holds another run's record (see the logging rank)")
+        self.log = MetricsLogger(lg.log_dir, lg.tensorboard_dir or None, enabled=rt.is_logging_rank, wandb=wandb)
         self.placement = Placement((p.pipeline_model_parallel_size, p.tensor_model_parallel_size, self.dp_size),
                                    (rt.pp_rank, rt.tp_rank, rt.dp_rank), rt.device)
         self.checkpoints = RunCheckpoints(cfg, self.placement, self.log)
