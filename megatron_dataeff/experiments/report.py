@@ -328,10 +328,11 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
                 and not method.endswith("_fresh") and method not in BUDGETS else []
             if len(below):  # the mean curve's first point at or below plain AR's best: the crossover
                 ax.plot([x[below[0]]], [mean[below[0]]], marker="o", ms=6, mfc="none", color=line.get_color())
+        guides = []  # reference lines, not curves
         if ar_best is not None:
             for ax in axes:
-                ax.axhline(ar_best, color="black", lw=0.8, ls=(0, (1, 3)), zorder=0,
-                           label="plain AR's best (mean): circles mark where a curve gets there")
+                guides.append(ax.axhline(ar_best, color="black", lw=0.8, ls=(0, (1, 3)), zorder=0,
+                                         label="plain AR's best (mean): circles mark where a curve gets there"))
         # On the epoch axis, plain AR at a smaller budget runs more epochs: the axis ends where the methods do.
         same_budget = [r for r in runs if not re.fullmatch(r"ar_u[\d.]+", r.method)]
         for ax, title in zip(axes, ("AR variants: validation NLL", "masked / block diffusion: validation ELBO")):
@@ -339,11 +340,11 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
             ax.set_ylabel("nats / token")
             ax.set_title(title)
             ax.grid(alpha=0.3)
-            if ax.lines:
+            curves = [line for line in ax.lines if line not in guides and len(line.get_ydata()) > 1]
+            if curves:
                 ax.legend(fontsize=7, ncol=3 if len(ax.lines) > 8 else 1, loc="upper center",
                           bbox_to_anchor=(0.5, -0.13))
                 # the top leaves out the first steps' losses but never a curve's end (how far it rose)
-                curves = [line for line in ax.lines if len(line.get_ydata()) > 2]
                 lo = min(min(line.get_ydata()) for line in curves)
                 hi = max(max(np.percentile(line.get_ydata(), 60), line.get_ydata()[-1]) for line in curves)
                 if ar_best is not None:
