@@ -8,9 +8,12 @@ Part A, same model shape, optimizer (AdamW, decoupled weight decay off norms, gr
 lr) and tokens per step in three loops:
   ours                `training.loop.Trainer.train_step` (megatron DDP wrapper, forward-backward
                       schedule, megatron optimizer, data-constrained sampler, objective)
-  megatron-core bare  the same `models.builder.build_model` GPTModel (same layer spec and
-                      TransformerConfig) in a plain loop: forward -> loss.mean() -> backward -> clip ->
-                      torch AdamW step -> zero_grad
+  megatron-core stock megatron-core's own GPTModel as Megatron-LM's pretrain_gpt.py builds it with
+                      --transformer-impl local (`get_gpt_layer_local_spec`, RMSNorm, megatron's attention and
+                      its own loss, a plain TransformerConfig with the same shape) in a plain loop:
+                      forward -> loss.mean() -> backward -> clip -> torch AdamW step -> zero_grad
+  megatron-core bare  our `models.builder.build_model` GPTModel (our layer spec, attention backend and loss) in
+                      that plain loop: what the trainer adds beyond the model
   HF Llama (sdpa)     `transformers.LlamaForCausalLM` (tied embeddings, no biases) in that plain loop
 All three in one process and one thread count, interleaved step by step (order rotated every step) so
 that load from other processes hits all of them; the figure is the median over --rounds of each round's
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 
 from megatron_dataeff.data.synthetic import null_tokenizer_vocab, write_random_dataset
 
-GOALS = {"megatron-core bare": 0.97, "HF Llama (sdpa)": 1.15}
+GOALS = {"megatron-core stock": 0.97, "megatron-core bare": 0.97, "HF Llama (sdpa)": 1.15}
 QUICK = dict(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=192, vocab_size=1024, seq_length=64,
              micro_batch_size=4, steps=3, warmup=1, rounds=2, seq_lengths="128,256", long_steps=2)
 CHILD_TAG = "BENCH_TRAINING_CHILD "
@@ -144,6 +147,27 @@ def _hf_loss(model, tokens):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def _stock_gpt(model_cfg, vocab: int, rotary_base: float):
+    """megatron-core's GPTModel with its local layer spec and a plain TransformerConfig of the same shape (what
+    Megatron-LM's pretrain_gpt.py builds with --transformer-impl local --normalization RMSNorm --swiglu)."""
+    import dataclasses
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    ours = model_cfg.config
+    plain = {f.name: getattr(ours, f.name) for f in dataclasses.fields(TransformerConfig)
+             if f.init and hasattr(ours, f.name)}
+    plain.update(init_method=None, output_layer_init_method=None)  # derived again from the same std
+    config = TransformerConfig(**plain)
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab,
+                    max_sequence_length=model_cfg.max_sequence_length, pre_process=True, post_process=True,
+                    share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
+                    position_embedding_type="rope", rotary_base=rotary_base)
+
+
 def _hf_llama(cfg, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -201,14 +225,17 @@ def part_a(a, data_prefix: str, tmp: str, backend_flag: bool) -> dict:
     vocab = cfg.model.vocab_rows(trainer.vocab_ids)
     torch.manual_seed(0)
     mcore = build_model(cfg, trainer.vocab_ids, "cpu")
+    stock = _stock_gpt(mcore, vocab, cfg.model.rotary_base)
     hf = _hf_llama(cfg, vocab)
     # The same random ids for both plain loops, made before timing (ours reads them from its dataset).
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, trainer.tokenizer.vocab_size, (a.micro_batch_size, a.seq_length + 1),
                              generator=gen) for _ in range(4)]
-    loops = {"ours": trainer.train_step, "megatron-core bare": _plain_loop(mcore, cfg, _mcore_loss, batches),
+    loops = {"ours": trainer.train_step, "megatron-core stock": _plain_loop(stock, cfg, _mcore_loss, batches),
+             "megatron-core bare": _plain_loop(mcore, cfg, _mcore_loss, batches),
              "HF Llama (sdpa)": _plain_loop(hf, cfg, _hf_loss, batches)}
     n_params = {"ours": trainer.num_parameters,
+                "megatron-core stock": sum(p.numel() for p in stock.parameters()),
                 "megatron-core bare": sum(p.numel() for p in mcore.parameters()),
                 "HF Llama (sdpa)": sum(p.numel() for p in hf.parameters())}
     choice = getattr(trainer.model[0].module, "attention_choice", None)
