@@ -32,6 +32,43 @@ def _transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return base[:, None] + extra.long()
 
 
+def _masked_sequence(prompt_ids, gen_length: int, mask_token_id: int, suppress_ids: Iterable[int]):
+    """(x [batch, prompt + gen_length] with the generated part masked, prompt length, ids never predicted)."""
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if prompt.dim() == 1:
+        prompt = prompt[None, :]
+    batch, plen = prompt.shape
+    x = torch.full((batch, plen + gen_length), mask_token_id, dtype=torch.long, device=prompt.device)
+    x[:, :plen] = prompt
+    banned = torch.tensor(sorted(set(int(i) for i in suppress_ids) | {int(mask_token_id)}), dtype=torch.long)
+    return x, plen, banned
+
+
+def _commit_step(x: torch.Tensor, logits: torch.Tensor, start: int, end: int, counts: torch.Tensor,
+                 temperature: float, generator: Optional[torch.Generator], banned: torch.Tensor,
+                 mask_token_id: int) -> None:
+    """One denoising step of positions start..end-1 of x (in place): predict every masked token from `logits`
+    [batch, end - start, vocab] (argmax, or Gumbel-max at `temperature`), never a `banned` id, and commit the
+    `counts[row]` most confident predictions of each row ("low-confidence remasking")."""
+    logits = logits.float()
+    logits[..., banned.to(logits.device)] = float("-inf")
+    if temperature > 0:
+        # Gumbel-max: argmax(logits / T + g) samples softmax(logits / T).
+        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0)))
+        x0 = (logits.double() / temperature + gumbel.to(logits.device)).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    confidence = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
+    masked = x[:, start:end] == mask_token_id
+    confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
+    for row in range(x.shape[0]):
+        k = int(counts[row])
+        if k:
+            idx = confidence[row].topk(k).indices
+            x[row, start + idx] = x0[row, idx]
+
+
 @torch.no_grad()
 def diffusion_generate(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -67,13 +104,7 @@ def diffusion_generate(
         raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks} "
                          f"(gen_length {gen_length} / block_length {block_length})")
     steps_per_block = steps // num_blocks
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
-    if prompt.dim() == 1:
-        prompt = prompt[None, :]
-    batch, plen = prompt.shape
-    x = torch.full((batch, plen + gen_length), mask_token_id, dtype=torch.long, device=prompt.device)
-    x[:, :plen] = prompt
-    banned = torch.tensor(sorted(set(int(i) for i in suppress_ids) | {int(mask_token_id)}), dtype=torch.long)
+    x, plen, banned = _masked_sequence(prompt_ids, gen_length, mask_token_id, suppress_ids)
 
     for b in range(num_blocks):
         start, end = plen + b * block_length, plen + (b + 1) * block_length
@@ -81,23 +112,8 @@ def diffusion_generate(
         for i in range(steps_per_block):
             if not bool((counts[:, i] > 0).any()):
                 continue
-            logits = logits_fn(x)[:, start:end].float()  # [batch, block, vocab]
-            logits[..., banned.to(logits.device)] = float("-inf")
-            if temperature > 0:
-                # Gumbel-max: argmax(logits / T + g) samples softmax(logits / T).
-                u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
-                gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0)))
-                x0 = (logits.double() / temperature + gumbel.to(logits.device)).argmax(-1)
-            else:
-                x0 = logits.argmax(-1)
-            confidence = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
-            masked = x[:, start:end] == mask_token_id
-            confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
-            for row in range(batch):
-                k = int(counts[row, i])
-                if k:
-                    idx = confidence[row].topk(k).indices
-                    x[row, start + idx] = x0[row, idx]
+            _commit_step(x, logits_fn(x)[:, start:end], start, end, counts[:, i], temperature, generator, banned,
+                         mask_token_id)
     return x
 
 
@@ -161,14 +177,8 @@ def block_diffusion_generate(
         raise ValueError("block_diffusion_generate needs mask_token_id")
     if gen_length <= 0 or block_size <= 0:
         raise ValueError(f"gen_length and block_size must be positive, got {gen_length} and {block_size}")
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
-    if prompt.dim() == 1:
-        prompt = prompt[None, :]
-    batch, plen = prompt.shape
+    x, plen, banned = _masked_sequence(prompt_ids, gen_length, mask_token_id, suppress_ids)
     total = plen + gen_length
-    x = torch.full((batch, total), mask_token_id, dtype=torch.long, device=prompt.device)
-    x[:, :plen] = prompt
-    banned = torch.tensor(sorted(set(int(i) for i in suppress_ids) | {int(mask_token_id)}), dtype=torch.long)
     first, last = plen // block_size, (total - 1) // block_size
     for b in range(first, last + 1):
         block_start = b * block_size
@@ -180,22 +190,8 @@ def block_diffusion_generate(
         for i in range(n_steps):
             if not bool((counts[:, i] > 0).any()):
                 continue
-            logits = blocks.logits(x, block_start, start, end).float()
-            logits[..., banned.to(logits.device)] = float("-inf")
-            if temperature > 0:
-                u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
-                gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0)))
-                x0 = (logits.double() / temperature + gumbel.to(logits.device)).argmax(-1)
-            else:
-                x0 = logits.argmax(-1)
-            confidence = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
-            masked = x[:, start:end] == mask_token_id
-            confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
-            for r in range(batch):
-                k = int(counts[r, i])
-                if k:
-                    idx = confidence[r].topk(k).indices
-                    x[r, start + idx] = x0[r, idx]
+            _commit_step(x, blocks.logits(x, block_start, start, end), start, end, counts[:, i], temperature,
+                         generator, banned, mask_token_id)
         blocks.block_done(x, block_start, end)
     return x
 
