@@ -45,6 +45,17 @@ def _kernel_context(kernel: str):
     return sdpa_kernel(backends)
 
 
+def check_core_attention_config(config, backend: str) -> None:
+    """Refuse what a drop-in core attention of ours (sdpa, flex) does not implement: context parallelism,
+    sliding windows, softmax variants."""
+    if getattr(config, "context_parallel_size", 1) != 1:
+        raise ValueError(f"the {backend} attention backend does not support context parallelism")
+    if getattr(config, "window_size", None) is not None:
+        raise ValueError(f"the {backend} attention backend does not support sliding-window attention")
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        raise ValueError(f"the {backend} attention backend supports softmax_type vanilla, not {config.softmax_type}")
+
+
 class SDPAttention(MegatronModule):
     """megatron-core core attention on `torch.nn.functional.scaled_dot_product_attention`.
 
@@ -55,12 +66,7 @@ class SDPAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type=None, pg_collection=None, kernel: str = "auto"):
         super().__init__(config=config)
-        if getattr(config, "context_parallel_size", 1) != 1:
-            raise ValueError("the sdpa attention backend does not support context parallelism")
-        if getattr(config, "window_size", None) is not None:
-            raise ValueError("the sdpa attention backend does not support sliding-window attention")
-        if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            raise ValueError(f"the sdpa attention backend supports softmax_type vanilla, not {config.softmax_type}")
+        check_core_attention_config(config, "sdpa")
         if kernel not in ("auto", "flash", "fused"):
             raise ValueError(f"sdpa kernel must be auto, flash or fused, got {kernel!r}")
         tp = pg_collection.tp.size() if pg_collection is not None else \

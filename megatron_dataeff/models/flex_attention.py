@@ -26,6 +26,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from megatron_dataeff.models.attention import check_core_attention_config
+
 # Query rows per chunk of the CPU backward: chunk x keys x heads x batch fp32 scores at a time.
 _CPU_BACKWARD_ELEMENTS = 1 << 24
 
@@ -149,12 +151,7 @@ class FlexAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        if getattr(config, "context_parallel_size", 1) != 1:
-            raise ValueError("the flex attention backend does not support context parallelism")
-        if getattr(config, "window_size", None) is not None:
-            raise ValueError("the flex attention backend does not support sliding-window attention")
-        if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            raise ValueError(f"the flex attention backend supports softmax_type vanilla, not {config.softmax_type}")
+        check_core_attention_config(config, "flex")
         dropout = float(config.attention_dropout if attention_dropout is None else attention_dropout)
         if dropout > 0:
             raise ValueError("the flex attention backend has no attention dropout")
