@@ -24,6 +24,7 @@ from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
 
 torch = lazy_module("torch")
 philox = lazy_module("megatron_dataeff.ops.philox")
+masking = lazy_module("megatron_dataeff.ops.masking")
 row_masks = lazy_module("megatron_dataeff.objectives.row_masks")
 documents_ = lazy_module("megatron_dataeff.objectives.documents")
 
@@ -70,14 +71,9 @@ class BlockDiffusionObjective(Objective):
     def rates(self, sample_index: torch.Tensor, blocks: int, stream_offset: int, stratify: int = 0) -> torch.Tensor:
         """[batch, blocks] float32 masking probability p of each block (stratified over groups of `stratify`
         consecutive sample indices for evaluation copies)."""
-        index = sample_index.to("cpu")
-        u = philox.uniform(self.seed, index, philox.STREAM_RATE + stream_offset, 1 if self.shared_noise else blocks)
-        t = u.double()
-        if stratify > 0:
-            t = (((index % stratify).double())[:, None] + t) / stratify
-            t = t.float().double()
-        p = ((1.0 - self.eps) * t + self.eps).float()
-        return p.expand(-1, blocks) if self.shared_noise else p
+        p = masking.sample_rates(sample_index.to("cpu"), self.seed, mode="mdm", eps=self.eps, stratify_group=stratify,
+                                 stream_offset=stream_offset, columns=1 if self.shared_noise else blocks)
+        return p.reshape(p.shape[0], -1).expand(-1, blocks)  # one column per block (shared: one rate for all)
 
     def _noised(self, tokens: torch.Tensor, sample_index: torch.Tensor, evaluation: bool, stratify: int = 0
                 ) -> ObjectiveBatch:

@@ -74,21 +74,26 @@ def sample_rates(
     eps: float = 1e-3,
     stratify_group: int = 0,
     stream_offset: int = 0,
+    columns: int = 1,
 ) -> torch.Tensor:
-    """[batch] float32 masking probability p of each sample (see the module docstring)."""
+    """[batch] float32 masking probability p of each sample (see the module docstring); with `columns` > 1,
+    [batch, columns]: that many rates per sample from its rate stream (block diffusion's blocks), the first being
+    the sample's own rate."""
     n = sample_index.shape[0]
     if mode == "fixed":
-        return torch.full((n,), rate, dtype=torch.float32)
-    u = philox.uniform(seed, sample_index, philox.STREAM_RATE + stream_offset, 1)[:, 0]
+        p = torch.full((n, columns), rate, dtype=torch.float32)
+        return p[:, 0] if columns == 1 else p
+    u = philox.uniform(seed, sample_index, philox.STREAM_RATE + stream_offset, columns)
     t = u.double()
     if stratify_group > 0:
-        t = ((sample_index % stratify_group).double() + t) / stratify_group
+        t = ((sample_index % stratify_group).double()[:, None] + t) / stratify_group
         t = t.float().double()  # t is a float32 value, as in the kernels
     if mode == "mdm":
         p = (1.0 - eps) * t + eps
     else:
         p = rate * t
-    return p.float()
+    p = p.float()
+    return p[:, 0] if columns == 1 else p
 
 
 def mask_tokens_reference(
