@@ -11,6 +11,7 @@ import math
 from megatron_dataeff.arguments import command_line
 from megatron_dataeff.config import RunConfig
 from megatron_dataeff.objectives import TokenDropoutObjective, build_objective, objective_class
+from megatron_dataeff.objectives.documents import flags_on
 
 
 def _tokens(n) -> str:
@@ -33,9 +34,7 @@ def _objective_line(cfg, meta: dict) -> str:
 
 def _documents_line(dcfg) -> str:
     """How the documents packed into a training window were treated (Megatron-LM's three flags)."""
-    on = [flag for flag, value in (("--reset-attention-mask", dcfg.reset_attention_mask),
-                                   ("--reset-position-ids", dcfg.reset_position_ids),
-                                   ("--eod-mask-loss", dcfg.eod_mask_loss)) if value]
+    on = flags_on(dcfg)
     if not on:
         return ("one stream: attention and positions ran across document boundaries and the EOD token was a "
                 "target like any other (Megatron-LM's default)")

@@ -49,11 +49,8 @@ class DocumentFlags:
                    bool(dcfg.eod_mask_loss))
 
     def describe(self) -> str:
-        """The flags that are on, by name (the start-up line, the model card)."""
-        on = [flag for flag, value in (("--reset-position-ids", self.reset_position_ids),
-                                       ("--reset-attention-mask", self.reset_attention_mask),
-                                       ("--eod-mask-loss", self.eod_mask_loss)) if value]
-        return ", ".join(on)
+        """The flags that are on, by name (the start-up line)."""
+        return ", ".join(flags_on(self))
 
     def loss_keep(self, x: torch.Tensor) -> torch.Tensor | None:
         """[rows, seq] float32 1 where a position carries loss (0 on EOD inputs with eod_mask_loss), or None."""
@@ -73,6 +70,12 @@ class DocumentFlags:
         if not self.reset_attention_mask:
             return None
         return RowMask(causal, document_ids(x, self.eod_token_id))
+
+
+def flags_on(flags) -> list[str]:
+    """The document flags that are on in `flags` (a DataConfig or DocumentFlags: the same field names), by name."""
+    return [f"--{name.replace('_', '-')}" for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+            if getattr(flags, name)]
 
 
 def document_ids(x: torch.Tensor, eod_token_id: int) -> torch.Tensor:
