@@ -672,9 +672,14 @@ class Analyzer:
                         args = []
                     if args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
                         names.add(args[0].value)
+                # A dataclass declares its attributes: a computed setattr in one (megatron-core 0.19's
+                # TransformerConfig.__post_init__ moves deprecated options onto other fields) sets a field.
+                # Taken otherwise, every read off a TransformerConfig would pass unchecked; an attribute such a
+                # setattr did add would be reported, not missed.
                 if isinstance(n, ast.Call) and ast.unparse(n.func) == "setattr" and len(n.args) > 1 and \
                         isinstance(n.args[0], ast.Name) and n.args[0].id == "self" and \
-                        not isinstance(n.args[1], ast.Constant) and (c.is_megatron or self.is_ours(c.mod)):
+                        not isinstance(n.args[1], ast.Constant) and (c.is_megatron or self.is_ours(c.mod)) and \
+                        not self.is_dataclass(c):
                     dynamic = True  # (torch.nn.Module's load_state_dict setattr()s parameters only)
         cache[key] = (names, dynamic)
         return names, dynamic
