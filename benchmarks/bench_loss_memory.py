@@ -3,6 +3,11 @@ megatron-core's (which casts the logits to fp32 and keeps the fp32 softmax for b
 
     python benchmarks/bench_loss_memory.py                      # vocab 151,936, 4096 tokens, bf16 logits
     python benchmarks/bench_loss_memory.py --tokens 8192 --fused # also megatron's fused kernel (torch.compile)
+    python benchmarks/bench_loss_memory.py --sizes 2048x32000,4096x151936 --dtype fp32   # several sizes
+
+With several sizes, one row per size: time (median of --rounds forward + backward after a warm-up) and
+memory of each loss, the chunked loss's time over megatron's, and the share of an 80 GB GPU its fp32 logits
+take (what `models/loss_choice.py` decides by: megatron's loss up to 1/16).
 
 Each variant runs forward + backward of the loss alone on bf16 logits [tokens, 1, vocab] in a fresh
 process (CPU) and reports its peak memory above the logits themselves: the growth of the process's
@@ -23,7 +28,7 @@ import time
 VARIANTS = ("megatron", "chunked")
 
 
-def _child(variant: str, tokens: int, vocab: int, device: str) -> dict:
+def _child(variant: str, tokens: int, vocab: int, device: str, dtype: str = "bf16", rounds: int = 1) -> dict:
     import resource
 
     import torch
@@ -33,10 +38,14 @@ def _child(variant: str, tokens: int, vocab: int, device: str) -> dict:
     initialize(1, 1, seed=0, device_flag=device)
     torch.manual_seed(0)
     # filled in slices: a full fp32 temporary would set the max RSS before the measurement starts
-    logits = torch.empty(tokens, 1, vocab, dtype=torch.bfloat16, device=device)
-    for start in range(0, tokens, 256):
-        logits[start:start + 256] = torch.randn(min(256, tokens - start), 1, vocab, device=device) * 2
-    logits.requires_grad_(True)
+    logits = torch.empty(tokens, 1, vocab, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=device)
+
+    def fill(x):
+        for start in range(0, tokens, 256):
+            x[start:start + 256] = torch.randn(min(256, tokens - start), 1, vocab, device=device) * 2
+        return x
+
+    fill(logits).requires_grad_(True)
     target = torch.randint(0, vocab, (tokens, 1), device=device)
     if variant == "megatron":
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as fn
@@ -72,8 +81,21 @@ def _child(variant: str, tokens: int, vocab: int, device: str) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = rss() - base
-    seconds = time.perf_counter() - t0
-    return {"variant": variant, "peak_bytes": peak, "seconds": seconds, "loss": float(loss.float().mean()),
+    times = [time.perf_counter() - t0]
+    mean = float(loss.float().mean())
+    for _ in range(rounds):  # the first pass above is the warm-up when rounds > 1
+        del loss
+        logits.grad = None
+        with torch.no_grad():  # fresh logits: the chunked loss's backward writes its gradient over them
+            x = fill(logits.detach()).requires_grad_(True)
+        t0 = time.perf_counter()
+        loss = fn(x, target)
+        loss.sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = times[0] if rounds <= 1 else sorted(times[1:])[len(times[1:]) // 2]
+    return {"variant": variant, "peak_bytes": peak, "seconds": seconds, "loss": mean,
             "logits_bytes": logits.numel() * logits.element_size()}
 
 
@@ -83,24 +105,46 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary rows of one tensor-parallel rank")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fused", action="store_true", help="also megatron-core's fused cross entropy (torch.compile)")
+    p.add_argument("--sizes", default=None, help="TOKENSxVOCAB,... : a table of several sizes (time and memory)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the logits' dtype")
+    p.add_argument("--rounds", type=int, default=None, help="timed passes after a warm-up (default 1 pass, or 3 "
+                   "with --sizes)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device == "auto":
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    rounds = args.rounds if args.rounds is not None else (3 if args.sizes else 1)
     if args.child:
-        print(json.dumps(_child(args.child, args.tokens, args.vocab, args.device)))
+        print(json.dumps(_child(args.child, args.tokens, args.vocab, args.device, args.dtype, rounds)))
         return 0
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    rows = []
-    for variant in VARIANTS + (("fused",) if args.fused else ()):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens),
-                              "--vocab", str(args.vocab), "--device", args.device],
-                             env=env, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = rows[0]
+
+    def measure(variant: str, tokens: int, vocab: int) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--child", variant, "--tokens", str(tokens),
+                              "--vocab", str(vocab), "--device", args.device, "--dtype", args.dtype,
+                              "--rounds", str(rounds)], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     gib = 2**30
+    if args.sizes:
+        h100 = 81559 * 2**20  # an 80 GB GPU's memory, as torch reports it
+        print(f"loss time and memory, {args.dtype} logits, {args.device}, median of {rounds} passes "
+              f"(forward + backward); peak above the logits")
+        print("| tokens | vocab | fp32 logits GiB | share of 80 GB | megatron s | chunked s | chunked / megatron "
+              "| megatron peak GiB | chunked peak GiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for size in args.sizes.split(","):
+            tokens, vocab = (int(x) for x in size.lower().split("x"))
+            meg, chunked = measure("megatron", tokens, vocab), measure("chunked", tokens, vocab)
+            fp32 = 4 * tokens * vocab
+            print(f"| {tokens} | {vocab:,} | {fp32 / gib:.2f} | {fp32 / h100:.1%} | {meg['seconds']:.3f} | "
+                  f"{chunked['seconds']:.3f} | {chunked['seconds'] / meg['seconds']:.2f} | "
+                  f"{meg['peak_bytes'] / gib:.2f} | {chunked['peak_bytes'] / gib:.2f} |")
+        return 0
+    rows = [measure(variant, args.tokens, args.vocab) for variant in VARIANTS + (("fused",) if args.fused else ())]
+    base = rows[0]
     print(f"loss memory: {args.tokens} tokens x vocab {args.vocab:,}, bf16 logits "
           f"({base['logits_bytes'] / gib:.2f} GiB), {args.device}; peak above the logits "
           f"({'max_memory_allocated' if args.device == 'cuda' else 'max RSS growth'})")

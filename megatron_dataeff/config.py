@@ -359,8 +359,9 @@ class ComputeConfig(_Section):
     """With --cross-entropy-loss-fusion: megatron's native kernel or transformer-engine's."""
     cross_entropy_chunk_size: Optional[int] = None
     """The loss in chunks of this many tokens, recomputing each chunk's softmax in backward so that no fp32
-    copy of the logits is kept; default: chunks of at most 256 MiB in fp32; 0: megatron-core's unchunked
-    loss."""
+    copy of the logits is kept; 0: megatron-core's unchunked loss; default (auto): megatron-core's loss when
+    one micro-batch's fp32 logits take at most 1/16 of the memory at hand (the GPU's, or on CPUs the
+    machine's shared by its processes), else chunks of at most 256 MiB in fp32 (models/loss_choice.py)."""
     bias_swiglu_fusion: bool = True
     """GPU: fuse the SwiGLU activation (megatron's jit fuser)."""
     bias_dropout_fusion: bool = True

@@ -227,3 +227,26 @@ def cpu_config_overrides() -> dict:
 def distributed_backend(device: str) -> str:
     """The torch.distributed backend for a device: nccl on GPUs, gloo on CPUs."""
     return "nccl" if device == "cuda" else "gloo"
+
+
+def host_memory_bytes() -> int:
+    """This machine's memory for one process: physical memory (its cgroup's limit when lower) divided by the
+    processes torchrun started on it (LOCAL_WORLD_SIZE)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+        break
+    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def memory_at_hand(device: str) -> int:
+    """Bytes this process may fill: the current GPU's total memory, or on CPUs `host_memory_bytes()`."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return host_memory_bytes()

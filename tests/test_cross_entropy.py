@@ -62,3 +62,58 @@ def test_auto_chunk_is_bounded():
     """The automatic chunk keeps one fp32 chunk of the paper's vocabulary under 256 MiB."""
     n = auto_chunk_tokens(151936)
     assert 1 <= n and n * 151936 * 4 <= 256 * 2**20 and (n + 1) * 151936 * 4 > 256 * 2**20
+
+
+def _cfg(*argv):
+    from megatron_dataeff.arguments import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(["--device", "cpu", "--num-layers", "2", "--hidden-size", "64",
+                                                       "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+                                                       "--seq-length", "32", "--micro-batch-size", "2", *argv]))
+
+
+def test_auto_loss_is_megatrons_where_the_fp32_logits_are_small():
+    """auto takes megatron-core's loss when one micro-batch's fp32 logits fit in 1/16 of the memory at hand and the
+    chunked loss otherwise (the boundary exactly); asked-for losses are kept whatever the memory; the logits
+    counted are the rows the model computes (MIR doubles them) and this TP rank's vocabulary."""
+    from megatron_dataeff.models.loss_choice import logits_fp32_bytes, loss_for_config
+
+    cfg = _cfg()
+    need = logits_fp32_bytes(cfg, 300)
+    assert need == 4 * 32 * 2 * 384  # 300 ids padded to 384 rows
+    assert logits_fp32_bytes(_cfg("--token-dropout-rate", "0.3", "--token-dropout-aux-weight", "1"),
+                             300) == 2 * need
+    assert logits_fp32_bytes(_cfg("--objective", "block", "--block-size", "8"), 300) == 2 * need
+    at = loss_for_config(cfg, 300, 16 * need)
+    assert (at.chunk_tokens, at.fused) == (0, None) and "<= 1/16" in at.describe()
+    over = loss_for_config(cfg, 300, 16 * need - 1)
+    assert over.chunk_tokens == auto_chunk_tokens(384) and "> 1/16" in over.describe()
+    assert loss_for_config(cfg, 300, None).chunk_tokens == auto_chunk_tokens(384)
+    assert loss_for_config(_cfg("--cross-entropy-chunk-size", "0"), 300, 1).chunk_tokens == 0
+    assert loss_for_config(_cfg("--cross-entropy-chunk-size", "5"), 300, 10**15).chunk_tokens == 5
+    fused = loss_for_config(_cfg("--cross-entropy-loss-fusion", "--bf16"), 300, 1)
+    assert (fused.chunk_tokens, fused.fused) == (0, "native")
+
+
+def test_build_model_computes_the_loss_it_chose(megatron_cpu, monkeypatch):
+    """build_model records its choice and the model computes that loss: on this machine's memory a test model takes
+    megatron's; with a (pretended) tiny memory the chunked one, whose backward is ours (so this check can fail)."""
+    from megatron_dataeff import platform
+    from megatron_dataeff.models import builder, cross_entropy
+
+    cfg = _cfg()
+    model = builder.build_model(cfg, 300, "cpu")
+    assert not model.loss_choice.chunked and model.config.cross_entropy_chunk_size == 0
+    calls = []
+    real = cross_entropy.chunked_vocab_parallel_cross_entropy
+    monkeypatch.setattr(builder, "chunked_vocab_parallel_cross_entropy",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    ids = torch.randint(0, 300, (2, 32))
+    pos = torch.arange(32).expand(2, 32)
+    model(ids, pos, None, labels=ids)
+    assert calls == []
+    monkeypatch.setattr(platform, "memory_at_hand", lambda device: 1000)
+    small = builder.build_model(cfg, 300, "cpu")
+    assert small.loss_choice.chunk_tokens == auto_chunk_tokens(384) == small.config.cross_entropy_chunk_size
+    small(ids, pos, None, labels=ids)
+    assert calls == [auto_chunk_tokens(384)]

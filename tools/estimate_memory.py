@@ -18,7 +18,8 @@ import sys
 
 from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.entry import tool_main
-from megatron_dataeff.training.memory import GiB, MemoryEstimate, device_capacity, estimate_stages
+from megatron_dataeff.models.loss_choice import loss_for_config
+from megatron_dataeff.training.memory import GiB, MemoryEstimate, default_capacity, device_capacity, estimate_stages
 
 QWEN3_IDS = 151_670  # Qwen3's tokenizer: 151,669 ids (len(tokenizer)), plus the mask token the trainer appends
 
@@ -98,8 +99,12 @@ def main(argv=None) -> int:
     args.tokenizer_type = args.tokenizer_type or "HuggingFaceTokenizer"
     cfg = config_from_args(args)
     device = "cpu" if args.device == "cpu" else "cuda"
-    stages = estimate_stages(cfg, args.world_size, ids, device, te_available=args.transformer_engine)
     sizes = [float(x) for x in args.gpu_memory_gb.split(",") if x.strip()]
+    # the automatic loss is chosen for the smallest device listed (models/loss_choice.py)
+    capacity = device_capacity(min(sizes)) if device == "cuda" and sizes else None
+    stages = estimate_stages(cfg, args.world_size, ids, device, te_available=args.transformer_engine,
+                             capacity_bytes=capacity)
+    loss = loss_for_config(cfg, ids, capacity if capacity is not None else default_capacity(device))
     worst = max(stages, key=lambda e: e.total_with_allowances)
     m, p, c = cfg.model, cfg.parallel, cfg.compute
     recompute = c.recompute_granularity or "off"
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
     print(f"world {args.world_size} = TP {tp} x PP {pp} x DP {args.world_size // (tp * pp)}; {device}; attention "
           f"{c.attention_backend}; recompute {recompute}; sequence parallel {'on' if p.sequence_parallel else 'off'}; "
           f"distributed optimizer {'on' if p.use_distributed_optimizer else 'off'}")
+    print(loss.describe() + (f" (on the smallest device listed, {min(sizes):g} GB)" if capacity else ""))
     print("most loaded rank: " + _table(worst, sizes))
     if args.all_stages:
         for est in stages:

@@ -2,8 +2,9 @@
 
 `DataEffTransformerConfig` subclasses megatron's TransformerConfig to carry `mlp_dropout` and the
 loss chunking; the rest maps onto megatron's own fields (RMSNorm, SwiGLU, RoPE, no biases,
-recomputation, sequence parallelism, fusions).  `DataEffGPTModel` is megatron's GPTModel whose loss
-is the chunked vocab-parallel cross entropy (`models.cross_entropy`) unless megatron's own is asked for.
+recomputation, sequence parallelism, fusions).  `DataEffGPTModel` is megatron's GPTModel whose loss is
+megatron's own or the chunked vocab-parallel cross entropy (`models.cross_entropy`), as `models.loss_choice`
+picks for the run and the memory at hand.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
 from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
 from megatron_dataeff.models.family import FAMILY_MODEL_ARGS, FAMILY_OPTIONS
+from megatron_dataeff.models.loss_choice import LossChoice, loss_for_config
 from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
 from megatron_dataeff.objectives import objective_class
 
@@ -37,7 +39,8 @@ class DataEffTransformerConfig(TransformerConfig):
     """Dropout probability on the MLP's inner activation (input of linear_fc2)."""
 
     cross_entropy_chunk_size: Optional[int] = None
-    """Tokens per chunk of the chunked loss; None = automatic; 0 = megatron-core's unchunked loss."""
+    """Tokens per chunk of the chunked loss; 0 = megatron-core's unchunked loss (build_model sets it from
+    models.loss_choice; None = the chunked loss, chunks of automatic size)."""
 
     reset_position_ids: bool = False
     """The rotary embedding takes each token's position id (restarting after each EOD: --reset-position-ids);
@@ -136,6 +139,7 @@ class DataEffGPTModel(GPTModel):
     """megatron-core's GPTModel with the chunked vocab-parallel loss (same values, no fp32 logits kept)."""
 
     attention_choice: Optional[AttentionChoice] = None  # set by build_model: which attention and why
+    loss_choice: Optional[LossChoice] = None  # set by build_model: which cross entropy and why
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         """megatron-core's preprocessing; with --reset-position-ids the rotary embedding is taken at each token's
@@ -151,7 +155,7 @@ class DataEffGPTModel(GPTModel):
         return (out[0], per_token.unsqueeze(2), *out[2:])
 
     def compute_language_model_loss(self, labels, logits):
-        chunk = getattr(self.config, "cross_entropy_chunk_size", 0)
+        chunk = getattr(self.config, "cross_entropy_chunk_size", 0)  # build_model's LossChoice
         if self.config.cross_entropy_loss_fusion or chunk == 0:
             return super().compute_language_model_loss(labels, logits)
         pg = getattr(self, "pg_collection", None)
@@ -170,6 +174,8 @@ def build_model(
     skips the random initialisation (time, and on CPUs a full-size master copy per weight) for a model whose
     weights are all loaded next."""
     tcfg = transformer_config(cfg, device, initialize)
+    loss = loss_for_config(cfg, vocab_ids, platform.memory_at_hand(device))
+    tcfg.cross_entropy_chunk_size = loss.chunk_tokens
     choice = attention_choice(cfg, device)
     spec = build_layer_spec(bidirectional=objective_class(cfg.objective).bidirectional,
                             qk_layernorm=cfg.model.qk_layernorm, mlp_dropout=cfg.model.mlp_dropout, attention=choice)
@@ -190,7 +196,7 @@ def build_model(
         **FAMILY_MODEL_ARGS,
         rotary_base=cfg.model.rotary_base,
     )
-    model.attention_choice = choice
+    model.attention_choice, model.loss_choice = choice, loss
     if device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model

@@ -51,14 +51,16 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         predicted = torch.empty(n, dtype=torch.float32, device=flat.device)
         sum_exp = torch.empty(n, dtype=torch.float32, device=flat.device)
         for c in _chunks(n, chunk):
-            x = flat[c].float()
-            if x.data_ptr() == flat.data_ptr() + c.start * vocab * flat.element_size():
-                x = x.clone()  # fp32 logits: .float() is the logits themselves, which must stay intact
-            mx = x.max(dim=-1)[0]
+            # the max in the logits' own dtype is exact; fp32 logits are shifted into a new tensor (they must
+            # stay intact), others upcast first (torch's mixed-dtype subtraction is slower on CPUs)
+            mx = flat[c].max(dim=-1)[0].float()
             if world > 1:  # one small all-reduce per chunk: the chunk's rows are read once
                 dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
             logits_max[c] = mx
-            x -= mx.unsqueeze(-1)
+            if flat.dtype == torch.float32:
+                x = flat[c] - mx.unsqueeze(-1)
+            else:
+                x = flat[c].float().sub_(mx.unsqueeze(-1))
             rows = torch.arange(x.shape[0], device=x.device)
             predicted[c] = x[rows, local_target[c]]
             sum_exp[c] = torch.exp_(x).sum(dim=-1)
@@ -83,15 +85,18 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         # The gradient is written over the logits, which nothing needs after the loss's backward (the
         # output layer's backward needs its input and weight); like megatron's loss, which overwrites its
         # saved softmax, this backward can run once.
+        # fp32 logits become their gradient in place, chunk by chunk (no copy); others through one fp32 chunk.
         grad = flat
+        in_place = flat.dtype == torch.float32
         for c in _chunks(flat.shape[0], ctx.chunk):
-            x = flat[c].float() - logits_max[c].unsqueeze(-1)
+            x = (flat[c] if in_place else flat[c].float()).sub_(logits_max[c].unsqueeze(-1))
             torch.exp_(x)
             x.div_(sum_exp[c].unsqueeze(-1))
             rows = torch.arange(x.shape[0], device=x.device)
             x[rows, local_target[c]] -= update[c]
             x.mul_(grad_flat[c].unsqueeze(-1))
-            grad[c] = x
+            if not in_place:
+                grad[c] = x
         return grad.view(logits.shape), None, None, None
 
 

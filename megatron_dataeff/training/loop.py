@@ -99,6 +99,7 @@ class Trainer:
         parts = build_model_and_optimizer(cfg, self.vocab_ids, rt)
         self.model, self.optimizer, self.num_parameters = parts.model, parts.optimizer, parts.num_parameters
         self.transformer_config, self.attention = parts.module.config, parts.module.attention_choice
+        self.loss_choice = parts.module.loss_choice
         self.schedule = schedule(cfg, self.train_iters)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters, self.schedule)
         self.flops_per_step = flops.flops_per_step(cfg, cfg.model.vocab_rows(self.vocab_ids))
@@ -160,6 +161,7 @@ class Trainer:
             **self.run_facts(), "data_prefix": self.data.prefix, "train_samples_per_epoch": self.data.samples_per_epoch,
             "train_iters": self.train_iters, "num_parameters": self.num_parameters, "data_parallel_size": self.dp_size,
             "compute": {"device": rt.device, "attention": self.attention.describe(),
+                        "loss": self.loss_choice.describe(),
                         "kernels": extension.implementation(rt.device), "flops_per_step": self.flops_per_step,
                         "peak_tflops": self.peak_tflops}})
 
@@ -180,13 +182,6 @@ class Trainer:
         fused = [name for name, on in (("SwiGLU", tc.bias_activation_fusion), ("dropout-add", tc.bias_dropout_fusion),
                                        ("masked softmax", tc.masked_softmax_fusion), ("RoPE", tc.apply_rope_fusion),
                                        ("wgrad accumulation", tc.gradient_accumulation_fusion)) if on]
-        if c.cross_entropy_loss_fusion:
-            loss = f"megatron fused cross entropy ({c.cross_entropy_fusion_impl})"
-        elif c.cross_entropy_chunk_size == 0:
-            loss = "megatron cross entropy (fp32 logits)"
-        else:
-            loss = "chunked cross entropy (" + ("auto" if c.cross_entropy_chunk_size is None
-                                                 else str(c.cross_entropy_chunk_size)) + " tokens/chunk)"
         comm = [name for name, on in (("overlap grad reduce", p.overlap_grad_reduce),
                                       ("overlap param gather", p.overlap_param_gather),
                                       ("bf16 grad reduce", p.grad_reduce_in_bf16)) if on]
@@ -194,7 +189,8 @@ class Trainer:
         corruption = (f" | input corruption: {corruption_implementation(self.runtime.device, *noise)}"
                       if noise else "")
         return (f"[megatron_dataeff] {self.attention.describe()} | recompute {recompute} | sequence parallel "
-                f"{'on' if p.sequence_parallel else 'off'} | fusions: {', '.join(fused) or 'none'} | loss: {loss}"
+                f"{'on' if p.sequence_parallel else 'off'} | fusions: {', '.join(fused) or 'none'} | "
+                f"{self.loss_choice.describe()}"
                 f" | grads: {', '.join(comm) or 'reduce after backward, fp32'}{corruption}")
 
     # ------------------------------------------------------------------------------------------

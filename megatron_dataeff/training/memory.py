@@ -38,8 +38,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from megatron_dataeff.config import RunConfig, auto_chunk_tokens
+from megatron_dataeff.config import RunConfig
 from megatron_dataeff.models.attention_backends import attention_for_config
+from megatron_dataeff.models.loss_choice import LossChoice, loss_for_config
 from megatron_dataeff.models.shape import ModelShape
 from megatron_dataeff.objectives import objective_class
 
@@ -506,7 +507,7 @@ def _head(sh: _Shape) -> int:
     return sum(saved.values())
 
 
-def _loss_terms(cfg: RunConfig, sh: _Shape) -> tuple[int, int, int]:
+def _loss_terms(cfg: RunConfig, sh: _Shape, loss: LossChoice) -> tuple[int, int, int]:
     """(kept by the loss, its backward's transient, alive beyond the activations during the output
     layer's backward).
 
@@ -518,23 +519,21 @@ def _loss_terms(cfg: RunConfig, sh: _Shape) -> tuple[int, int, int]:
     updated in place) plus the target mask and int64 targets; in bf16 its gradient becomes a bf16 copy.
     Then the output layer's backward holds the logits' gradient, its weight gradient [V/t, h] in the
     dtype (before it is added into the fp32 grad buffer) and the input gradient [T, h]."""
-    c = cfg.compute
     T, V, e = sh.tokens, sh.vocab, sh.e
     wgrad_and_dgrad = e * V * sh.h + e * T * sh.h
-    chunk = c.cross_entropy_chunk_size
-    if c.cross_entropy_loss_fusion or chunk == 0:
+    if not loss.chunked:
         kept = 4 * T * V + 9 * T
-        grad = 4 * T * V if (e == 4 and not c.cross_entropy_loss_fusion) else 2 * T * V
+        grad = 4 * T * V if (e == 4 and not loss.fused) else 2 * T * V
         bwd = 0 if grad == kept - 9 * T else grad  # a bf16 gradient is a new tensor next to the softmax
         return kept, bwd, grad + wgrad_and_dgrad
-    tokens = min(T, chunk if chunk else auto_chunk_tokens(V))
+    tokens = min(T, loss.chunk_tokens)
     kept = e * T * V + 17 * T
     bwd = (1 if e == 4 else 2) * 4 * tokens * V
     return kept, bwd, e * T * V + wgrad_and_dgrad
 
 
 def _stage_estimate(cfg: RunConfig, vocab_ids: int, stage: int, dp: int, device: str, te_available: bool,
-                    world_size: int) -> MemoryEstimate:
+                    world_size: int, capacity_bytes: int) -> MemoryEstimate:
     m, p, c = cfg.model, cfg.parallel, cfg.compute
     pp = p.pipeline_model_parallel_size
     sh = _shape(cfg, vocab_ids, device, te_available)
@@ -577,7 +576,7 @@ def _stage_estimate(cfg: RunConfig, vocab_ids: int, stage: int, dp: int, device:
 
     loss = 0
     if last:
-        kept, loss_bwd, out_bwd = _loss_terms(cfg, sh)
+        kept, loss_bwd, out_bwd = _loss_terms(cfg, sh, loss_for_config(cfg, vocab_ids, capacity_bytes))
         loss = kept
         candidates["loss backward"] = activations + kept + loss_bwd
         candidates["output layer backward"] = activations + out_bwd
@@ -624,26 +623,38 @@ def _stage_estimate(cfg: RunConfig, vocab_ids: int, stage: int, dp: int, device:
     )
 
 
+def default_capacity(device: str) -> int:
+    """The memory an estimate assumes when not told (it decides the automatic loss, models/loss_choice.py):
+    an 80 GB GPU, or this machine's memory per process."""
+    if device == "cuda":
+        return device_capacity(80)
+    from megatron_dataeff.platform import host_memory_bytes  # deferred: torch is imported only for CPU estimates
+
+    return host_memory_bytes()
+
+
 def estimate_stages(cfg: RunConfig, world_size: int, vocab_ids: int, device: str = "cuda",
-                    te_available: bool = False) -> list[MemoryEstimate]:
+                    te_available: bool = False, capacity_bytes: int | None = None) -> list[MemoryEstimate]:
     """One estimate per pipeline stage (a rank of each; TP and DP ranks of a stage are alike).
 
     `vocab_ids`: ids the model embeds (the tokenizer's, mask token included, before padding);
-    `te_available`: whether transformer-engine will be importable where it runs (CUDA only)."""
+    `te_available`: whether transformer-engine will be importable where it runs (CUDA only);
+    `capacity_bytes`: the device's memory, which the automatic loss choice reads (default: `default_capacity`)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     cfg = copy.deepcopy(cfg)
     dp = cfg.validate_layout(world_size)
     te = te_available and device == "cuda"
-    return [_stage_estimate(cfg, vocab_ids, stage, dp, device, te, world_size)
+    capacity = default_capacity(device) if capacity_bytes is None else capacity_bytes
+    return [_stage_estimate(cfg, vocab_ids, stage, dp, device, te, world_size, capacity)
             for stage in range(cfg.parallel.pipeline_model_parallel_size)]
 
 
 def estimate_memory(cfg: RunConfig, world_size: int, vocab_ids: int, device: str = "cuda",
-                    te_available: bool = False) -> MemoryEstimate:
+                    te_available: bool = False, capacity_bytes: int | None = None) -> MemoryEstimate:
     """The estimate of the most loaded rank: the pipeline stage with the largest peak (with PP > 1
     usually the first, which holds PP micro-batches in flight, or the last, which holds the logits)."""
-    return max(estimate_stages(cfg, world_size, vocab_ids, device, te_available),
+    return max(estimate_stages(cfg, world_size, vocab_ids, device, te_available, capacity_bytes),
                key=lambda est: est.total_with_allowances)
 
 
@@ -651,7 +662,7 @@ def startup_report(cfg: RunConfig, world_size: int, vocab_ids: int, capacity_byt
                    te_available: bool = False) -> list[str]:
     """The trainer's start-up lines on a GPU: the estimated peak against this device's memory, and for
     megatron's unfused attention at sequence >= 2048 what its [b, heads, s, s] tensors will take."""
-    est = estimate_memory(cfg, world_size, vocab_ids, "cuda", te_available)
+    est = estimate_memory(cfg, world_size, vocab_ids, "cuda", te_available, capacity_bytes)
     need = est.total_with_allowances
     lines = [f"[megatron_dataeff] memory estimate per GPU: {need / GiB:.1f} GiB with allowances "
              f"({est.total / GiB:.1f} GiB of tensors; peak at {est.peak_moment}, pipeline stage {est.stage}) of "
