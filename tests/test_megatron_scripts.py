@@ -94,7 +94,7 @@ def test_megatron_llama_example_runs_unchanged(bpe_dataset, tmp_path):
     (["--context-parallel-size", "2"], "--context-parallel-size 2: context parallelism is not supported"),
     (["--rotary-percent", "0.5"], "--rotary-percent 0.5: RoPE covers the whole head dimension"),
     (["--rampup-batch-size", "16", "16", "1000"], "--rampup-batch-size 16 16 1000: batch-size ramp-up"),
-    (["--apply-layernorm-1p"], "--apply-layernorm-1p: norms are plain RMSNorm"),
+    (["--apply-layernorm-1p"], "--apply-layernorm-1p: norms are plain RMSNorm: drop the flag"),
     (["--ckpt-format", "torch"], "--ckpt-format torch: checkpoints are megatron-core torch_dist"),
     (["--train-iters", "5", "--train-samples", "20"], "give --train-iters or --train-samples, not both"),
     (["--train-samples", "20", "--lr-decay-iters", "3"], "--lr-decay-iters and --lr-wsd-decay-iters need --train-iters"),

@@ -61,6 +61,8 @@ class Fact:
     """A Megatron-LM checkpoint whose args have another value is refused (else the value is only written)."""
     also: Optional[str] = None
     """Another attribute some Namespaces state the trait under; its having the value is enough."""
+    instead: Optional[str] = None
+    """For a flag refused on the command line: what to do instead, after `built` in the refusal."""
 
 
 SILU = Imported("torch.nn.functional", "silu")
@@ -69,7 +71,8 @@ FACTS = (
     Fact("norms are RMSNorm", config=("normalization", "RMSNorm"), set_by_builder=True,
          megatron_lm=("normalization", "RMSNorm"), flag="--normalization", cli="value"),
     Fact("norms are plain RMSNorm", megatron_lm=("apply_layernorm_1p", False), flag="--apply-layernorm-1p",
-         cli="off"),
+         cli="off", instead="drop the flag: the model computes the same function (layernorm-1p only stores "
+                            "each norm weight as its offset from 1)"),
     Fact("norms are plain RMSNorm", config=("layernorm_zero_centered_gamma", False),
          megatron_lm=("layernorm_zero_centered_gamma", False), flag="--apply-layernorm-1p"),
     Fact("norms come before each sublayer (pre-norm residuals)",
@@ -130,7 +133,8 @@ def __getattr__(name: str):
 def megatron_lm_flags() -> tuple[tuple[str, str, Optional[tuple], str], ...]:
     """(flag, "on" | "off" | "value", accepted values or None for a switch, what is built) of each Megatron-LM
     flag the command line takes for the family."""
-    return tuple((f.flag, f.cli, (f.megatron_lm[1],) if f.cli == "value" else None, f.built)
+    return tuple((f.flag, f.cli, (f.megatron_lm[1],) if f.cli == "value" else None,
+                  f"{f.built}: {f.instead}" if f.instead else f.built)
                  for f in FACTS if f.cli)
 
 
