@@ -25,6 +25,9 @@ fused RMSNorm (keeps x and rstd; the CPU composite also keeps x * rstd and an fp
 (keeps its input only), dropout masks as 1-byte booleans (the CPU path keeps a mask of the input's
 dtype), flash / memory-efficient sdpa keeping q, k, v, the output and the log-sum-exp.
 With transformer-engine (`impl te`) the layer is estimated as the local spec with flash attention.
+Rows with their own attention masks (--reset-attention-mask, the dual and block objectives) under sdpa or
+local attention carry a [b, 1, s, s] bool mask per micro-batch, and sdpa keeps a copy of it in the dtype
+in every layer (FlexAttention keeps no [s, s] tensor).
 
 Shapes: s = --seq-length, b = --micro-batch-size, h = hidden, F = ffn, t = TP; T = s * b tokens;
 T' = T / t under sequence parallelism (the [s, b, h] parts), else T.
@@ -122,6 +125,7 @@ class _Shape:
     p_mlp: float
     mlp_fused_ext: bool  # the compiled SwiGLU+dropout kernel (else its torch reference)
     swiglu_fused: bool  # megatron's fused SwiGLU (GPU, --bias-swiglu-fusion on)
+    dense_mask: bool = False  # rows with their own masks under sdpa / local: a [b, 1, s, s] bool mask a micro-batch
 
     # this rank's sizes, by the short names the formulas below use
     @property
@@ -181,8 +185,8 @@ class _Shape:
             return "flash"
         if self.device == "cpu":
             return "math" if self.p_attn > 0 else "flash"
-        if self.kernel in ("auto", "flash") and self.e == 2 and self.d <= 256:
-            return "flash"
+        if self.kernel in ("auto", "flash") and self.e == 2 and self.d <= 256 and not self.dense_mask:
+            return "flash"  # (flash takes no mask)
         return "efficient"
 
 
@@ -204,6 +208,7 @@ def _shape(cfg: RunConfig, vocab_ids: int, device: str, te_available: bool) -> _
         kernel=kernel, causal=not objective.bidirectional, p_attn=m.attention_dropout,
         p_hidden=m.hidden_dropout, p_mlp=m.mlp_dropout, mlp_fused_ext=fused_ext,
         swiglu_fused=device == "cuda" and cfg.compute.bias_swiglu_fusion,
+        dense_mask=(objective.row_attention_masks or cfg.data.reset_attention_mask) and impl in ("sdpa", "local"),
     )
 
 
@@ -245,7 +250,7 @@ def _core_attention(saved: _Saved, sh: _Shape, q: str, k: str, qkv_bytes: int) -
         saved.keep(q, e * dq)
         saved.keep("k.repeated" if gqa else k, e * dq)
         saved.keep("v.repeated" if gqa else "qkv", e * dq if gqa else qkv_bytes)
-        if sh.causal:
+        if sh.causal and not sh.dense_mask:  # (a row mask is the micro-batch's one tensor: `edge`)
             saved.keep("causal_mask", sh.s * sh.s)  # masked_fill's [s, s] bool, built per call
         saved.keep("attention.probs", unfused_attention_bytes(sh.b, sh.nq, sh.s, e, sh.p_attn, device=sh.device))
         saved.keep("context", e * dq)  # bmm -> permute().contiguous()
@@ -269,6 +274,8 @@ def _core_attention(saved: _Saved, sh: _Shape, q: str, k: str, qkv_bytes: int) -
         saved.keep(q, e * dq)
         saved.keep(k, e * T * sh.model.kv_rows)
         saved.keep("qkv", qkv_bytes)
+    if sh.dense_mask:  # each call turns the bool mask into one of the dtype ([b, 1, s, s]) and keeps it
+        saved.keep("attention.mask", e * sh.b * sh.s * sh.s)
     s_lse = math.ceil(sh.s / 32) * 32 if path == "efficient" else sh.s
     saved.keep("attention.lse", 4 * sh.b * sh.nq * s_lse)
     saved.keep("attention.out", e * dq)  # linear_proj's input is a view of it
@@ -552,6 +559,8 @@ def _stage_estimate(cfg: RunConfig, vocab_ids: int, stage: int, dp: int, device:
 
     # one micro-batch's saved tensors on this stage (without the loss's)
     edge = 0
+    if sh.dense_mask:  # the micro-batch's [b, 1, s, s] bool mask, which every layer reads (local keeps it)
+        edge += sh.b * sh.s * sh.s
     if first:
         edge += 8 * sh.tokens  # the token ids the embedding's backward needs
         if sh.p_hidden > 0:
