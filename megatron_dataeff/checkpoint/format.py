@@ -118,9 +118,11 @@ def read_metadata(ckpt_dir: str) -> dict:
 def read_common_state(ckpt: str) -> dict:
     """The common (non-sharded) state of a torch_dist checkpoint (Megatron-LM's `args`, `iteration`, ...), read
     by megatron-core as Megatron-LM reads it (its Namespace and enums are megatron-core's safe globals)."""
-    try:
+    try:  # megatron-core >= 0.19 reads it from the shards (torch DCP) when there is no common.pt
         return dist_checkpointing.load_common_state_dict(ckpt)
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP's CheckpointException derives from BaseException
         raise CheckpointError(f"{ckpt}: cannot read its common state: {type(exc).__name__}: {exc}") from exc
 
 
