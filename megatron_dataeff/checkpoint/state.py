@@ -5,9 +5,9 @@ weights alone), where its shards sit (`Placement`) and the metadata to keep besi
 format (`format.py`) and the storage (`storage.py`), not who calls it.  The trainer keeps its position in the run
 as a `TrainState` in that metadata.
 
-A save is collective: every rank calls it.  With `async_queue` (megatron-core's AsyncCallsQueue,
-`--async-save`) the shards are written by a forked process after the state is staged, and the checkpoint is
-published by the queue's finalisation once every rank's writer is done.
+A save is collective: every rank calls it.  With `async_queue` (`--async-save`: megatron-core's or NVRx's queue,
+`async_save.open_queue`) the shards are written by a background process after the state is staged, and the
+checkpoint is published by the queue's finalisation once every rank's writer is done.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from megatron_dataeff.checkpoint.format import (FILES, LATEST, METADATA, Checkpo
                                                 checkpoint_iterations, checkpoint_name, file_problems, file_record,
                                                 is_megatron_lm_checkpoint, latest_iteration, latest_marker, prune,
                                                 publish_checkpoint, read_metadata, resolve_checkpoint)
+from megatron_dataeff.checkpoint.async_save import quiet_deprecation, save_kwargs
 from megatron_dataeff.checkpoint.storage import load_sharded
 
 
@@ -115,9 +116,10 @@ def save(save_dir: str, iteration: int, model, optimizer, metadata: dict, placem
         except OSError as exc:
             error = exc
     _agreed(error, save_dir, tmp)
+    quiet_deprecation()
     try:  # torch DCP gathers a failure on any rank into a CheckpointException raised on every rank
         request = dist_checkpointing.save(sharded_state(model, optimizer, placement, is_loading=False), tmp,
-                                          async_sharded_save=async_queue is not None)
+                                          async_sharded_save=async_queue is not None, **save_kwargs(async_queue))
     except BaseException as exc:
         _failed_save(exc, save_dir, tmp)
     publish = functools.partial(_publish, save_dir, tmp, iteration, json.dumps(metadata, indent=2), keep_last,

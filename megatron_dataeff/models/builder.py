@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -132,7 +134,19 @@ def transformer_config(cfg: RunConfig, device: str, initialize: bool = True) -> 
         kwargs.update(platform.cpu_config_overrides())
     else:
         kwargs.update(gpu_fusions(cfg, use_te=choice.impl == "te"), use_cpu_initialization=c.use_cpu_initialization)
-    return DataEffTransformerConfig(**kwargs)
+    with warnings.catch_warnings():
+        # megatron-core 0.19 warns that its own default cuda_graph_modules ("full") is deprecated: no flag sets it
+        warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning,
+                                module=r"megatron\.core\.transformer\.transformer_config")
+        return DataEffTransformerConfig(**kwargs)
+
+
+@functools.cache
+def _quiet_gpt_model_notice() -> None:
+    """megatron-core 0.19 logs at every GPTModel built that GPTModel is deprecated in favour of its HybridModel: a
+    notice to us, who build on GPTModel, that no user can act on."""
+    logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
+        lambda record: not record.getMessage().startswith("GPTModel IS DEPRECATED"))
 
 
 class DataEffGPTModel(GPTModel):
@@ -184,6 +198,7 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    _quiet_gpt_model_notice()
     model = DataEffGPTModel(
         config=tcfg,
         transformer_layer_spec=spec,

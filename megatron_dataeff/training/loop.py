@@ -239,6 +239,8 @@ class Trainer:
             f"{self.data.samples_per_epoch:,} samples/epoch | {self.train_iters} iterations of {gbs} x {seq} "
             f"= {self.train_iters * gbs / self.data.samples_per_epoch:.2f} epochs")
         self.log.print(self.describe_compute())
+        if self.checkpoints.describe():
+            self.log.print(f"[megatron_dataeff] {self.checkpoints.describe()}")
         if rt.device == "cuda":
             capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             for line in startup_report(cfg, rt.world_size, self.vocab_ids, capacity, transformer_engine_available()):

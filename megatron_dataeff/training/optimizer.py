@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -36,7 +37,12 @@ def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel])
         decoupled_lr=o.decoupled_lr,
         decoupled_min_lr=o.decoupled_min_lr,
     )
-    optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
+    with warnings.catch_warnings():
+        # megatron-core 0.19 imports its MIMO model here to recognise one, and that import warns that MIMO is
+        # experimental; no MIMO model is built here
+        warnings.filterwarnings("ignore", message="MimoModelConfig is experimental", category=UserWarning,
+                                module=r"megatron\.core\.models\.mimo\.")
+        optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
     if cfg.parallel.use_distributed_optimizer:
         for opt, _ in _torch_adams(optimizer):
             _skip_step_in_param_state_copy(opt)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from megatron_dataeff.checkpoint import megatron_lm, state
+from megatron_dataeff.checkpoint import async_save, megatron_lm, state
 from megatron_dataeff.checkpoint.format import (check_checkpoint_files, check_compatible, checkpoint_name,
                                                 is_megatron_lm_checkpoint, latest_marker, read_metadata)
 from megatron_dataeff.checkpoint.state import Placement, TrainState
@@ -41,11 +41,13 @@ class RunCheckpoints:
 
     def __init__(self, cfg: RunConfig, placement: Placement, log):
         self.cfg, self.placement, self.log = cfg, placement, log  # log: the run's MetricsLogger (its print)
-        self.async_saves = None  # --async-save: megatron-core's queue of background checkpoint writes
-        if cfg.checkpoint.async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        # --async-save: the queue of background checkpoint writes (megatron-core's or NVRx's: `async_save`), refused
+        # by name here, before any model is built, when the installed megatron-core has neither
+        self.async_saves = async_save.open_queue() if cfg.checkpoint.async_save else None
 
-            self.async_saves = AsyncCallsQueue()
+    def describe(self) -> str | None:
+        """The start-up line of how checkpoints are written, when there is one to say (--async-save's writer)."""
+        return async_save.describe(self.async_saves) if self.async_saves is not None else None
 
     def path_of(self, iteration: int) -> str | None:
         """The checkpoint directory a save at `iteration` publishes (None without --save)."""
