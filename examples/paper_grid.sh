@@ -10,9 +10,8 @@
 # Resumable: run it again after an interruption and finished runs are skipped.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup_env.sh"
 # shellcheck disable=SC1091
-. "${MEGATRON_DATAEFF_VENV:-$ROOT/.venv}/bin/activate"
+. "$(bash "$ROOT/scripts/setup_env.sh")/bin/activate"
 OUTPUT=${OUTPUT:-runs/${SCALE:-tiny}_grid}
 SEEDS=${SEEDS:-1234}
 

@@ -18,9 +18,8 @@
 # resumes), so a second call only re-plots and samples: give changed --extra / --epochs flags a new RUN_DIR.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup_env.sh"
 # shellcheck disable=SC1091
-. "${MEGATRON_DATAEFF_VENV:-$ROOT/.venv}/bin/activate"
+. "$(bash "$ROOT/scripts/setup_env.sh")/bin/activate"
 cd "$ROOT"
 export PYTHONWARNINGS=ignore  # megatron-core's notes about optional accelerators
 
