@@ -3,10 +3,11 @@
 megatron-core up to 0.16 has one asynchronous save, its own: `dist_checkpointing.save(async_sharded_save=True)`
 returns a request that its `AsyncCallsQueue` runs in a forked process.  From 0.17 `save` also takes
 `async_strategy`: "nvrx" (its default) builds a request for nvidia-resiliency-ext's queue (NVRx, a separate
-package), "mcore" one for its own queue, which it calls deprecated.  `open_writer()` takes NVRx's when that package
+package), "mcore" one for its own queue, which it calls deprecated.  `open_queue()` takes NVRx's when that package
 is installed and megatron-core can use it, else megatron-core's own while the release has one, and otherwise
-refuses --async-save by name.  The queue's interface is the same for both (`schedule_async_request`,
-`maybe_finalize_async_calls`, `get_num_unfinalized_calls`, `async_calls`).
+refuses --async-save by name; `save_kwargs(queue)` asks `save` for requests of that queue.  Both queues are used
+through the same methods (`schedule_async_request`, `maybe_finalize_async_calls`, `get_num_unfinalized_calls`,
+`async_calls`); NVRx is not a dependency, and CI runs megatron-core's own.
 
 megatron-core >= 0.17 also writes a synchronous save through its own asynchronous writer, and so logs "MCore's async
 save is deprecated ... set `async_strategy` to `nvrx`" at the first save of every run, --async-save or not: advice
