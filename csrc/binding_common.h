@@ -22,6 +22,8 @@ inline MaskParams mask_params(const at::Tensor& tokens, int64_t k0, int64_t k1, 
   TORCH_CHECK_VALUE(mode == kModeMdm || mode == kModeFixed || mode == kModeUniform, "unknown mode ", mode);
   TORCH_CHECK_VALUE(rate >= 0.0 && rate <= 1.0, "rate must be in [0, 1], got ", rate);
   TORCH_CHECK_VALUE(eps >= 0.0 && eps < 1.0, "eps must be in [0, 1), got ", eps);
+  TORCH_CHECK_VALUE(mode != kModeMdm || eps < rate, "mdm rates lie in [eps, rate): eps ", eps, " must be below rate ",
+                    rate);
   TORCH_CHECK_VALUE(stratify_group >= 0, "stratify_group must be >= 0");
   TORCH_CHECK_VALUE(stream_offset >= 0 && stream_offset <= int64_t(0xFFFFFFFF) - kStreamRate,
                     "stream_offset out of range: ", stream_offset);

@@ -123,7 +123,8 @@ MDE_HD float mask_rate(int64_t index, uint32_t k0, uint32_t k1, uint32_t stream_
     const double stratum = static_cast<double>(index % stratify_group);
     t = static_cast<double>(d2f(ddiv(dadd(stratum, t), static_cast<double>(stratify_group))));
   }
-  const double p = mode == kModeMdm ? dadd(dmul(dadd(1.0, -eps), t), eps) : dmul(rate, t);
+  // mdm: p in [eps, rate) (rate = 1 unless a clipped schedule asks less)
+  const double p = mode == kModeMdm ? dadd(dmul(dadd(rate, -eps), t), eps) : dmul(rate, t);
   return d2f(p);
 }
 

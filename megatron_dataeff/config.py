@@ -288,12 +288,23 @@ class ObjectiveConfig(_Section):
     and corrupted rows together); 0: the inputs themselves are corrupted."""
     mdm_eps: float = 1e-3
     """mdm: mask probability p = (1 - eps) t + eps for t ~ U(0, 1)."""
+    mdm_t_min: Optional[float] = None
+    """mdm, dual, block: training draws mask rates from [t_min, t_max) instead of [eps, 1): a clipped schedule
+    (BD3-LM), for lower-variance gradients; the training loss is then no ELBO, validation keeps [eps, 1) and
+    is one.  Default: --mdm-eps."""
+    mdm_t_max: float = 1.0
+    """mdm, dual, block: the top of the training schedule (see --mdm-t-min)."""
     mdm_stratified: bool = False
     """mdm: stratify t over each global batch (one t per stratum, lower-variance loss)."""
     block_size: Optional[int] = None
     """block: tokens per block (divides --seq-length); 1 is AR-like, --seq-length is masked diffusion."""
     block_noise: BlockNoise = "per-block"
     """block: a mask rate t per block (per-block) or one per sequence (shared)."""
+
+    @property
+    def t_min(self) -> float:
+        """The bottom of the training schedule: --mdm-t-min, else --mdm-eps."""
+        return self.mdm_eps if self.mdm_t_min is None else self.mdm_t_min
 
     def validate(self):
         _require((self.name == "block") == (self.block_size is not None),
@@ -307,6 +318,10 @@ class ObjectiveConfig(_Section):
                  "--ar-fraction must be in (0, 1) (0 and 1 are --objective mdm and ar)")
         _require(0.0 <= self.token_dropout_rate <= 1.0, "--token-dropout-rate must be in [0, 1]")
         _require(0.0 <= self.mdm_eps < 1.0, "--mdm-eps must be in [0, 1)")
+        _require(0.0 <= self.t_min < self.mdm_t_max <= 1.0,
+                 f"--mdm-t-min ({self.t_min}) and --mdm-t-max ({self.mdm_t_max}) need 0 <= t_min < t_max <= 1")
+        _require(self.name in ("mdm", "dual", "block") or (self.mdm_t_min is None and self.mdm_t_max == 1.0),
+                 f"--mdm-t-min / --mdm-t-max clip masked diffusion's schedule (mdm, dual, block), not {self.name}'s")
         _require(not (self.name != "ar" and self.token_dropout_rate > 0),
                  f"--token-dropout-rate applies to --objective ar; {self.name} masks by its own schedule")
         _require(self.token_dropout_span is None or self.token_dropout_span >= 1,

@@ -344,3 +344,60 @@ def test_dual_fraction_and_views():
     assert obj.view("mdm").monte_carlo and not obj.view("ar").monte_carlo
     with pytest.raises(ValueError, match="validates each view"):
         obj.prepare(tok, idx, evaluation=True)
+
+
+@pytest.mark.parametrize("kind", ["mdm", "dual", "block"])
+def test_clipped_schedule_trains_inside_it_and_validates_on_the_whole(kind):
+    """--mdm-t-min / --mdm-t-max: training rates p = (t_max - t_min) t + t_min for mdm's t (weights 1/p), every one
+    inside [t_min, t_max); validation batches are those of the unclipped objective bit for bit (the ELBO)."""
+    from megatron_dataeff.objectives.block import BlockDiffusionObjective
+    from megatron_dataeff.objectives.dual import DualObjective
+
+    def make(**kw):
+        return {"mdm": lambda: MaskedDiffusionObjective(MASK, SEED, **kw),
+                "dual": lambda: DualObjective(MASK, SEED, ar_fraction=0.25, **kw),
+                "block": lambda: BlockDiffusionObjective(MASK, SEED, 4, **kw)}[kind]()
+
+    tok = torch.randint(0, 50, (64, 17), dtype=torch.int64)
+    idx = torch.arange(64) + 1000
+    clipped, plain = make(t_min=0.3, t_max=0.8), make()
+    ob = clipped.prepare(tok, idx)
+    w = ob.loss_weight[:, :16][ob.mask[:, :16]]
+    assert w.numel() > 0 and bool(((1 / w) >= 0.3 - 1e-6).all()) and bool(((1 / w) < 0.8).all())
+    if kind == "mdm":  # the rate itself, as the kernels compute it
+        t = philox.uniform(SEED, idx, philox.STREAM_RATE, 1)[:, 0].double()
+        p = ((0.8 - 0.3) * t + 0.3).float()
+        assert torch.equal(ob.mask, philox.uniform(SEED, idx, philox.STREAM_TOKEN, 16) < p[:, None])
+    assert not torch.equal(ob.loss_weight, plain.prepare(tok, idx).loss_weight)
+    if kind == "dual":  # validated view by view: its mdm view is the mdm objective
+        clipped, plain = clipped.view("mdm"), plain.view("mdm")
+    a, b = clipped.prepare(tok, idx, evaluation=True), plain.prepare(tok, idx, evaluation=True)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_weight, b.loss_weight)
+    assert "clipped schedule" in make(t_min=0.3, t_max=0.8).describe() and "clipped" not in make().describe()
+
+
+def test_clipped_schedule_kernel_equals_reference_and_default_is_unchanged():
+    """The kernels take the schedule's top as `rate` in mdm mode: equal to the reference for a clipped one, and
+    rate 1 is the unclipped (1 - eps) t + eps; eps >= rate is refused by name."""
+    tok = torch.randint(0, 50, (7, 33), dtype=torch.int64)
+    idx = torch.arange(7) * 31
+    a = mask_tokens(tok, idx, SEED, mode="mdm", eps=0.2, rate=0.6, mask_token_id=MASK)
+    b = mask_tokens_reference(tok, idx, SEED, mode="mdm", eps=0.2, rate=0.6, mask_token_id=MASK)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.weight, b.weight)
+    assert bool((a.rate >= 0.2).all()) and bool((a.rate < 0.6).all())
+    t = philox.uniform(SEED, idx, philox.STREAM_RATE, 1)[:, 0].double()
+    assert torch.equal(mask_tokens(tok, idx, SEED, mode="mdm", eps=1e-3, mask_token_id=MASK).rate,
+                       ((1 - 1e-3) * t + 1e-3).float())
+    with pytest.raises(ValueError, match="eps 0.6 must be below rate 0.6"):
+        mask_tokens(tok, idx, SEED, mode="mdm", eps=0.6, rate=0.6, mask_token_id=MASK)
+
+
+def test_clipped_schedule_flags_are_checked():
+    """The flags name themselves when out of order, and are refused for objectives without masked diffusion."""
+    from megatron_dataeff.config import ConfigError
+
+    ObjectiveConfig(name="mdm", mdm_t_min=0.3, mdm_t_max=0.8).validate()
+    with pytest.raises(ConfigError, match="--mdm-t-min"):
+        ObjectiveConfig(name="mdm", mdm_t_min=0.8, mdm_t_max=0.3).validate()
+    with pytest.raises(ConfigError, match="not ar's"):
+        ObjectiveConfig(name="ar", mdm_t_max=0.5).validate()

@@ -3,7 +3,8 @@ diffusion.
 
 The window x0 = tokens[:-1] (L tokens) is cut into blocks of B tokens.  Each block is noised as masked
 diffusion does it: a rate t per block (`--block-noise per-block`; one per sequence with `shared`),
-p = (1 - eps) t + eps, each token replaced by the mask token with probability p.  BD3-LM's training form puts
+p = (1 - eps) t + eps (in training (t_max - t_min) t + t_min with a clipped schedule, --mdm-t-min / --mdm-t-max,
+as BD3-LM trains), each token replaced by the mask token with probability p.  BD3-LM's training form puts
 the noisy and the clean sequence in one row of 2L tokens, [x_t | x_0], positions repeated (0..L-1 twice), under
 one mask: a noisy block attends to itself both ways and to the clean blocks before it; a clean block attends
 block-causally to the clean blocks up to itself (so the clean half is AR over blocks, and never sees noise).  The
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from megatron_dataeff.lazy import lazy_module
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
+from megatron_dataeff.objectives.mdm import schedule_note
 
 torch = lazy_module("torch")
 philox = lazy_module("megatron_dataeff.ops.philox")
@@ -39,16 +41,20 @@ class BlockDiffusionObjective(Objective):
     monte_carlo = True
     token_positions = True  # positions 0..L-1 on both halves
 
-    def __init__(self, mask_token_id: int, seed: int, block_size: int, eps: float = 1e-3, shared_noise: bool = False):
+    def __init__(self, mask_token_id: int, seed: int, block_size: int, eps: float = 1e-3, shared_noise: bool = False,
+                 t_min: float | None = None, t_max: float = 1.0):
         super().__init__(mask_token_id, seed)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size, self.eps, self.shared_noise = int(block_size), float(eps), bool(shared_noise)
+        # training's rates lie in [t_min, t_max) (a clipped schedule when not [eps, 1)); evaluation's in [eps, 1)
+        self.t_min, self.t_max = (self.eps if t_min is None else float(t_min)), float(t_max)
 
     @classmethod
     def from_config(cls, cfg, mask_token_id, vocab_ids=None, train_iters=None):
         o = cfg.objective
-        return cls(mask_token_id, cfg.optim.seed, o.block_size, eps=o.mdm_eps, shared_noise=o.block_noise == "shared")
+        return cls(mask_token_id, cfg.optim.seed, o.block_size, eps=o.mdm_eps, shared_noise=o.block_noise == "shared",
+                   t_min=o.t_min, t_max=o.mdm_t_max)
 
     @classmethod
     def input_noise(cls, ocfg):
@@ -66,12 +72,14 @@ class BlockDiffusionObjective(Objective):
 
     def describe(self) -> str:
         return (f"block diffusion: blocks of {self.block_size} tokens, a mask rate per "
-                f"{'sequence' if self.shared_noise else 'block'} ([x_t | x_0] rows, BD3-LM)")
+                f"{'sequence' if self.shared_noise else 'block'} ([x_t | x_0] rows, BD3-LM)"
+                + schedule_note(self.eps, self.t_min, self.t_max))
 
     def rates(self, sample_index: torch.Tensor, blocks: int, stream_offset: int, stratify: int = 0) -> torch.Tensor:
         """[batch, blocks] float32 masking probability p of each block (stratified over groups of `stratify`
         consecutive sample indices for evaluation copies)."""
-        p = masking.sample_rates(sample_index.to("cpu"), self.seed, mode="mdm", eps=self.eps, stratify_group=stratify,
+        lo, hi = (self.eps, 1.0) if stream_offset else (self.t_min, self.t_max)  # evaluation: the whole schedule
+        p = masking.sample_rates(sample_index.to("cpu"), self.seed, mode="mdm", eps=lo, rate=hi, stratify_group=stratify,
                                  stream_offset=stream_offset, columns=1 if self.shared_noise else blocks)
         return p.reshape(p.shape[0], -1).expand(-1, blocks)  # one column per block (shared: one rate for all)
 

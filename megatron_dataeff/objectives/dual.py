@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from megatron_dataeff.lazy import lazy_module
 from megatron_dataeff.objectives.base import Objective, ObjectiveBatch
-from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective
+from megatron_dataeff.objectives.mdm import MaskedDiffusionObjective, schedule_note
 
 torch = lazy_module("torch")
 philox = lazy_module("megatron_dataeff.ops.philox")
@@ -36,23 +36,27 @@ class DualObjective(Objective):
     part_names = ("ar", "mdm")
     evaluation_views = ("ar", "mdm")
 
-    def __init__(self, mask_token_id: int, seed: int, ar_fraction: float = 0.5, eps: float = 1e-3):
+    def __init__(self, mask_token_id: int, seed: int, ar_fraction: float = 0.5, eps: float = 1e-3,
+                 t_min: float | None = None, t_max: float = 1.0):
         super().__init__(mask_token_id, seed)
         if not 0.0 < ar_fraction < 1.0:
             raise ValueError(f"ar_fraction must be in (0, 1), got {ar_fraction}")
         self.ar_fraction = float(ar_fraction)
-        self.mdm = MaskedDiffusionObjective(mask_token_id, seed, eps=eps)
+        self.mdm = MaskedDiffusionObjective(mask_token_id, seed, eps=eps, t_min=t_min, t_max=t_max)
 
     @classmethod
     def from_config(cls, cfg, mask_token_id, vocab_ids=None, train_iters=None):
-        return cls(mask_token_id, cfg.optim.seed, ar_fraction=cfg.objective.ar_fraction, eps=cfg.objective.mdm_eps)
+        o = cfg.objective
+        return cls(mask_token_id, cfg.optim.seed, ar_fraction=o.ar_fraction, eps=o.mdm_eps, t_min=o.t_min,
+                   t_max=o.mdm_t_max)
 
     @classmethod
     def input_noise(cls, ocfg):
         return "mask", None
 
     def describe(self) -> str:
-        return f"dual: AR on {self.ar_fraction:g} of the samples, masked diffusion on the rest"
+        return (f"dual: AR on {self.ar_fraction:g} of the samples, masked diffusion on the rest"
+                + schedule_note(self.mdm.eps, self.mdm.t_min, self.mdm.t_max))
 
     def is_ar(self, sample_index: torch.Tensor) -> torch.Tensor:
         """[batch] bool: which samples are trained AR (keyed by the sample, the same in every layout)."""

@@ -10,7 +10,7 @@ Per sample i (all rates are float32; double-precision intermediates are rounded 
     u_rate = uniform(seed, index_i, STREAM_RATE)[0]
     t      = u_rate, or with stratification over groups of G samples
              float32((index_i % G + u_rate) / G)              # one sample per stratum of [0, 1)
-    p      = mdm:     float32((1 - eps) * t + eps)
+    p      = mdm:     float32((rate - eps) * t + eps)             # rate 1 (default); < 1: a clipped schedule
              fixed:   float32(rate)
              uniform: float32(rate * t)
 Per token j:
@@ -57,6 +57,8 @@ def _check(tokens, sample_index, mode, rate, eps, mask_token_id, stratify_group,
         raise ValueError(f"rate must be in [0, 1], got {rate}")
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
+    if mode == "mdm" and not eps < rate:
+        raise ValueError(f"mdm rates lie in [eps, rate): eps {eps} must be below rate {rate}")
     if mask_token_id < 0:
         raise ValueError(f"mask_token_id must be >= 0, got {mask_token_id}")
     if stratify_group < 0:
@@ -89,7 +91,7 @@ def sample_rates(
         t = ((sample_index % stratify_group).double()[:, None] + t) / stratify_group
         t = t.float().double()  # t is a float32 value, as in the kernels
     if mode == "mdm":
-        p = (1.0 - eps) * t + eps
+        p = (rate - eps) * t + eps
     else:
         p = rate * t
     p = p.float()
@@ -140,7 +142,8 @@ def mask_tokens(
 ) -> MaskedTokens:
     """Mask tokens [batch, seq] of the samples `sample_index` [batch] (int64) with seed `seed`.
 
-    mode: "mdm" (t ~ U(0,1), p = (1-eps) t + eps), "fixed" (p = rate) or "uniform" (p = rate * t).
+    mode: "mdm" (t ~ U(0,1), p = (rate - eps) t + eps: rate 1, or below for a clipped schedule), "fixed"
+    (p = rate) or "uniform" (p = rate * t).
     stratify_group: G > 0 draws t stratified over groups of G consecutive sample indices.
     stream_offset: 0 for training noise, `philox.EVAL_STREAM_OFFSET` for evaluation noise.
     """
