@@ -29,7 +29,7 @@ def test_grid_covers_the_paper_conditions():
     parse as a RunConfig; a budget run has F x the unique tokens at the baseline's number of steps."""
     from megatron_dataeff.arguments import parse_config
 
-    assert len(PAPER_METHODS) == 14 and len(METHODS) == 34
+    assert len(PAPER_METHODS) == 14 and len(METHODS) == 35
     for method in METHODS:
         flags, facts = run_flags(SCALES["tiny"], method, 1, "/tmp/x")
         cfg = parse_config(flags)

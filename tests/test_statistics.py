@@ -18,7 +18,7 @@ def _law(f):
     return E + A * f ** -ALPHA
 
 
-def _write_run(root, method, seed, best, objective="ar", block_size=None):
+def _write_run(root, method, seed, best, objective="ar", block_size=None, **objective_flags):
     """A run directory whose validation curve falls to `best` at epoch 10 and rises after."""
     d = root / f"{method}_s{seed}"
     d.mkdir()
@@ -28,7 +28,8 @@ def _write_run(root, method, seed, best, objective="ar", block_size=None):
                          "consumed_tokens": int(1000 * e)}) for e, v in zip(epochs, losses)]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (d / "run.json").write_text(json.dumps({"unique_tokens": 1000, "config": {
-        "objective": {"name": objective, "block_size": block_size}, "model": {"seq_length": 128}}}))
+        "objective": {"name": objective, "block_size": block_size, **objective_flags},
+        "model": {"seq_length": 128}}}))
 
 
 MDM_NOISE = [0.0, 0.0, 0.0]  # the mdm runs' offsets from 2.9 (set by the fixture)
@@ -104,7 +105,8 @@ def test_summary_table_and_banded_plots(grid, tmp_path):
 
 def test_block_sizes_get_their_plot(grid, tmp_path):
     """Block-diffusion runs are grouped by their --block-size and plotted (best loss against block size) beside
-    AR's and mdm's best; a grid without them gets no such plot."""
+    AR's and mdm's best (runs on a clipped schedule are another method, left out); a grid without them gets no
+    such plot."""
     from megatron_dataeff.experiments.report import block_sizes
 
     root = tmp_path / "blocks"
@@ -114,6 +116,7 @@ def test_block_sizes_get_their_plot(grid, tmp_path):
             _write_run(root, f"block{size}", s, best + 0.01 * s, objective="block", block_size=size)
     for s in (1, 2):
         _write_run(root, "ar", s, 2.5 + 0.01 * s)
+        _write_run(root, "block4_clip", s, 2.0, objective="block", block_size=4, mdm_t_min=0.3, mdm_t_max=0.8)
     runs = find_runs([str(root)])
     assert list(block_sizes(runs)) == [4, 16, 128] and all(len(v) == 2 for v in block_sizes(runs).values())
     written = plot_runs(runs, str(tmp_path / "report"))

@@ -27,6 +27,8 @@ Methods (Gao et al. 2025, see docs/evaluation.md):
                             attention to the document change the comparison?
     block{4,16,128}         block diffusion (BD3-LM) with blocks of 4 / 16 tokens, between AR and masked
                             diffusion; block128 is one block of the demo's 128-token window, a check against mdm
+    block4_clip             block4 trained on a clipped schedule, rates in [0.3, 0.8) (--mdm-t-min/--mdm-t-max;
+                            validation is the same ELBO): does BD3-LM's variance reduction matter here?
     ar_u{0.5,2,4}           plain AR at 0.5 / 2 / 4 x the unique tokens, the same number of steps (so
                             2 / 0.5 / 0.25 x the epochs): with `ar` they give best loss vs unique
                             tokens, through which each method's best loss becomes an effective-data
@@ -74,6 +76,7 @@ METHODS: dict[str, list[str]] = {
     "block4": ["--objective", "block", "--block-size", "4"],
     "block16": ["--objective", "block", "--block-size", "16"],
     "block128": ["--objective", "block", "--block-size", "128"],
+    "block4_clip": ["--objective", "block", "--block-size", "4", "--mdm-t-min", "0.3", "--mdm-t-max", "0.8"],
     "ar_fresh": [],
     "mdm_fresh": ["--objective", "mdm"],
     "ar_u0.5": [],
@@ -83,7 +86,8 @@ METHODS: dict[str, list[str]] = {
 FRESH = {"ar_fresh": "ar", "mdm_fresh": "mdm"}  # reference run -> the family it calibrates
 BUDGETS = {"ar_u0.5": 0.5, "ar": 1.0, "ar_u2": 2.0, "ar_u4": 4.0}  # plain AR at F x the unique tokens
 BEYOND = ["ar_wd1.0", "ar_wd3.0", "ar_td0.3_random", "ar_td0.3_mixed", "ar_td0.3_span3", "ar_td0.5_anneal", "ar_mir0.3", "ar_mlp0.1_td0.3",
-          "dual", "ar_doc", "ar_td0.3_doc", "mdm_doc", "block4", "block16", "block128"]
+          "dual", "ar_doc", "ar_td0.3_doc", "mdm_doc", "block4", "block16", "block128",
+          "block4_clip"]
 PAPER_METHODS = [m for m in METHODS if m not in FRESH and m not in BEYOND and (m not in BUDGETS or m == "ar")]
 
 

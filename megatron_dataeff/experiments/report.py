@@ -40,6 +40,7 @@ class Run:
     objective: str = "ar"
     flops_per_token: Optional[float] = None  # training FLOPs per token seen (run.json's compute record)
     block_size: Optional[int] = None  # block diffusion's --block-size
+    clipped_schedule: bool = False  # trained on a clipped masking schedule (--mdm-t-min / --mdm-t-max)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -84,7 +85,8 @@ def load_run(path: str) -> Optional[Run]:
     return Run(path=path, method=method, seed=seed, unique_tokens=int(info.get("unique_tokens", 0)),
                valid=curve("valid"), train=curve("train"), downstream=downstream, objective=cfg.objective.name,
                flops_per_token=flops / tokens_per_step if flops and tokens_per_step else None,
-               block_size=cfg.objective.block_size)
+               block_size=cfg.objective.block_size,
+               clipped_schedule=(cfg.objective.t_min, cfg.objective.mdm_t_max) != (cfg.objective.mdm_eps, 1.0))
 
 
 def find_runs(dirs) -> list[Run]:
@@ -382,10 +384,11 @@ def plot_runs(runs: list[Run], out_dir: str, prefix: str = "") -> list[str]:
 
 
 def block_sizes(runs: list[Run]) -> dict[int, list[Run]]:
-    """{block size: its block-diffusion runs}, read from each run's config."""
+    """{block size: its block-diffusion runs}, read from each run's config (those on the whole masking schedule:
+    a clipped one is another method)."""
     out: dict[int, list[Run]] = {}
     for r in runs:
-        if r.objective == "block" and r.block_size:
+        if r.objective == "block" and r.block_size and not r.clipped_schedule:
             out.setdefault(r.block_size, []).append(r)
     return dict(sorted(out.items()))
 
