@@ -43,6 +43,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _restart_store(timeout: datetime.timedelta):
+    """The store this worker group's process groups rendezvous in, when torchrun's elastic agent restarted the
+    group (`--max-restarts`); None otherwise (torch's own env:// rendezvous).
+
+    A static rendezvous (torchrun's default, `--master-port` fixed) hands every generation of workers the agent's
+    one TCPStore, and the keys the previous generation wrote stay there: gloo's and megatron's groups are named
+    by a counter that starts again from 0, so a restarted rank reads its dead peers' addresses and fails to
+    connect, or waits for them until --distributed-timeout-minutes.  A prefix per restart
+    (TORCHELASTIC_RESTART_COUNT) gives each generation keys of its own."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart == "0":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size_from_env(),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"megatron_dataeff/restart_{restart}", agent)
+
+
 def world_size_from_env() -> int:
     """Processes in the job (1 when not launched by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,8 +81,11 @@ def initialize(tp: int, pp: int, seed: int, device_flag: str = "auto", timeout_m
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=platform.distributed_backend(device),
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _restart_store(timeout)
+        dist.init_process_group(backend=platform.distributed_backend(device), timeout=timeout, store=store,
+                                **({} if store is None else dict(rank=int(os.environ["RANK"]),
+                                                                  world_size=world_size_from_env())))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                  pipeline_model_parallel_size=pp,
