@@ -12,10 +12,12 @@ checkpoint is published by the queue's finalisation once every rank's writer is 
 
 from __future__ import annotations
 
+import builtins
 import errno
 import functools
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -98,8 +100,9 @@ def save(save_dir: str, iteration: int, model, optimizer, metadata: dict, placem
 
     The metadata is serialised now, so it describes the state that was staged even when the shards are
     written in the background; at publication it gains the manifest of the files (size and CRC-32 of each),
-    which a load checks (`intact_checkpoint`).  A write that fails (a full disk) removes the partial directory,
-    leaves the previous checkpoint `latest` and raises CheckpointSaveError naming the path and the free space."""
+    which a load checks (`intact_checkpoint`).  A write that fails (a full disk), here or in the background writer,
+    removes the partial directory, leaves the previous checkpoint `latest` and raises CheckpointSaveError naming
+    the path and the free space (a background save's at the `async_queue` finalisation that finds it failed)."""
     rank = dist.get_rank()
     final = os.path.join(save_dir, checkpoint_name(iteration))
     tmp = final + ".tmp"
@@ -128,11 +131,27 @@ def save(save_dir: str, iteration: int, model, optimizer, metadata: dict, placem
         dist.barrier()
         publish()
     else:
-        request.add_finalize_fn(publish)
-        async_queue.schedule_async_request(request)
+        # megatron-core's finalisation (its writers' results, .metadata) and ours run as one, so that a writer's
+        # failure is a failed save like a synchronous one
+        finalize = functools.partial(_finalize_background_save, [*request.finalize_fns, publish], save_dir, tmp)
+        async_queue.schedule_async_request(request._replace(finalize_fns=[finalize]))
         print_fn(f" checkpoint of iteration {iteration}: writing {tmp} in the background "
                  f"(training held {time.time() - start:.2f} s)")
     return final
+
+
+def _finalize_background_save(finalize_fns: list, save_dir: str, tmp: str) -> None:
+    """Publish a background save once every rank's writer is done (collective).  A writer that failed (a full
+    disk) makes megatron-core's finalisation raise on every rank, with the writers' errors on rank 0 only: rank 0's
+    file-system error, agreed by all, is handled as a synchronous save's (`_failed_save`)."""
+    try:
+        for fn in finalize_fns:
+            fn()
+    except (KeyboardInterrupt, SystemExit, CheckpointSaveError):  # ours: already agreed and cleaned up
+        raise
+    except BaseException as exc:
+        _agreed(_os_error(exc, save_dir) if dist.get_rank() == 0 else None, save_dir, tmp)
+        raise
 
 
 def _previous_size(save_dir: str) -> int:
@@ -146,23 +165,34 @@ def _previous_size(save_dir: str) -> int:
 
 def _os_error(exc: BaseException, save_dir: str) -> OSError | None:
     """The file-system error behind a failed write: the exception itself, or an OSError a torch DCP
-    CheckpointException gathered from a rank; or, when the writer's own message hides it (torch's serialiser
-    reports a short write as "unexpected pos"), a full file system seen now (under 1 MiB free or less than
-    the previous checkpoint's size)."""
+    CheckpointException gathered from a rank (a background writer's reaches rank 0 as text: megatron-core 0.16's
+    "Worker failure: [Errno 28] ...", later releases' "... error: <class 'OSError'>"); or, when the writer's own
+    message hides it (torch's serialiser reports a short write as "unexpected pos"), a full file system seen now
+    (under 1 MiB free, less than the previous checkpoint's size, or no free inodes)."""
     if isinstance(exc, OSError):
         return exc
     failures = getattr(exc, "failures", {}) or {}
+    named = None  # an OSError known by its type alone
     for failure in failures.values():
         inner = failure[0] if isinstance(failure, tuple) else failure
         if isinstance(inner, OSError):
             return inner
+        told = re.search(r"\[Errno (\d+)\] ([^:]+)", str(inner))
+        if told:
+            return OSError(int(told.group(1)), told.group(2))
+        typed = re.search(r"<class '(\w+)'>", str(inner))
+        if typed and isinstance(getattr(builtins, typed.group(1), None), type) \
+                and issubclass(getattr(builtins, typed.group(1)), OSError):
+            named = named or OSError(None, f"{typed.group(1)} in the background writer: its message is logged above")
     try:
-        free = shutil.disk_usage(save_dir).free
+        free, inodes = shutil.disk_usage(save_dir).free, os.statvfs(save_dir)
     except OSError:
-        return None
-    if free < max(2**20, _previous_size(save_dir)):
-        return OSError(errno.ENOSPC, f"no space left: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}")
-    return None
+        return named
+    no_inodes = bool(inodes.f_files and not inodes.f_favail)
+    if free < max(2**20, _previous_size(save_dir)) or no_inodes:
+        return OSError(errno.ENOSPC, f"no space left{' (no free inodes)' if no_inodes else ''}: "
+                                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}")
+    return named
 
 
 def _agreed(error: OSError | None, save_dir: str, tmp: str) -> None:
