@@ -656,7 +656,9 @@ class CheckpointConfig(_Section):
     save: Optional[str] = None
     """Directory for checkpoints (iter_NNNNNNN/, latest_checkpointed_iteration.txt); default: none saved."""
     load: Optional[str] = None
-    """Directory to resume from (its latest checkpoint)."""
+    """Directory to resume from (its newest intact checkpoint). --save X --load X resumes a run wherever it
+    stopped: a relaunched or requeued job, or a worker group that torchrun --max-restarts N restarts after a
+    worker died."""
     save_interval: Optional[int] = None
     """Steps between checkpoints; default: only at the end."""
     keep_last: Optional[int] = None
@@ -689,7 +691,8 @@ class CheckpointConfig(_Section):
     """Write checkpoints in the background (megatron-core's asynchronous torch_dist save): training waits
     only while the state is staged, a forked writer saves it, and the checkpoint is published (renamed,
     `latest` advanced) once every rank's writer has finished, so a kill mid-save leaves the previous one
-    as `latest`. The final save and a save before an early exit are synchronous."""
+    as `latest`; a writer that fails (a full disk) stops the run as a failed synchronous save does. The final
+    save and a save before an early exit are synchronous."""
     ckpt_format: str = "torch_dist"
     """torch_dist only: megatron-core dist_checkpointing, the one format written (loads at any TP/PP/DP
     layout)."""
