@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, as one script for a lent GPU machine (no network there; about 8 minutes):
+# Every check that needs a GPU, as one script for a lent GPU machine (no network there; about 11 minutes, step 7 about 3 of them):
 #   bash scripts/fetch_gpu_wheels.sh          # beforehand, where pip can reach the registry (megatron-core, psutil)
 #   bash benchmarks/gpu_check.sh [OUT_DIR]    # on the GPU machine, with .gpu_wheels carried along
 # Steps (STEPS="1 2 3" runs a subset; step 0 always runs):
@@ -12,7 +12,10 @@
 #      bench_mlp_dropout on cuda;
 #   5. benchmarks/gpu_train_check.py: bf16 training (ar, token dropout, mdm), exact resume, device vs CPU;
 #   6. benchmarks/bench_paper_model.py: qwen3-0.6b at seq 4096, sdpa vs unfused, with/without selective
-#      recomputation: tokens/s, TFLOP/s, MFU (goal >= 45%), peak memory, largest micro-batch.
+#      recomputation: tokens/s, TFLOP/s, MFU (goal >= 45%), peak memory, largest micro-batch;
+#   7. figures without goals yet, logged: packed-document masks at qwen3-0.6b's attention shape (FlexAttention
+#      vs sdpa with a dense mask vs causal), the two losses' time and memory at the paper's vocabulary (what
+#      models/loss_choice.py decides between), and the objectives' step times (block diffusion vs mdm vs AR).
 # What comes back (at most 8 files, two folders deep): OUT_DIR/gpu_summary.json (every figure with its goal
 # and pass/fail, every step's exit status and time), OUT_DIR/gpu_check.log (everything printed) and
 # OUT_DIR/gpu_check_runs.tar.gz (step logs, figure files, run records). Run folders live under /tmp.
@@ -21,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR="${1:-${OUT:-/tmp/gpu_check_out}}"
 WORK="${GPU_CHECK_WORK:-/tmp/gpu_check_work}"
-STEPS="${STEPS:-1 2 3 4 5 6}"
+STEPS="${STEPS:-1 2 3 4 5 6 7}"
 mkdir -p "$OUT_DIR" "$WORK"
 : > "$WORK/steps.tsv"
 exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
@@ -105,4 +108,8 @@ step 4 bench_mlp_dropout "$PY" benchmarks/bench_mlp_dropout.py --device cuda --d
 step 5 train "$PY" benchmarks/gpu_train_check.py --out "$WORK/train_runs" --json "$WORK/train.json"
 step 6 paper_model "$PY" benchmarks/bench_paper_model.py --attention-backends sdpa,local --recompute none,selective \
     --steps 3 --warmup 1 --accumulation 2 --json-out "$WORK/paper_model.json"
+step 7 attention_masks "$PY" benchmarks/bench_attention_masks.py --device cuda --seq 4096 --heads 16 --groups 8 \
+    --head-dim 128 --batch 4 --dtype bf16 --rounds 3
+step 7 loss_choice "$PY" benchmarks/bench_loss_memory.py --device cuda --sizes 4096x151936,16384x151936 --dtype bf16
+step 7 objectives "$PY" benchmarks/bench_objectives.py --device cuda --rounds 3
 finish
