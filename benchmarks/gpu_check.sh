@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, as one script for a lent GPU machine (no network there; about 11 minutes, step 7 about 3 of them):
+# Every check that needs a GPU, as one script for a lent GPU machine (no network there; about 11 minutes,
+# step 7 about 3 of them):
 #   bash scripts/fetch_gpu_wheels.sh          # beforehand, where pip can reach the registry (megatron-core, psutil)
 #   bash benchmarks/gpu_check.sh [OUT_DIR]    # on the GPU machine, with .gpu_wheels carried along
 # Steps (STEPS="1 2 3" runs a subset; step 0 always runs):
