@@ -101,6 +101,30 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def worker_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` training into run_dir (read from /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ \
+                and b"pretrain_diffusion.py" in b" ".join(cmdline) and b"torch.distributed.run" not in b" ".join(cmdline):
+            return int(entry)
+    return None
+
+
+def train_iterations(run_dir: Path) -> int:
+    """How many train records the run in run_dir has logged so far (its metrics.jsonl, read while it trains)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.endswith("}") and '"train"' in line)
+
+
 def run_pretrain(args: list[str], run_dir: Path, nproc: int = 1, timeout: int = 600) -> list[dict]:
     """Run pretrain_diffusion.py (under torchrun when nproc > 1); return its metrics.jsonl records."""
     env = child_env()

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, child_env, free_port, losses, run_pretrain
-from tests.test_preemption import BASE, _train_iterations, _worker_pid
+from tests.conftest import ROOT, child_env, free_port, losses, run_pretrain, train_iterations, worker_pid
+from tests.test_preemption import BASE
 
 pytestmark = pytest.mark.distributed
 
@@ -37,18 +37,18 @@ def test_sigkilled_worker_restarts_from_the_newest_checkpoint(tmp_path):
     pid = None
     try:
         deadline = time.time() + 300
-        while _train_iterations(run_dir) < 1:  # the workers are up: find rank 1 before the checkpoint
+        while train_iterations(run_dir) < 1:  # the workers are up: find rank 1 before the checkpoint
             assert proc.poll() is None, f"training ended early:\n{log.read_text()[-4000:]}"
             assert time.time() < deadline, "timed out waiting for iteration 1"
             time.sleep(0.02)
-        pid = _worker_pid(run_dir, rank=1)
+        pid = worker_pid(run_dir, rank=1)
         assert pid is not None, "rank 1's process not found"
         while not latest.exists():
             assert proc.poll() is None, f"training ended before the checkpoint:\n{log.read_text()[-4000:]}"
             assert time.time() < deadline, f"timed out waiting for the checkpoint at iteration {interval}"
             time.sleep(0.01)
         os.kill(pid, signal.SIGKILL)
-        killed_at = _train_iterations(run_dir)
+        killed_at = train_iterations(run_dir)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:

@@ -7,35 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from tests.conftest import ROOT, child_env, free_port, losses, run_pretrain
+from tests.conftest import ROOT, child_env, free_port, losses, run_pretrain, train_iterations, worker_pid
 
 BASE = ["--log-interval", "1", "--eval-iters", "0", "--micro-batch-size", "2", "--global-batch-size", "4",
         "--seq-length", "32", "--num-layers", "2", "--mlp-dropout", "0.2", "--hidden-dropout", "0.1"]
-
-
-def _worker_pid(run_dir: Path, rank: int) -> int | None:
-    """The pid of the torchrun worker of `rank` training into run_dir (read from /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ \
-                and b"pretrain_diffusion.py" in b" ".join(cmdline) and b"torch.distributed.run" not in b" ".join(cmdline):
-            return int(entry)
-    return None
-
-
-def _train_iterations(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.endswith("}") and '"train"' in line)
 
 
 def test_sigterm_to_one_rank_saves_and_resumes_bit_identically(tmp_path):
@@ -53,11 +29,11 @@ def test_sigterm_to_one_rank_saves_and_resumes_bit_identically(tmp_path):
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while _train_iterations(run_dir) < 3:
+        while train_iterations(run_dir) < 3:
             assert proc.poll() is None, f"training ended before the signal:\n{proc.stdout.read()[-4000:]}"
             assert time.time() < deadline, "timed out waiting for iteration 3"
             time.sleep(0.02)
-        pid = _worker_pid(run_dir, rank=1)
+        pid = worker_pid(run_dir, rank=1)
         assert pid is not None, "rank 1's process not found"
         os.kill(pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
