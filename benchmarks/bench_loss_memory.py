@@ -4,6 +4,7 @@ megatron-core's (which casts the logits to fp32 and keeps the fp32 softmax for b
     python benchmarks/bench_loss_memory.py                      # vocab 151,936, 4096 tokens, bf16 logits
     python benchmarks/bench_loss_memory.py --tokens 8192 --fused # also megatron's fused kernel (torch.compile)
     python benchmarks/bench_loss_memory.py --sizes 2048x32000,4096x151936 --dtype fp32   # several sizes
+    python benchmarks/bench_loss_memory.py --hidden 1024 --tokens 8192   # output layer + loss, Cut Cross-Entropy too
 
 With several sizes, one row per size: time (median of --rounds forward + backward after a warm-up) and
 memory of each loss, the chunked loss's time over megatron's, and the share of an 80 GB GPU its fp32 logits
@@ -26,6 +27,55 @@ import sys
 import time
 
 VARIANTS = ("megatron", "chunked")
+LINEAR_VARIANTS = ("megatron", "chunked", "cce")  # --hidden: the output layer and the loss together
+
+
+def _child_linear(variant: str, tokens: int, vocab: int, hidden: int, device: str, dtype: str) -> dict:
+    """The output layer and the loss (forward + backward) from its input [tokens, 1, hidden] and weight [vocab,
+    hidden]: logits then megatron's or the chunked loss, or Cut Cross-Entropy's fused linear loss (no logits on
+    GPUs); peak above the inputs (a GPU figure for cce: on CPUs its compile warm-up has set the max RSS first)."""
+    import resource
+
+    import torch
+
+    from megatron_dataeff.distributed import initialize
+    from megatron_dataeff.models import cross_entropy
+
+    initialize(1, 1, seed=0, device_flag=device)
+    torch.manual_seed(0)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x = (torch.randn(tokens, 1, hidden, device=device) / 4).to(dt).requires_grad_(True)
+    w = (torch.randn(vocab, hidden, device=device) / hidden ** 0.5).to(dt).requires_grad_(True)
+    target = torch.randint(0, vocab, (tokens, 1), device=device)
+
+    def run():
+        if variant == "cce":
+            return cross_entropy.linear_cross_entropy(x, w, target.transpose(0, 1))
+        logits = x @ w.t()
+        if variant == "megatron":
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+            return vocab_parallel_cross_entropy(logits, target)
+        return cross_entropy.chunked_vocab_parallel_cross_entropy(logits, target, None)
+
+    if variant == "cce":  # compile outside the measured region
+        run().sum().backward()
+        x.grad = w.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    loss = run()
+    loss.float().sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"variant": variant, "peak_bytes": peak, "seconds": time.perf_counter() - t0,
+            "loss": float(loss.float().mean())}
 
 
 def _child(variant: str, tokens: int, vocab: int, device: str, dtype: str = "bf16", rounds: int = 1) -> dict:
@@ -109,6 +159,8 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the logits' dtype")
     p.add_argument("--rounds", type=int, default=None, help="timed passes after a warm-up (default 1 pass, or 3 "
                    "with --sizes)")
+    p.add_argument("--hidden", type=int, default=None, help="measure the output layer and the loss together from "
+                   "its input of this width (variants megatron, chunked, cce: Cut Cross-Entropy's fused linear loss)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device == "auto":
@@ -116,6 +168,9 @@ def main() -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rounds = args.rounds if args.rounds is not None else (3 if args.sizes else 1)
+    if args.child and args.hidden:
+        print(json.dumps(_child_linear(args.child, args.tokens, args.vocab, args.hidden, args.device, args.dtype)))
+        return 0
     if args.child:
         print(json.dumps(_child(args.child, args.tokens, args.vocab, args.device, args.dtype, rounds)))
         return 0
@@ -128,6 +183,23 @@ def main() -> int:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     gib = 2**30
+    if args.hidden:
+        rows = []
+        for variant in LINEAR_VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens),
+                                  "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--device", args.device,
+                                  "--dtype", args.dtype], env=env, capture_output=True, text=True)
+            if out.returncode:
+                print(f"| {variant} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:100]} |")
+                continue
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"output layer + loss: {args.tokens} tokens x hidden {args.hidden} x vocab {args.vocab:,}, {args.dtype}, "
+              f"{args.device}; peak above the inputs")
+        print("| variant | peak GiB | seconds | mean loss |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['variant']} | {r['peak_bytes'] / gib:.2f} | {r['seconds']:.3f} | {r['loss']:.6f} |")
+        return 0
     if args.sizes:
         h100 = 81559 * 2**20  # an 80 GB GPU's memory, as torch reports it
         print(f"loss time and memory, {args.dtype} logits, {args.device}, median of {rounds} passes "

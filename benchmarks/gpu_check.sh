@@ -15,8 +15,9 @@
 #   6. benchmarks/bench_paper_model.py: qwen3-0.6b at seq 4096, sdpa vs unfused, with/without selective
 #      recomputation: tokens/s, TFLOP/s, MFU (goal >= 45%), peak memory, largest micro-batch;
 #   7. figures without goals yet, logged: packed-document masks at qwen3-0.6b's attention shape (FlexAttention
-#      vs sdpa with a dense mask vs causal), the two losses' time and memory at the paper's vocabulary (what
-#      models/loss_choice.py decides between), and the objectives' step times (block diffusion vs mdm vs AR).
+#      vs sdpa with a dense mask vs causal), the losses' time and memory at the paper's vocabulary (what
+#      models/loss_choice.py decides between; with the output layer, Cut Cross-Entropy's fused linear loss where
+#      installed), and the objectives' step times (block diffusion vs mdm vs AR).
 # What comes back (at most 8 files, two folders deep): OUT_DIR/gpu_summary.json (every figure with its goal
 # and pass/fail, every step's exit status and time), OUT_DIR/gpu_check.log (everything printed) and
 # OUT_DIR/gpu_check_runs.tar.gz (step logs, figure files, run records). Run folders live under /tmp.
@@ -59,7 +60,7 @@ fi
 install_wheels() {
     local missing=()
     for pair in megatron.core:megatron_core psutil:psutil einops:einops safetensors:safetensors \
-                sentencepiece:sentencepiece tokenizers:tokenizers pytest:pytest; do
+                sentencepiece:sentencepiece tokenizers:tokenizers pytest:pytest cut_cross_entropy:cut_cross_entropy; do
         "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=(.gpu_wheels/"${pair##*:}"-*.whl)
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -112,5 +113,6 @@ step 6 paper_model "$PY" benchmarks/bench_paper_model.py --attention-backends sd
 step 7 attention_masks "$PY" benchmarks/bench_attention_masks.py --device cuda --seq 4096 --heads 16 --groups 8 \
     --head-dim 128 --batch 4 --dtype bf16 --rounds 3
 step 7 loss_choice "$PY" benchmarks/bench_loss_memory.py --device cuda --sizes 4096x151936,16384x151936 --dtype bf16
+step 7 linear_loss "$PY" benchmarks/bench_loss_memory.py --device cuda --hidden 1024 --tokens 16384 --vocab 151936
 step 7 objectives "$PY" benchmarks/bench_objectives.py --device cuda --rounds 3
 finish

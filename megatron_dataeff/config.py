@@ -370,8 +370,10 @@ class ComputeConfig(_Section):
     """Selective recomputation: which parts of each layer are recomputed; default core_attn."""
     cross_entropy_loss_fusion: bool = False
     """megatron-core's fused vocab-parallel cross entropy (bf16 gradients: needs --bf16)."""
-    cross_entropy_fusion_impl: Literal["native", "te"] = "native"
-    """With --cross-entropy-loss-fusion: megatron's native kernel or transformer-engine's."""
+    cross_entropy_fusion_impl: Literal["native", "te", "cce"] = "native"
+    """With --cross-entropy-loss-fusion: megatron's native kernel or transformer-engine's (bf16), or cce: Apple's
+    Cut Cross-Entropy (`pip install cut-cross-entropy`), the output layer and the loss fused so that the logits
+    are never formed (TP = 1; fp32 or bf16; what auto takes on a GPU where it is installed)."""
     cross_entropy_chunk_size: Optional[int] = None
     """The loss in chunks of this many tokens, recomputing each chunk's softmax in backward so that no fp32
     copy of the logits is kept; 0: megatron-core's unchunked loss; default (auto): megatron-core's loss when
@@ -766,9 +768,13 @@ class RunConfig:
                      f"--sequence-parallel: --tensor-model-parallel-size {tp} does not divide --seq-length "
                      f"{m.seq_length}")
         c = self.compute
-        _require(not c.cross_entropy_loss_fusion or o.bf16,
+        cce = c.cross_entropy_loss_fusion and c.cross_entropy_fusion_impl == "cce"
+        _require(not c.cross_entropy_loss_fusion or o.bf16 or cce,
                  "--cross-entropy-loss-fusion: megatron-core's fused cross entropy returns bf16 gradients; "
-                 "use it with --bf16 (the default chunked loss keeps fp32 gradients)")
+                 "use it with --bf16 (or --cross-entropy-fusion-impl cce, or leave the loss to auto)")
+        _require(not cce or tp == 1,
+                 f"--cross-entropy-fusion-impl cce computes the whole vocabulary's loss on one rank: it needs "
+                 f"--tensor-model-parallel-size 1, not {tp} (under TP use native, te or leave the loss to auto)")
         if c.recompute_granularity == "full":
             per_stage = m.num_layers // pp
             _require(c.recompute_num_layers <= per_stage,

@@ -117,3 +117,65 @@ def test_build_model_computes_the_loss_it_chose(megatron_cpu, monkeypatch):
     assert small.loss_choice.chunk_tokens == auto_chunk_tokens(384) == small.config.cross_entropy_chunk_size
     small(ids, pos, None, labels=ids)
     assert calls == [auto_chunk_tokens(384)]
+
+
+needs_cce = pytest.mark.skipif(
+    not __import__("megatron_dataeff.models.cross_entropy", fromlist=["x"]).linear_cross_entropy_available(),
+    reason="Cut Cross-Entropy is not installed here (pip install cut-cross-entropy; it needs triton, which the newest "
+           "leg's torch brings)")
+
+
+@needs_cce
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_linear_loss_equals_megatrons_and_forms_no_logits(megatron_cpu, dtype):
+    """--cross-entropy-fusion-impl cce (Cut Cross-Entropy; on CPUs its torch.compile'd reference): the same per-token
+    losses and gradients as megatron-core's loss on the same weights (fp32 to 1e-5, bf16 to 2e-2), the checkpoint
+    keys unchanged, and without labels the model still returns logits (generation).  (On CPUs the reference forms the
+    logits; CCE's GPU kernels do not: benchmarks/gpu_check.sh step 7 measures that.)"""
+    from megatron_dataeff.models import builder
+
+    flags = ["--bf16"] if dtype == "bf16" else []
+    ref = builder.build_model(_cfg(*flags, "--cross-entropy-chunk-size", "0"), 300, "cpu")
+    fused = builder.build_model(_cfg(*flags, "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "cce"),
+                                300, "cpu")
+    assert fused.loss_choice.linear and "Cut Cross-Entropy" in fused.loss_choice.describe()
+    fused.load_state_dict(ref.state_dict())
+    assert set(fused.state_dict()) == set(ref.state_dict())  # the checkpoint keys are the output layer's own
+    ids = torch.randint(0, 300, (3, 32))
+    pos = torch.arange(32).expand(3, 32)
+    losses, grads = {}, {}
+    for name, model in (("ref", ref), ("fused", fused)):
+        model.zero_grad()
+        loss = model(ids, pos, None, labels=ids)
+        loss.float().sum().backward()
+        losses[name] = loss.float().detach()
+        grads[name] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    assert losses["fused"].shape == (3, 32)
+    torch.testing.assert_close(losses["fused"], losses["ref"], **tol)
+    assert set(grads["fused"]) == set(grads["ref"])
+    for n in grads["ref"]:
+        torch.testing.assert_close(grads["fused"][n], grads["ref"][n], **tol, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids, pos, None).float(), ref(ids, pos, None).float(), **tol)
+
+
+def test_fused_linear_loss_is_chosen_on_gpus_and_refused_by_name(monkeypatch):
+    """auto takes Cut Cross-Entropy on a GPU with TP = 1 where it is installed (never on CPUs, never under TP);
+    asking for it under TP, or where it is not installed, is refused naming the flag and what to do."""
+    from megatron_dataeff.config import ConfigError
+    from megatron_dataeff.models import builder, loss_choice
+
+    monkeypatch.setattr(loss_choice, "linear_fusion_installed", lambda: True)
+    assert loss_choice.loss_for_config(_cfg(), 300, 80 * 2**30, "cuda").linear
+    assert not loss_choice.loss_for_config(_cfg(), 300, 80 * 2**30, "cpu").linear
+    tp2 = _cfg("--tensor-model-parallel-size", "2")
+    assert not loss_choice.loss_for_config(tp2, 300, 80 * 2**30, "cuda").linear
+    monkeypatch.setattr(loss_choice, "linear_fusion_installed", lambda: False)
+    assert not loss_choice.loss_for_config(_cfg(), 300, 80 * 2**30, "cuda").linear
+    asked = _cfg("--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "cce", "--tensor-model-parallel-size", "2")
+    with pytest.raises(ConfigError, match="--cross-entropy-fusion-impl cce .* --tensor-model-parallel-size 1"):
+        asked.validate_layout(2)
+    monkeypatch.setattr(builder, "linear_cross_entropy_available", lambda: False)
+    with pytest.raises(ConfigError, match="pip install cut-cross-entropy"):
+        builder.build_model(_cfg("--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "cce"), 300, "cpu")

@@ -518,10 +518,13 @@ def test_two_process_layouts_match_the_estimate(layout, tmp_path):
 # layouts, devices, the tool
 
 
-def test_pipeline_stages_hold_their_parts():
+def test_pipeline_stages_hold_their_parts(monkeypatch):
     """With PP=2 the first stage holds the embedding and 2 micro-batches in flight (1F1B), the last the
     output layer (a copy of the tied embedding), the final norm and the logits, with 1 in flight."""
+    from megatron_dataeff.models import loss_choice
     from megatron_dataeff.training.memory import estimate_stages, parameter_counts
+
+    monkeypatch.setattr(loss_choice, "linear_fusion_installed", lambda: False)  # as where CCE is not installed
 
     cfg = _cfg("--model-preset", "qwen3-0.6b", "--bf16", "--micro-batch-size", "1", "--global-batch-size", "8",
                "--pipeline-model-parallel-size", "2", world_size=2)
@@ -541,6 +544,10 @@ def test_pipeline_stages_hold_their_parts():
     assert first.loss == 0 and last.loss == 4 * tokens * 151680 + 9 * tokens
     small = estimate_stages(cfg, 2, 151670, "cuda", capacity_bytes=16 * 10**9)[1]
     assert small.loss == 2 * tokens * 151680 + 17 * tokens
+    # with Cut Cross-Entropy installed auto fuses the output layer and the loss: no logits, the log-sum-exp and
+    # the targets kept
+    monkeypatch.setattr(loss_choice, "linear_fusion_installed", lambda: True)
+    assert estimate_stages(cfg, 2, 151670, "cuda")[1].loss == 12 * tokens
 
 
 def test_tensor_and_sequence_parallel_split_the_layer():

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     capacity = device_capacity(min(sizes)) if device == "cuda" and sizes else None
     stages = estimate_stages(cfg, args.world_size, ids, device, te_available=args.transformer_engine,
                              capacity_bytes=capacity)
-    loss = loss_for_config(cfg, ids, capacity if capacity is not None else default_capacity(device))
+    loss = loss_for_config(cfg, ids, capacity if capacity is not None else default_capacity(device), device)
     worst = max(stages, key=lambda e: e.total_with_allowances)
     m, p, c = cfg.model, cfg.parallel, cfg.compute
     recompute = c.recompute_granularity or "off"

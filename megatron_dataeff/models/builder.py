@@ -26,7 +26,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_dataeff import platform
 from megatron_dataeff.config import ConfigError, RunConfig
 from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
-from megatron_dataeff.models.cross_entropy import chunked_vocab_parallel_cross_entropy
+from megatron_dataeff.models.cross_entropy import (chunked_vocab_parallel_cross_entropy, linear_cross_entropy,
+                                                   linear_cross_entropy_available)
 from megatron_dataeff.models.family import FAMILY_MODEL_ARGS, FAMILY_OPTIONS
 from megatron_dataeff.models.loss_choice import LossChoice, loss_for_config
 from megatron_dataeff.models.layer_specs import build_block_spec, build_layer_spec, transformer_engine_available
@@ -130,6 +131,8 @@ def transformer_config(cfg: RunConfig, device: str, initialize: bool = True) -> 
         # repeated positions)
         "reset_position_ids": per_token_positions(cfg),
     }
+    if c.cross_entropy_fusion_impl == "cce":  # ours (the model fuses the output layer with the loss), not megatron's
+        kwargs.update(cross_entropy_loss_fusion=False, cross_entropy_fusion_impl="native")
     if device == "cpu":
         kwargs.update(platform.cpu_config_overrides())
     else:
@@ -168,7 +171,21 @@ class DataEffGPTModel(GPTModel):
         per_token = table[:, 0, 0][position_ids.transpose(0, 1).to(table.device)]  # [s, b, dim]
         return (out[0], per_token.unsqueeze(2), *out[2:])
 
+    def forward(self, *args, labels=None, **kwargs):
+        # with a fused linear loss the output layer hands the loss its input and weight instead of logits
+        layer = self.output_layer if self.post_process else None
+        defer = isinstance(layer, _DeferredLogitsLayer) and labels is not None
+        if defer:
+            layer.defer = True
+        try:
+            return super().forward(*args, labels=labels, **kwargs)
+        finally:
+            if defer:
+                layer.defer = False
+
     def compute_language_model_loss(self, labels, logits):
+        if isinstance(logits, _DeferredLogits):
+            return linear_cross_entropy(logits.hidden, logits.weight, labels)
         chunk = getattr(self.config, "cross_entropy_chunk_size", 0)  # build_model's LossChoice
         if self.config.cross_entropy_loss_fusion or chunk == 0:
             return super().compute_language_model_loss(labels, logits)
@@ -177,6 +194,32 @@ class DataEffGPTModel(GPTModel):
         # [b, s] -> [s, b], the logits' layout
         loss = chunked_vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), chunk, group)
         return loss.transpose(0, 1).contiguous()
+
+
+@dataclass
+class _DeferredLogits:
+    """What the output layer hands the loss under a fused linear loss: its input [s, b, h] and weight [V, h]."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+class _DeferredLogitsLayer:
+    """Mixed into the output layer's own class (its parameters and checkpoint keys unchanged): while `defer` is
+    set (a forward with labels), it returns its input and weight for `compute_language_model_loss` to fuse with
+    the loss; otherwise (generation, evaluation of logits) it computes logits as always."""
+
+    defer = False
+
+    def forward(self, input_, weight=None, *args, **kwargs):
+        if not self.defer:
+            return super().forward(input_, weight, *args, **kwargs)
+        return _DeferredLogits(input_, self.weight if weight is None else weight), None
+
+
+@functools.cache
+def _output_layer_class(base: type) -> type:
+    return type(f"DeferredLogits{base.__name__}", (_DeferredLogitsLayer, base), {})
 
 
 def build_model(
@@ -188,7 +231,10 @@ def build_model(
     skips the random initialisation (time, and on CPUs a full-size master copy per weight) for a model whose
     weights are all loaded next."""
     tcfg = transformer_config(cfg, device, initialize)
-    loss = loss_for_config(cfg, vocab_ids, platform.memory_at_hand(device))
+    loss = loss_for_config(cfg, vocab_ids, platform.memory_at_hand(device), device)
+    if loss.linear and not linear_cross_entropy_available():
+        raise ConfigError("--cross-entropy-fusion-impl cce needs Cut Cross-Entropy: pip install cut-cross-entropy "
+                          "(or leave the loss to auto)")
     tcfg.cross_entropy_chunk_size = loss.chunk_tokens
     choice = attention_choice(cfg, device)
     spec = build_layer_spec(bidirectional=objective_class(cfg.objective).bidirectional,
@@ -212,6 +258,8 @@ def build_model(
         rotary_base=cfg.model.rotary_base,
     )
     model.attention_choice, model.loss_choice = choice, loss
+    if loss.linear and post_process:
+        model.output_layer.__class__ = _output_layer_class(type(model.output_layer))
     if device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model

@@ -1,4 +1,5 @@
-"""Vocab-parallel cross entropy in chunks of tokens: no fp32 copy of the logits is kept.
+"""The losses megatron-core does not have: a vocab-parallel cross entropy in chunks of tokens (no fp32 copy of
+the logits kept), and a fused linear + cross entropy (Cut Cross-Entropy: no logits at all) at the end.
 
 megatron-core's `vocab_parallel_cross_entropy` (and its "fused" variant) casts the whole logits tensor
 [seq, batch, vocab/tp] to fp32 and saves the fp32 softmax for backward: for vocabulary 151,936 at
@@ -109,3 +110,30 @@ def chunked_vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Ten
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     return _ChunkedVocabParallelCrossEntropy.apply(logits, target, int(chunk_tokens), group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused linear + cross entropy: the output layer and the loss in one, the logits never formed
+
+
+def linear_cross_entropy_available() -> bool:
+    """Whether Apple's Cut Cross-Entropy (`pip install cut-cross-entropy`) imports here."""
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except Exception:  # ImportError, or its triton kernels failing to load
+        return False
+    return True
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy [batch, seq] (fp32) of the output layer's logits hidden [seq, batch, h] @ weight^T
+    ([vocab, h], the whole vocabulary: TP = 1) against labels [batch, seq], by Cut Cross-Entropy: the logits are
+    computed block by block in its kernels (torch.compile'd torch on CPUs) and never kept; the gradient is exact
+    (its filtering of small softmax entries is off)."""
+    from cut_cross_entropy import linear_cross_entropy as cce
+
+    b, s = labels.shape
+    e = hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
+    impl = "cce" if hidden.is_cuda else "torch_compile"
+    loss = cce(e, weight.to(e.dtype), labels.reshape(-1), reduction="none", filter_eps=None, impl=impl)
+    return loss.float().view(b, s)

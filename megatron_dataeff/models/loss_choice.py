@@ -2,16 +2,19 @@
 
 | asked | loss |
 |---|---|
-| `--cross-entropy-loss-fusion` | megatron-core's fused vocab-parallel cross entropy (native or TE) |
+| `--cross-entropy-loss-fusion` | megatron-core's fused vocab-parallel cross entropy (native or TE), or with `--cross-entropy-fusion-impl cce` Cut Cross-Entropy's fused linear + cross entropy |
 | `--cross-entropy-chunk-size 0` | megatron-core's `vocab_parallel_cross_entropy` |
 | `--cross-entropy-chunk-size N` | the chunked loss (`models/cross_entropy.py`), N tokens a chunk |
-| nothing (auto) | megatron-core's loss when one micro-batch's fp32 logits take at most 1/16 of the memory at hand, the chunked loss (chunks of <= 256 MiB in fp32) otherwise |
+| nothing (auto) | on a GPU with TP = 1 where Cut Cross-Entropy is installed: it; otherwise megatron-core's loss when one micro-batch's fp32 logits take at most 1/16 of the memory at hand, the chunked loss (chunks of <= 256 MiB in fp32) otherwise |
 
 Why: megatron's loss keeps an fp32 softmax of the logits' size for backward (4 x tokens x vocab / TP bytes
 per micro-batch on the last pipeline stage); the chunked loss keeps none but reads the logits once more in
 backward to rebuild it (`python benchmarks/bench_loss_memory.py --sizes ...` measures both).  So the chunked
 loss is worth its time only where those bytes matter: the paper's model (vocab 151,936, sequence 4096) at
 micro-batch 4 needs 9.3 GiB of them, 12% of an 80 GB GPU (chunked); at micro-batch 1, 2.3 GiB (megatron's).
+A fused linear + cross entropy (Cut Cross-Entropy) saves both: the logits are computed block by block inside its
+kernels and never kept, so neither the [tokens, vocab] logits nor their gradient exist; it needs the whole
+vocabulary on one rank (TP = 1) and is refused by name otherwise.
 "The memory at hand" is the GPU's total memory, on CPUs the machine's (its cgroup limit when lower) shared
 by the processes torchrun starts on it.  Both losses give the same values and gradients (bit for bit on
 CPUs: tests/test_cross_entropy.py), so the choice changes speed and memory, never the run.
@@ -19,6 +22,7 @@ CPUs: tests/test_cross_entropy.py), so the choice changes speed and memory, neve
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,15 +43,22 @@ class LossChoice:
 
     chunk_tokens: int
     reason: str
-    fused: Optional[str] = None
+    fused: Optional[str] = None  # native / te (megatron-core's fused loss) or cce (fused linear + loss)
 
     @property
     def chunked(self) -> bool:
         return self.chunk_tokens > 0
 
+    @property
+    def linear(self) -> bool:
+        """The output layer and the loss fused: no logits are formed."""
+        return self.fused == "cce"
+
     def describe(self) -> str:
         """One phrase for the start-up line."""
-        if self.fused:
+        if self.linear:
+            name = "fused linear cross entropy (Cut Cross-Entropy, no logits)"
+        elif self.fused:
             name = f"megatron fused cross entropy ({self.fused})"
         elif not self.chunked:
             name = "megatron cross entropy (fp32 logits)"
@@ -65,16 +76,29 @@ def logits_fp32_bytes(cfg: RunConfig, vocab_ids: int) -> int:
     return 4 * tokens * (m.vocab_rows(vocab_ids) // cfg.parallel.tensor_model_parallel_size)
 
 
-def loss_for_config(cfg: RunConfig, vocab_ids: int, capacity_bytes: Optional[int]) -> LossChoice:
-    """The loss `cfg` asks for on a device of `capacity_bytes` (None: unknown, auto takes the chunked loss)."""
+def linear_fusion_installed() -> bool:
+    """Whether Cut Cross-Entropy is installed (found, not imported: torch stays unimported here)."""
+    try:
+        return importlib.util.find_spec("cut_cross_entropy") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def loss_for_config(cfg: RunConfig, vocab_ids: int, capacity_bytes: Optional[int], device: str = "cpu") -> LossChoice:
+    """The loss `cfg` asks for on `device` with `capacity_bytes` of memory (None: unknown, auto takes the chunked
+    loss unless the fused linear one applies)."""
     c = cfg.compute
-    vocab_per_rank = cfg.model.vocab_rows(vocab_ids) // cfg.parallel.tensor_model_parallel_size
+    tp = cfg.parallel.tensor_model_parallel_size
+    vocab_per_rank = cfg.model.vocab_rows(vocab_ids) // tp
     if c.cross_entropy_loss_fusion:
-        return LossChoice(0, "--cross-entropy-loss-fusion", fused=c.cross_entropy_fusion_impl)
+        return LossChoice(0, f"--cross-entropy-loss-fusion --cross-entropy-fusion-impl {c.cross_entropy_fusion_impl}",
+                          fused=c.cross_entropy_fusion_impl)
     if c.cross_entropy_chunk_size == 0:
         return LossChoice(0, "--cross-entropy-chunk-size 0")
     if c.cross_entropy_chunk_size is not None:
         return LossChoice(c.cross_entropy_chunk_size, f"--cross-entropy-chunk-size {c.cross_entropy_chunk_size}")
+    if device == "cuda" and tp == 1 and linear_fusion_installed():
+        return LossChoice(0, "auto, a GPU, TP 1 and Cut Cross-Entropy installed: the logits never formed", fused="cce")
     chunk = auto_chunk_tokens(vocab_per_rank)
     if capacity_bytes is None:
         return LossChoice(chunk, "auto, the device's memory unknown")

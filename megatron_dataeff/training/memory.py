@@ -525,9 +525,13 @@ def _loss_terms(cfg: RunConfig, sh: _Shape, loss: LossChoice) -> tuple[int, int,
     or megatron's fused loss): an fp32 softmax of the logits' size (in fp32 the logits themselves,
     updated in place) plus the target mask and int64 targets; in bf16 its gradient becomes a bf16 copy.
     Then the output layer's backward holds the logits' gradient, its weight gradient [V/t, h] in the
-    dtype (before it is added into the fp32 grad buffer) and the input gradient [T, h]."""
+    dtype (before it is added into the fp32 grad buffer) and the input gradient [T, h].  Fused with the output
+    layer (Cut Cross-Entropy): no logits and no logits' gradient; the log-sum-exp and the targets are kept, and
+    its blocks of logits inside the kernels are not counted."""
     T, V, e = sh.tokens, sh.vocab, sh.e
     wgrad_and_dgrad = e * V * sh.h + e * T * sh.h
+    if loss.linear:  # Cut Cross-Entropy: no logits; it keeps the log-sum-exp (fp32) and the int64 targets
+        return 12 * T, 0, wgrad_and_dgrad
     if not loss.chunked:
         kept = 4 * T * V + 9 * T
         grad = 4 * T * V if (e == 4 and not loss.fused) else 2 * T * V
@@ -585,7 +589,7 @@ def _stage_estimate(cfg: RunConfig, vocab_ids: int, stage: int, dp: int, device:
 
     loss = 0
     if last:
-        kept, loss_bwd, out_bwd = _loss_terms(cfg, sh, loss_for_config(cfg, vocab_ids, capacity_bytes))
+        kept, loss_bwd, out_bwd = _loss_terms(cfg, sh, loss_for_config(cfg, vocab_ids, capacity_bytes, device))
         loss = kept
         candidates["loss backward"] = activations + kept + loss_bwd
         candidates["output layer backward"] = activations + out_bwd
