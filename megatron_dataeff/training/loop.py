@@ -37,7 +37,8 @@ from megatron_dataeff.training.forward_backward import ForwardBackward
 from megatron_dataeff.training.housekeeping import Housekeeping
 from megatron_dataeff.training.memory import startup_report
 from megatron_dataeff.training.metrics import MetricsLogger, check_wandb, format_duration
-from megatron_dataeff.training.optimizer import build_scheduler, resume_schedule, schedule, scheduler_increment
+from megatron_dataeff.training.optimizer import (build_scheduler, check_schedule, resume_schedule, schedule,
+                                                 scheduler_increment)
 from megatron_dataeff.training.run_record import RunRecord
 from megatron_dataeff.training.saving import RunCheckpoints
 from megatron_dataeff.training.step_log import StepLogger
@@ -116,7 +117,8 @@ class Trainer:
                                    peak_tflops=self.peak_tflops, world_size=rt.world_size, device=rt.device,
                                    seq_length=seq, train_iters=self.train_iters)
         self.state = TrainState()
-        resumed = self.checkpoints.restore(parts.module, self.optimizer, self.vocab_ids)
+        resumed = self.checkpoints.restore(parts.module, self.optimizer, self.vocab_ids,
+                                           check=lambda ckpt, meta: check_schedule(cfg, self.schedule, ckpt, meta))
         if resumed is not None and resumed.full:
             self.schedule, self.scheduler = resume_schedule(cfg, self.optimizer, self.train_iters, self.schedule,
                                                             self.scheduler, resumed.ckpt, resumed.meta, self.log.print)

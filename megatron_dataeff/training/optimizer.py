@@ -204,12 +204,10 @@ def build_scheduler(cfg: RunConfig, optimizer, train_iters: int, values: dict | 
     )
 
 
-def resume_schedule(cfg: RunConfig, optimizer, train_iters: int, now: dict, scheduler: OptimizerParamScheduler,
-                    ckpt: str, meta: dict, print_fn=print) -> tuple[dict, OptimizerParamScheduler]:
-    """(schedule, scheduler) that continue a checkpoint's at its step: the command line's schedule `now` and
-    `scheduler`, or the checkpoint's where they differ and --use-checkpoint-opt-param-scheduler says so.  A
-    difference is an error unless the command line says which to follow (Megatron-LM's
-    --override-opt-param-scheduler / --use-checkpoint-opt-param-scheduler)."""
+def check_schedule(cfg: RunConfig, now: dict, ckpt: str, meta: dict) -> list[str]:
+    """The differences between a checkpoint's schedule and the command line's `now`; an error unless the command
+    line says which to follow.  Asked before the optimizer state is loaded: megatron-core >= 0.19 matches saved
+    parameter groups by their learning rates and would fail first, with its own message."""
     saved = meta.get("schedule") or schedule_from_scheduler_state(meta.get("scheduler", {}))
     diffs = schedule_differences(saved, now, cfg)
     ck = cfg.checkpoint
@@ -218,6 +216,17 @@ def resume_schedule(cfg: RunConfig, optimizer, train_iters: int, now: dict, sche
             f"{ckpt}: its schedule differs from this command line's:\n  " + "\n  ".join(diffs) +
             "\npass --override-opt-param-scheduler to follow the command line (e.g. to extend the run) or "
             "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+    return diffs
+
+
+def resume_schedule(cfg: RunConfig, optimizer, train_iters: int, now: dict, scheduler: OptimizerParamScheduler,
+                    ckpt: str, meta: dict, print_fn=print) -> tuple[dict, OptimizerParamScheduler]:
+    """(schedule, scheduler) that continue a checkpoint's at its step: the command line's schedule `now` and
+    `scheduler`, or the checkpoint's where they differ and --use-checkpoint-opt-param-scheduler says so.  A
+    difference is an error unless the command line says which to follow (Megatron-LM's
+    --override-opt-param-scheduler / --use-checkpoint-opt-param-scheduler)."""
+    diffs = check_schedule(cfg, now, ckpt, meta)
+    ck = cfg.checkpoint
     if diffs and ck.use_checkpoint_opt_param_scheduler and meta.get("schedule"):
         now = dict(meta["schedule"])
         scheduler = build_scheduler(cfg, optimizer, train_iters, now)

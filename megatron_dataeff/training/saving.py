@@ -76,9 +76,9 @@ class RunCheckpoints:
                 call.async_caller.close(abort=True)
             self.async_saves.async_calls.clear()
 
-    def restore(self, module, optimizer, vocab_ids: int) -> Resumed | None:
+    def restore(self, module, optimizer, vocab_ids: int, check=None) -> Resumed | None:
         """Load --load into (module, optimizer); None when there is nothing to load yet (the auto-resume idiom
-        --save X --load X on its first launch)."""
+        --save X --load X on its first launch).  `check(ckpt, meta)` runs before a full restore loads anything."""
         ck = self.cfg.checkpoint
         if not ck.load:
             return None
@@ -99,6 +99,8 @@ class RunCheckpoints:
             state.load(ckpt, meta, module, None, self.placement)
             self.log.print(f" loaded weights of {ckpt} (model only: iteration 0, fresh optimizer)")
             return Resumed(TrainState(), meta, ckpt)
+        if check is not None:
+            check(ckpt, meta)
         if self.cfg.parallel.use_distributed_optimizer:
             materialise_adam_state(optimizer)
         rng = state.load(ckpt, meta, module, optimizer, self.placement)
