@@ -47,6 +47,16 @@ def test_override_extends_the_run_on_the_new_schedule(six_steps, tmp_path):
     assert extended[-1]["consumed_samples"] == 12 * 4
 
 
+def test_override_with_new_learning_rates_follows_them(six_steps, tmp_path):
+    """Extending with another --lr and --min-lr under --override-opt-param-scheduler loads (megatron-core 0.19 finds
+    saved parameter groups by their rates) and steps 7-12 run at the new schedule's rates exactly."""
+    new = ["--train-iters", "12", "--lr", "2e-3", "--min-lr", "3e-4"]
+    extended = run_pretrain(BASE + new + ["--load", str(six_steps), "--override-opt-param-scheduler"], tmp_path / "ext")
+    want = _lrs(run_pretrain(BASE + new, tmp_path / "ref"))
+    got = _lrs(extended)
+    assert [got[i] for i in range(7, 13)] == [want[i] for i in range(7, 13)]
+
+
 def test_use_checkpoint_schedule_keeps_its_decay(six_steps, tmp_path):
     """--use-checkpoint-opt-param-scheduler: the checkpoint's 6-step cosine has ended, so steps 7-9 run at
     its --min-lr."""

@@ -117,8 +117,9 @@ class Trainer:
                                    peak_tflops=self.peak_tflops, world_size=rt.world_size, device=rt.device,
                                    seq_length=seq, train_iters=self.train_iters)
         self.state = TrainState()
-        resumed = self.checkpoints.restore(parts.module, self.optimizer, self.vocab_ids,
-                                           check=lambda ckpt, meta: check_schedule(cfg, self.schedule, ckpt, meta))
+        resumed = self.checkpoints.restore(
+            parts.module, self.optimizer, self.vocab_ids,
+            check=lambda ckpt, meta: check_schedule(cfg, self.optimizer, self.schedule, ckpt, meta))
         if resumed is not None and resumed.full:
             self.schedule, self.scheduler = resume_schedule(cfg, self.optimizer, self.train_iters, self.schedule,
                                                             self.scheduler, resumed.ckpt, resumed.meta, self.log.print)

@@ -204,10 +204,11 @@ def build_scheduler(cfg: RunConfig, optimizer, train_iters: int, values: dict | 
     )
 
 
-def check_schedule(cfg: RunConfig, now: dict, ckpt: str, meta: dict) -> list[str]:
+def check_schedule(cfg: RunConfig, optimizer, now: dict, ckpt: str, meta: dict) -> list[str]:
     """The differences between a checkpoint's schedule and the command line's `now`; an error unless the command
     line says which to follow.  Asked before the optimizer state is loaded: megatron-core >= 0.19 matches saved
-    parameter groups by their learning rates and would fail first, with its own message."""
+    parameter groups by their learning rates and would fail first, with its own message; so the groups take the
+    checkpoint's rates for the load (`resume_schedule` gives them the followed schedule's after it)."""
     saved = meta.get("schedule") or schedule_from_scheduler_state(meta.get("scheduler", {}))
     diffs = schedule_differences(saved, now, cfg)
     ck = cfg.checkpoint
@@ -216,7 +217,21 @@ def check_schedule(cfg: RunConfig, now: dict, ckpt: str, meta: dict) -> list[str
             f"{ckpt}: its schedule differs from this command line's:\n  " + "\n  ".join(diffs) +
             "\npass --override-opt-param-scheduler to follow the command line (e.g. to extend the run) or "
             "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+    if diffs and saved.get("--lr") is not None and saved.get("--min-lr") is not None:
+        set_group_lrs(optimizer, {**now, **{k: v for k, v in saved.items() if v is not None}})
     return diffs
+
+
+def set_group_lrs(optimizer, values: dict) -> None:
+    """Give every parameter group the peak and floor learning rates of the schedule `values` (--lr / --min-lr, or
+    --decoupled-lr / --decoupled-min-lr for the groups megatron-core marks decoupled): megatron's scheduler reads
+    them from the groups, and megatron-core >= 0.19 finds a checkpoint's groups by them."""
+    for group in optimizer.param_groups:
+        if "max_lr" not in group:
+            continue
+        decoupled = group.get("is_decoupled_lr") and values.get("--decoupled-lr") is not None
+        group["max_lr"] = values["--decoupled-lr" if decoupled else "--lr"]
+        group["min_lr"] = values["--decoupled-min-lr" if decoupled else "--min-lr"]
 
 
 def resume_schedule(cfg: RunConfig, optimizer, train_iters: int, now: dict, scheduler: OptimizerParamScheduler,
@@ -225,8 +240,10 @@ def resume_schedule(cfg: RunConfig, optimizer, train_iters: int, now: dict, sche
     `scheduler`, or the checkpoint's where they differ and --use-checkpoint-opt-param-scheduler says so.  A
     difference is an error unless the command line says which to follow (Megatron-LM's
     --override-opt-param-scheduler / --use-checkpoint-opt-param-scheduler)."""
-    diffs = check_schedule(cfg, now, ckpt, meta)
+    diffs = check_schedule(cfg, optimizer, now, ckpt, meta)
     ck = cfg.checkpoint
+    if diffs and ck.override_opt_param_scheduler:
+        set_group_lrs(optimizer, now)  # the groups were loaded with the checkpoint's rates
     if diffs and ck.use_checkpoint_opt_param_scheduler and meta.get("schedule"):
         now = dict(meta["schedule"])
         scheduler = build_scheduler(cfg, optimizer, train_iters, now)
