@@ -195,7 +195,8 @@ def test_a_full_file_system_under_a_background_save_stops_the_run_with_one_line(
     assert proc.returncode != 0, proc.stdout[-3000:]  # torchrun's, for a worker's exit 2
     assert "iter_0000004.tmp in the background" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 2, proc.stderr[-3000:]  # one per rank
+    # one per rank that prints before torchrun, seeing the first rank exit, stops the other (a race under load)
+    assert 1 <= len(lines) <= 2, proc.stderr[-3000:]
     # the writer's errno reaches rank 0 with megatron-core 0.16; later releases keep only its type, and the full
     # file system is seen instead
     expected = (rf"error: --save {re.escape(str(save))}: cannot write iter_0000004.tmp \((No space left on device|no "
