@@ -127,18 +127,24 @@ def test_save_refused_when_the_disk_cannot_hold_it(saved, tmp_path, monkeypatch)
     train_in_process(FLAGS + ["--load", str(ckpt)], tmp_path / "after")  # still loads
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 1 MiB tmpfs (root can mount one here and in CI); skipped where mounting is not permitted."""
+def _tmpfs(tmp_path, options: str):
+    """A tmpfs mounted with `options` under tmp_path, unmounted after the test; skipped where mounting is not
+    permitted."""
     path = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MiB tmpfs (root can mount one here and in CI)."""
+    yield from _tmpfs(tmp_path, "size=1m")
 
 
 def test_a_full_file_system_stops_the_run_with_one_line(tiny_filesystem, tmp_path):
@@ -162,16 +168,7 @@ def test_a_full_file_system_stops_the_run_with_one_line(tiny_filesystem, tmp_pat
 def inode_filesystem(tmp_path):
     """A tmpfs with an inode limit that a test can lower (remount) once a first checkpoint is in it; skipped where
     mounting is not permitted."""
-    path = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=1000", "tmpfs", str(path)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
+    yield from _tmpfs(tmp_path, "size=64m,nr_inodes=1000")
 
 
 # Out of the default suite until the race is fixed: when rank 1 exits first, torchrun stops rank 0, sometimes before
