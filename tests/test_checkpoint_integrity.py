@@ -171,9 +171,6 @@ def inode_filesystem(tmp_path):
     yield from _tmpfs(tmp_path, "size=64m,nr_inodes=1000")
 
 
-# Out of the default suite until the race is fixed: when rank 1 exits first, torchrun stops rank 0, sometimes before
-# it has removed the partial directory or printed its line (failed 1 run in ~5 under load; run it with -m slow).
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_a_full_file_system_under_a_background_save_stops_the_run_with_one_line(inode_filesystem, megatron_cpu,
                                                                                  tmp_path):

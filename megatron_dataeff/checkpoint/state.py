@@ -201,12 +201,14 @@ def _agreed(error: OSError | None, save_dir: str, tmp: str) -> None:
     box = [None if error is None else (error.errno, error.strerror or str(error))]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        _failed_save(OSError(*box[0]), save_dir, tmp)
+        _failed_save(OSError(*box[0]), save_dir, tmp, collective=True)
 
 
-def _failed_save(exc: BaseException, save_dir: str, tmp: str):
+def _failed_save(exc: BaseException, save_dir: str, tmp: str, collective: bool = False):
     """Turn a write that failed for lack of space (or any OSError) into one clear error, without the partial
-    directory; anything else is a bug and propagates as it is."""
+    directory; anything else is a bug and propagates as it is.  `collective`: every rank is here (an agreed
+    error), and none leaves before rank 0 has removed the partial directory (the first rank to exit makes torchrun
+    stop the others, which could otherwise leave it behind)."""
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         raise exc
     error = _os_error(exc, save_dir)
@@ -214,6 +216,8 @@ def _failed_save(exc: BaseException, save_dir: str, tmp: str):
         raise exc
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+    if collective:
+        dist.barrier()
     try:
         free = f"{shutil.disk_usage(save_dir).free / 2**20:,.1f} MiB free there"
     except OSError:
