@@ -209,7 +209,7 @@ def check_schedule(cfg: RunConfig, optimizer, now: dict, ckpt: str, meta: dict) 
     line says which to follow.  Asked before the optimizer state is loaded: megatron-core >= 0.19 matches saved
     parameter groups by their learning rates and would fail first, with its own message; so the groups take the
     checkpoint's rates for the load (`resume_schedule` gives them the followed schedule's after it)."""
-    saved = meta.get("schedule") or schedule_from_scheduler_state(meta.get("scheduler", {}))
+    saved = _saved_schedule(meta)
     diffs = schedule_differences(saved, now, cfg)
     ck = cfg.checkpoint
     if diffs and not (ck.override_opt_param_scheduler or ck.use_checkpoint_opt_param_scheduler):
@@ -220,6 +220,11 @@ def check_schedule(cfg: RunConfig, optimizer, now: dict, ckpt: str, meta: dict) 
     if diffs and saved.get("--lr") is not None and saved.get("--min-lr") is not None:
         set_group_lrs(optimizer, {**now, **{k: v for k, v in saved.items() if v is not None}})
     return diffs
+
+
+def _saved_schedule(meta: dict) -> dict:
+    """A checkpoint's schedule: its record, or what its scheduler state says (older checkpoints)."""
+    return meta.get("schedule") or schedule_from_scheduler_state(meta.get("scheduler", {}))
 
 
 def set_group_lrs(optimizer, values: dict) -> None:
@@ -239,8 +244,9 @@ def resume_schedule(cfg: RunConfig, optimizer, train_iters: int, now: dict, sche
     """(schedule, scheduler) that continue a checkpoint's at its step: the command line's schedule `now` and
     `scheduler`, or the checkpoint's where they differ and --use-checkpoint-opt-param-scheduler says so.  A
     difference is an error unless the command line says which to follow (Megatron-LM's
-    --override-opt-param-scheduler / --use-checkpoint-opt-param-scheduler)."""
-    diffs = check_schedule(cfg, optimizer, now, ckpt, meta)
+    --override-opt-param-scheduler / --use-checkpoint-opt-param-scheduler): `check_schedule` has refused it before
+    the optimizer state was loaded."""
+    diffs = schedule_differences(_saved_schedule(meta), now, cfg)
     ck = cfg.checkpoint
     if diffs and ck.override_opt_param_scheduler:
         set_group_lrs(optimizer, now)  # the groups were loaded with the checkpoint's rates
