@@ -93,6 +93,6 @@ echo "[setup] installing megatron_dataeff[$EXTRAS] with $MCORE (builds the csrc 
 # No build isolation: the extension builds against the torch installed above.  -U picks the newest release of
 # the range for the default venv, also in one made before the range was raised.
 python -m pip install -q -U --upgrade-strategy only-if-needed --no-build-isolation -e "$ROOT[$EXTRAS]" "$MCORE" >&2
-echo "[setup] $(python -W ignore -c 'import sys, megatron.core, torch; print(f"Python {sys.version.split()[0]}, megatron-core {megatron.core.__version__}, torch {torch.__version__}")')" >&2
+echo "[setup] $(python -W ignore -c 'import sys, importlib.metadata as m, torch; v = m.version("megatron-core"); print(f"Python {sys.version.split()[0]}, megatron-core {v}, torch {torch.__version__}")')" >&2
 echo "$HASH" > "$STAMP"
 echo "$VENV"

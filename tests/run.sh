@@ -42,7 +42,7 @@ for leg in "${legs[@]}"; do
     else
         venv="$(setup "$leg")"
     fi
-    echo "== $leg leg: $("$venv/bin/python" -W ignore -c 'import sys, megatron.core; print(f"Python {sys.version.split()[0]}, megatron-core {megatron.core.__version__}")')"
+    echo "== $leg leg: $("$venv/bin/python" -W ignore -c 'import sys, importlib.metadata as m; v = m.version("megatron-core"); print(f"Python {sys.version.split()[0]}, megatron-core {v}")')"
     set +e
     MEGATRON_DATAEFF_TEST_LEG="$leg" "$venv/bin/python" -m pytest -q "$@"
     leg_rc=$?

@@ -19,13 +19,12 @@ own_writer = pytest.mark.skipif(NVRX, reason="nvidia-resiliency-ext is installed
 def test_async_save_uses_a_writer_the_installed_release_has():
     """Without nvidia-resiliency-ext: megatron-core's own queue, and from 0.17 (where `dist_checkpointing.save`
     defaults to NVRx's writer) requests made for that queue."""
-    import megatron.core
-
     from megatron_dataeff.checkpoint import async_save
+    from megatron_dataeff.checkpoint.format import megatron_core_version
 
     queue = async_save.open_queue()
     assert type(queue).__module__.startswith("megatron.core.dist_checkpointing."), type(queue)
-    expected = {} if Version(megatron.core.__version__).release < (0, 17) else {"async_strategy": "mcore"}
+    expected = {} if Version(megatron_core_version()).release < (0, 17) else {"async_strategy": "mcore"}
     assert async_save.save_kwargs(queue) == expected
     assert async_save.save_kwargs(None) == {}
     assert "megatron-core's own writer" in async_save.describe(queue)

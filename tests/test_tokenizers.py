@@ -45,11 +45,12 @@ def test_byte_tokenizer_ids_are_fixed():
 def test_null_tokenizer_matches_megatron():
     """NullTokenizer: --vocab-size V gives EOD = V and V + 1 ids, as megatron-core's NullTokenizer(V) up to
     0.17; from 0.18 megatron's NullTokenizer(V) has V ids with EOD = V - 1, so ours(V) is theirs(V + 1)."""
-    import megatron.core
     from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer as MegatronNull
     from packaging.version import Version
 
-    since_018 = Version(megatron.core.__version__).release >= (0, 18)
+    from megatron_dataeff.checkpoint.format import megatron_core_version
+
+    since_018 = Version(megatron_core_version()).release >= (0, 18)
     ours, theirs = NullTokenizer(1000), MegatronNull(1001 if since_018 else 1000)
     assert (ours.vocab_size, ours.eod) == (theirs.vocab_size, theirs.eod) == (1001, 1000)
     assert ours.tokenize("3 1 4 15") == theirs.text_to_ids("3 1 4 15") == [3, 1, 4, 15]

@@ -20,8 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 
-import megatron.core
-
+from megatron_dataeff.checkpoint.format import megatron_core_version
 from megatron_dataeff.errors import ConfigError
 
 NAMES = {"mcore": "megatron-core's own", "nvrx": "nvidia-resiliency-ext's (NVRx)"}
@@ -50,7 +49,7 @@ def open_queue():
         except (ImportError, TypeError):  # NVRx not installed; a release without its own ("not supported")
             continue
         return modules["AsyncCallsQueue"]()
-    raise ConfigError(f"--async-save: megatron-core {megatron.core.__version__} has no background writer of its own "
+    raise ConfigError(f"--async-save: megatron-core {megatron_core_version()} has no background writer of its own "
                       f"and nvidia-resiliency-ext, whose writer it uses instead, is not installed: pip install "
                       f"nvidia-resiliency-ext, or drop --async-save (saves then hold training while they write)")
 
@@ -73,7 +72,7 @@ def describe(queue) -> str:
     strategy = _strategy(queue)
     line = f"--async-save: checkpoints are written in the background by {NAMES[strategy]} writer"
     if strategy == "mcore" and _megatron_strategies() is not None:
-        line += (f" (megatron-core {megatron.core.__version__} prefers NVRx's: pip install nvidia-resiliency-ext "
+        line += (f" (megatron-core {megatron_core_version()} prefers NVRx's: pip install nvidia-resiliency-ext "
                  f"to use it)")
     return line
 

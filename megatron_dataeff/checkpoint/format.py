@@ -15,6 +15,7 @@ recognised here and read by `checkpoint/megatron_lm.py`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -153,9 +154,19 @@ def prune(save_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(save_dir, checkpoint_name(it)), ignore_errors=True)
 
 
+def megatron_core_version() -> str:
+    """The installed megatron-core's release, as pip installed it.  Not `megatron.core.__version__`: from 0.19 that
+    appends the short hash of whatever git repository holds the installed package (`git rev-parse` in its
+    directory), i.e. ours when the virtual environment sits inside this checkout, as tests/run.sh's does."""
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on the path
+        return megatron.core.__version__.split("+")[0]
+
+
 def checkpoint_versions() -> dict:
     """The versions recorded with a run and in its checkpoints (`written_by`)."""
-    return {"megatron_dataeff": megatron_dataeff.__version__, "megatron_core": megatron.core.__version__,
+    return {"megatron_dataeff": megatron_dataeff.__version__, "megatron_core": megatron_core_version(),
             "torch": torch.__version__}
 
 
@@ -171,7 +182,7 @@ def check_checkpoint_files(ckpt: str, meta: dict) -> None:
         missing.append("*.distcp shards")
     if missing:
         raise CheckpointError(f"{ckpt}: incomplete checkpoint, missing {', '.join(missing)}")
-    installed = megatron.core.__version__
+    installed = megatron_core_version()
     if not os.path.exists(os.path.join(ckpt, "common.pt")) and Version(installed).release < (0, 19):
         writer = meta.get("written_by", {}).get("megatron_core", ">= 0.19")
         raise CheckpointError(f"{ckpt} was written by megatron-core {writer} (no common.pt); megatron-core "
