@@ -18,8 +18,9 @@ def main(argv=None) -> int:
     # megatron-core warns at import about optional accelerators; we report what we use ourselves.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from megatron_dataeff.arguments import parse_config
-    from megatron_dataeff.errors import UserError
     from megatron_dataeff.distributed import shutdown
+    from megatron_dataeff.entry import report_user_error
+    from megatron_dataeff.errors import UserError
     from megatron_dataeff.training.loop import Trainer
 
     cfg = parse_config(argv)
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         trainer.train()
         rc = 0
     except UserError as exc:  # bad input: one line naming it; anything else is a bug and keeps its traceback
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        report_user_error(exc)
         rc = 2
     finally:
         if trainer is not None:

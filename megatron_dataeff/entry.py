@@ -30,6 +30,19 @@ def ignore_optional_accelerator_warnings() -> None:
     warnings.filterwarnings("ignore", message=OPTIONAL_ACCELERATOR_WARNINGS)
 
 
+def report_user_error(exc: UserError) -> None:
+    """Print a UserError as its one `error: ...` line.  One that every rank of a distributed run raised alike
+    (`exc.agreed`, e.g. a failed checkpoint write) is printed by rank 0 alone, and no rank returns before it has:
+    the first worker to exit makes torchrun stop the others, and two ranks writing at once can mix their lines."""
+    import torch.distributed as dist
+
+    collective = getattr(exc, "agreed", False) and dist.is_initialized() and dist.get_world_size() > 1
+    if not collective or dist.get_rank() == 0:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    if collective:
+        dist.barrier()
+
+
 def tool_main(fn: Callable[..., int] | None = None, *, process_group: bool = False,
               user_error_exit: int = 2) -> Callable[..., int]:
     """Decorate a tool's `main` (any signature) with the shared frame; usable bare (`@tool_main`) or with
@@ -47,7 +60,7 @@ def tool_main(fn: Callable[..., int] | None = None, *, process_group: bool = Fal
                 with owned_process_group():
                     return main(*args, **kwargs)
             except UserError as exc:  # bad input: one line naming it; anything else keeps its traceback
-                print(f"error: {exc}", file=sys.stderr, flush=True)
+                report_user_error(exc)
                 return user_error_exit
 
         return run

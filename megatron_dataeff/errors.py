@@ -9,6 +9,8 @@ this framework (or in a library it calls) and keeps its traceback.
 class UserError(Exception):
     """Bad input, stated in terms the user can act on (the flag, file, line or checkpoint is named)."""
 
+    agreed = False  # raised alike by every rank of a distributed run (collectively): rank 0 reports it
+
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot work; the message names the flags."""

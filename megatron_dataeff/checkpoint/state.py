@@ -207,8 +207,8 @@ def _agreed(error: OSError | None, save_dir: str, tmp: str) -> None:
 def _failed_save(exc: BaseException, save_dir: str, tmp: str, collective: bool = False):
     """Turn a write that failed for lack of space (or any OSError) into one clear error, without the partial
     directory; anything else is a bug and propagates as it is.  `collective`: every rank is here (an agreed
-    error), and none leaves before rank 0 has removed the partial directory (the first rank to exit makes torchrun
-    stop the others, which could otherwise leave it behind)."""
+    error): rank 0 has removed the partial directory before it raises, and the error is marked `agreed`, so rank 0
+    alone reports it and no rank exits before it has (`entry.report_user_error`)."""
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         raise exc
     error = _os_error(exc, save_dir)
@@ -216,8 +216,6 @@ def _failed_save(exc: BaseException, save_dir: str, tmp: str, collective: bool =
         raise exc
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    if collective:
-        dist.barrier()
     try:
         free = f"{shutil.disk_usage(save_dir).free / 2**20:,.1f} MiB free there"
     except OSError:
@@ -226,8 +224,10 @@ def _failed_save(exc: BaseException, save_dir: str, tmp: str, collective: bool =
         previous = f"iteration {latest_iteration(save_dir)} stays the latest checkpoint"
     except CheckpointError:
         previous = "no earlier checkpoint there"
-    raise CheckpointSaveError(f"--save {save_dir}: cannot write {os.path.basename(tmp)} "
-                              f"({error.strerror or error}); {free}; {previous}") from exc
+    failed = CheckpointSaveError(f"--save {save_dir}: cannot write {os.path.basename(tmp)} "
+                                 f"({error.strerror or error}); {free}; {previous}")
+    failed.agreed = collective
+    raise failed from exc
 
 
 def _manifest(tmp: str, rank: int) -> dict:
