@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_dataeff"
 
 # Layer of each top-level module or subpackage; a module may import its own layer and those below.
 LAYERS = {
-    "__init__": 0, "errors": 0, "atomic": 0, "lazy": 0, "platform": 0,
+    "__init__": 0, "errors": 0, "atomic": 0, "lazy": 0, "platform": 0, "deferred_compile": 0,
     "data": 1, "ops": 1, "objectives": 1, "entry": 1,
     "config": 2,
     "models": 3,
