@@ -122,3 +122,39 @@ def test_block_sizes_get_their_plot(grid, tmp_path):
     written = plot_runs(runs, str(tmp_path / "report"))
     assert any(p.endswith("block_size.png") for p in written)
     assert not any(p.endswith("block_size.png") for p in plot_runs(find_runs([str(grid)]), str(tmp_path / "r2")))
+
+
+def test_curves_csv_stands_for_its_runs(grid, tmp_path):
+    """A report's curves.csv (+ runs.csv) reads back as the same runs: the same summary rows; a run directory
+    replaces an archived run of the same method and seed; a damaged file is refused naming it and the line."""
+    from megatron_dataeff.errors import DataError
+    from megatron_dataeff.experiments.report import runs_csv_path, write_curves_csv
+
+    runs = find_runs([str(grid)])
+    runs[0].downstream = [{"epoch": 20.0, "cloze_acc": 0.25}]
+    curves = tmp_path / "g_curves.csv"
+    write_curves_csv(runs, str(curves))
+    back = find_runs([str(curves)])
+    key = lambda r: (r.method, r.seed)  # noqa: E731
+    assert sorted(map(key, back)) == sorted(map(key, runs))
+    for a, b in zip(sorted(runs, key=key), sorted(back, key=key)):
+        assert (a.valid, a.train, a.objective, a.unique_tokens, a.downstream) == \
+               (b.valid, b.train, b.objective, b.unique_tokens, b.downstream)
+    assert summarise(back) == summarise(runs)
+
+    again = tmp_path / "again"
+    again.mkdir()
+    _write_run(again, "ar", 2, 1.0)  # a re-run of ar seed 2 with another curve
+    merged = find_runs([str(curves), str(again)])
+    assert len(merged) == len(runs)
+    assert min(v[2] for v in next(r for r in merged if key(r) == ("ar", 2)).valid) == pytest.approx(1.0)
+
+    lines = curves.read_text().splitlines()
+    lines[5] = lines[5].replace("valid", "val", 1)
+    curves.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"g_curves.csv:6: split 'val'"):
+        find_runs([str(curves)])
+    (tmp_path / "g_runs.csv").unlink()
+    assert runs_csv_path(str(curves)).endswith("g_runs.csv")
+    with pytest.raises(DataError, match=r"g_curves.csv: no g_runs.csv beside it"):
+        find_runs([str(curves)])

@@ -1,11 +1,16 @@
 """Plot and tabulate grid runs: validation loss vs epoch and vs tokens seen for every method,
 offline-task accuracy vs epoch, a Markdown + CSV table (best / final validation loss, epoch of the best,
 rise after the best, task accuracy, Muennighoff's R*; mean ± std over seeds), and every run's raw curves
-(curves.csv).
+(curves.csv, with runs.csv: what else the report reads of each run).
 
     python tools/plot_runs.py runs/tiny_grid                       # writes into runs/tiny_grid/report/
     python tools/plot_runs.py runs/g1 runs/g2 --output docs/results --prefix tiny_grid_
     python tools/plot_runs.py runs/quickstart/ar_s1234   # one run: also its train + validation loss_curve.png
+    python tools/plot_runs.py docs/results/horizon_curves.csv runs/horizon_s3 --output docs/results --prefix horizon_
+
+A curves.csv written here (runs.csv beside it) stands for its runs when their directories are gone: the last line
+adds the runs under runs/horizon_s3 to the published ones (a run directory replaces an archived run of the same
+method and seed).
 
 R* is fitted per method against the fresh-data reference runs (ar_fresh, mdm_fresh) of the grid;
 see megatron_dataeff/evaluation/effective_data.py for exactly what is fitted.
@@ -22,17 +27,21 @@ from megatron_dataeff.errors import DataError
 @tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("dirs", nargs="+", help="grid directories or run directories")
+    p.add_argument("dirs", nargs="+", help="grid directories, run directories, or a curves.csv written here")
     p.add_argument("--output", default=None, help="where to write (default: DIR/report of the first DIR)")
     p.add_argument("--prefix", default="", help="file name prefix, e.g. tiny_grid_")
     args = p.parse_args(argv)
     from megatron_dataeff.experiments.report import (find_runs, markdown_table, plot_loss_curve, plot_runs, summarise,
                                                     write_csv, write_curves_csv)
 
+    for d in args.dirs:
+        if not os.path.exists(d):
+            raise DataError(f"{d}: no such grid, run directory or curves.csv")
     runs = find_runs(args.dirs)
     if not runs:
         raise DataError(f"no runs with validation records under {' '.join(args.dirs)}")
-    out = args.output or os.path.join(args.dirs[0], "report")
+    first = os.path.dirname(args.dirs[0]) if os.path.isfile(args.dirs[0]) else args.dirs[0]
+    out = args.output or os.path.join(first, "report")
     os.makedirs(out, exist_ok=True)
     rows = summarise(runs)
     table = markdown_table(rows)

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_dataeff.config import RunConfig
+from megatron_dataeff.errors import DataError
 from megatron_dataeff.evaluation.effective_data import fit_half_life
 from megatron_dataeff.experiments.grid import BUDGETS, METHODS, reference_of
 from megatron_dataeff.experiments.statistics import effective_data, mean_se, paired_test
@@ -90,9 +91,16 @@ def load_run(path: str) -> Optional[Run]:
 
 
 def find_runs(dirs) -> list[Run]:
-    """Every run under the given directories (a run directory or a grid directory of runs)."""
-    runs = []
+    """Every run under the given places: a run directory, a grid directory of runs, or a `curves.csv` that
+    write_curves_csv wrote (with its `runs.csv` beside it: the archived runs of an earlier report, whose run
+    directories may be gone).  A run directory replaces an archived run of the same method and seed (a re-run)."""
+    runs, archived = [], []
     for d in dirs:
+        if os.path.isfile(d):
+            if not d.endswith("curves.csv"):
+                raise DataError(f"{d}: not a grid or run directory, nor a curves.csv written by tools/plot_runs.py")
+            archived.extend(read_curves_csv(d))
+            continue
         if os.path.exists(os.path.join(d, "metrics.jsonl")):
             cands = [d]
         else:
@@ -102,7 +110,8 @@ def find_runs(dirs) -> list[Run]:
             r = load_run(c)
             if r is not None and r.valid:
                 runs.append(r)
-    return runs
+    have = {(r.method, r.seed) for r in runs}
+    return [r for r in archived if (r.method, r.seed) not in have] + runs
 
 
 def summarise_run(run: Run, reference: Optional[Run]) -> dict:
@@ -257,15 +266,76 @@ def write_csv(rows: list[dict], path: str) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
 
 
+RUN_FIELDS = ("method", "seed", "objective", "unique_tokens", "flops_per_token", "block_size", "clipped_schedule",
+              "downstream")  # what a report needs of a run beyond its curves: runs.csv's columns
+
+
+def runs_csv_path(curves_path: str) -> str:
+    """`X/PREFIXruns.csv`, the per-run record written beside `X/PREFIXcurves.csv`."""
+    return curves_path[:-len("curves.csv")] + "runs.csv"
+
+
 def write_curves_csv(runs: list[Run], path: str) -> None:
-    """The raw per-run curves behind the table and plots: one row per run, split and logged iteration."""
+    """The raw per-run curves behind the table and plots: one row per run, split and logged iteration; and beside
+    them (runs_csv_path) one row per run with what else the report reads (objective, budget, FLOPs per token,
+    offline-task scores), so that find_runs can read the report's runs back when their directories are gone."""
+    runs = sorted(runs, key=lambda r: (r.method, r.seed))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "seed", "split", "epoch", "tokens", "loss"])
-        for run in sorted(runs, key=lambda r: (r.method, r.seed)):
+        for run in runs:
             for split, curve in (("valid", run.valid), ("train", run.train)):
                 for epoch, tokens, loss in curve:
-                    w.writerow([run.method, run.seed, split, f"{epoch:.6g}", tokens, f"{loss:.6g}"])
+                    w.writerow([run.method, run.seed, split, repr(float(epoch)), tokens, repr(float(loss))])
+    with open(runs_csv_path(path), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(RUN_FIELDS)
+        for run in runs:
+            w.writerow([run.method, run.seed, run.objective, run.unique_tokens,
+                        "" if run.flops_per_token is None else repr(run.flops_per_token),
+                        "" if run.block_size is None else run.block_size, int(run.clipped_schedule),
+                        json.dumps(run.downstream, sort_keys=True)])
+
+
+def read_curves_csv(path: str) -> list[Run]:
+    """The runs of a report's curves.csv and runs.csv (write_curves_csv), as Run records; a file that is not one
+    is refused naming the file and line."""
+    meta_path = runs_csv_path(path)
+    if not os.path.exists(meta_path):
+        raise DataError(f"{path}: no {os.path.basename(meta_path)} beside it (written with the curves by "
+                        f"tools/plot_runs.py): the runs' objectives and budgets are not known")
+    runs: dict[tuple[str, int], Run] = {}
+    with open(meta_path, newline="") as f:
+        rows = csv.reader(f)
+        if tuple(next(rows, ())) != RUN_FIELDS:
+            raise DataError(f"{meta_path}:1: expected the columns {','.join(RUN_FIELDS)}")
+        for line, row in enumerate(rows, start=2):
+            try:
+                method, seed, objective, unique, flops, block, clipped, downstream = row
+                runs[(method, int(seed))] = Run(
+                    path=f"{path}#{method}_s{seed}", method=method, seed=int(seed), unique_tokens=int(unique),
+                    objective=objective, flops_per_token=float(flops) if flops else None,
+                    block_size=int(block) if block else None, clipped_schedule=bool(int(clipped)),
+                    downstream=json.loads(downstream))
+            except ValueError as e:
+                raise DataError(f"{meta_path}:{line}: not a run record ({e})") from None
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        if next(rows, None) != ["method", "seed", "split", "epoch", "tokens", "loss"]:
+            raise DataError(f"{path}:1: expected the columns method,seed,split,epoch,tokens,loss")
+        for line, row in enumerate(rows, start=2):
+            try:
+                method, seed, split, epoch, tokens, loss = row
+                run = runs[(method, int(seed))]
+                point = (float(epoch), int(tokens), float(loss))
+            except KeyError:
+                raise DataError(f"{path}:{line}: run {row[0]}_s{row[1]} is not in {meta_path}") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{line}: not a curve point ({e})") from None
+            if split not in ("valid", "train"):
+                raise DataError(f"{path}:{line}: split {split!r} is neither valid nor train")
+            getattr(run, split).append(point)
+    return [r for r in runs.values() if r.valid]
 
 
 def _style(method: str):
