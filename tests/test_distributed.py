@@ -7,7 +7,7 @@ printed digit; reductions in another order may move the last float bits: PP=2 me
 
 import pytest
 
-from tests.conftest import losses, run_pretrain
+from tests.conftest import ROOT, losses, run_pretrain
 
 pytestmark = pytest.mark.distributed
 
@@ -92,11 +92,8 @@ def test_two_process_layout_reproduces_tp1(baselines, tmp_path, objective, layou
     _assert_same_losses(baselines[objective], recs)
 
 
-@pytest.mark.parametrize("objective", ["mdm", "ar+corruptions", "ar+docs", "mdm+docs", "dual+docs", "block+docs"])
-def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
-    """PP=2 (1F1B over 4 micro-batches, one layer a stage, the tied embedding's gradient summed over both
-    stages), started from the TP=1 baseline's initial weights, gives its train and validation losses; with
-    MIR the stages exchange micro-batches of twice the rows (clean and corrupted)."""
+def _pp2_from_baseline_weights(baselines, tmp_path, objective, script=ROOT / "pretrain_diffusion.py"):
+    """The records of a PP=2 run of `objective` started from its TP=1 baseline's initial weights."""
     # megatron seeds each stage apart (seed + 100 * stage), so PP=2 draws other initial weights than TP=1.
     # One TP=1 step at lr 1e-30 (updates below fp32 resolution) saves the baseline's initial weights;
     # --finetune loads only them, at iteration 0 with a fresh optimizer, so the runs see the same data.
@@ -105,9 +102,34 @@ def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
                                                        "0", "--eval-iters", "0", "--save", str(init)],
                          tmp_path / "init_run")
     assert losses(first) == losses(baselines[objective])[:1]  # the baseline's initial weights, bit for bit
-    recs = run_pretrain(COMMON + OBJECTIVES[objective] + ["--pipeline-model-parallel-size", "2", "--load", str(init),
-                                                      "--finetune"], tmp_path / "pp2", nproc=2)
-    _assert_same_losses(baselines[objective], recs)
+    return run_pretrain(COMMON + OBJECTIVES[objective] + ["--pipeline-model-parallel-size", "2", "--load", str(init),
+                                                      "--finetune"], tmp_path / "pp2", nproc=2, script=script)
+
+
+@pytest.mark.parametrize("objective", ["mdm", "ar+corruptions", "ar+docs", "mdm+docs", "dual+docs", "block+docs"])
+def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
+    """PP=2 (1F1B over 4 micro-batches, one layer a stage, the tied embedding's gradient summed over both
+    stages), started from the TP=1 baseline's initial weights, gives its train and validation losses; with
+    MIR the stages exchange micro-batches of twice the rows (clean and corrupted)."""
+    _assert_same_losses(baselines[objective], _pp2_from_baseline_weights(baselines, tmp_path, objective))
+
+
+# transformer-engine's packed sequences (THD), played by our sdpa attention on the thd layout
+PACKED = ROOT / "tests" / "packed_sdpa_pretrain.py"
+
+
+def test_packed_sequences_reproduce_tp1_at_tp2_sp(baselines, tmp_path):
+    """Packed documents as one stream of sequences (the THD path) at TP=2 with sequence parallelism (the stream
+    split over the ranks) give the dense document mask's TP=1 losses (masked diffusion)."""
+    recs = run_pretrain(COMMON + OBJECTIVES["mdm+docs"] + SP2, tmp_path, nproc=2, script=PACKED)
+    _assert_same_losses(baselines["mdm+docs"], recs)
+
+
+def test_packed_sequences_reproduce_tp1_at_pp2(baselines, tmp_path):
+    """Packed documents at PP=2: the stages exchange the packed stream ([rows * seq, 1, hidden]; MIR's clean and
+    corrupted rows both in it) and reproduce the dense document mask's TP=1 losses."""
+    recs = _pp2_from_baseline_weights(baselines, tmp_path, "ar+docs", script=PACKED)
+    _assert_same_losses(baselines["ar+docs"], recs)
 
 
 @pytest.mark.slow  # the default suite reproduces the TP=1 curve at PP=2 (test_pipeline_parallel_reproduces_tp1)

@@ -6,8 +6,9 @@ import torch
 
 from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.config import ConfigError
-from megatron_dataeff.models.attention_backends import attention_for_config
+from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
 from megatron_dataeff.models.builder import build_model
+from megatron_dataeff.models.packed_sequences import packed_forward, packed_seq_params
 from megatron_dataeff.objectives import build_objective
 from megatron_dataeff.objectives.documents import DocumentFlags, document_ids
 from megatron_dataeff.objectives.row_masks import RowMask
@@ -179,17 +180,113 @@ def test_eod_positions_carry_no_loss(name):
 
 
 def test_flags_need_an_attention_that_takes_masks():
-    """--reset-attention-mask: auto means FlexAttention on a GPU and sdpa on a CPU, and says why; local takes
-    it; a transformer-engine backend is refused by name."""
+    """--reset-attention-mask: auto means transformer-engine's packed sequences on a GPU with transformer-engine
+    (one causality for all rows), FlexAttention on a GPU without it or with a causality per row, sdpa on a CPU,
+    and says why; local takes it; transformer-engine's kernels are refused by name where they cannot apply."""
     cfg = _cfg("--reset-attention-mask")
     choice = attention_for_config(cfg, "cuda", True)
-    assert choice.impl == "flex" and "--reset-attention-mask" in choice.reason
+    assert (choice.impl, choice.packed) == ("te", True) and "--reset-attention-mask" in choice.reason
+    assert "packed sequences (THD)" in choice.describe()
+    assert attention_for_config(_cfg("--reset-attention-mask", "--objective", "mdm", "--attention-backend", "fused"),
+                                "cuda", True).packed
+    choice = attention_for_config(cfg, "cuda", False)
+    assert choice.impl == "flex" and not choice.packed and "--reset-attention-mask" in choice.reason
+    dual = _cfg("--reset-attention-mask", "--objective", "dual")
+    assert attention_for_config(dual, "cuda", True).impl == "flex"
     assert attention_for_config(cfg, "cpu", False).impl == "sdpa"
     cfg = _cfg("--reset-attention-mask", "--attention-backend", "flash")
-    with pytest.raises(ConfigError, match="--reset-attention-mask.*--attention-backend flash"):
-        attention_for_config(cfg, "cuda", True)
+    with pytest.raises(ConfigError, match="--reset-attention-mask.*--attention-backend flash.*packed sequences.*"
+                                          "transformer-engine on a GPU \\(on CPUs\\)"):
+        attention_for_config(cfg, "cpu", False)
+    with pytest.raises(ConfigError, match="transformer-engine is not importable"):
+        attention_for_config(cfg, "cuda", False)
+    with pytest.raises(ConfigError, match="--objective dual.*--attention-backend flash does not take"):
+        attention_for_config(_cfg("--reset-attention-mask", "--objective", "dual", "--attention-backend", "flash"),
+                             "cuda", True)
     assert attention_for_config(_cfg("--reset-attention-mask", "--attention-backend", "local"), "cpu", False).impl \
         == "local"
+
+
+# What transformer-engine's packed sequences do, on a CPU: our sdpa attention takes the `thd` layout (a mask built
+# from cu_seqlens), so everything around the kernel (packing the rows, cu_seqlens, rotary positions per sequence,
+# the losses per row again, the trainer's schedule) runs here as on a GPU.
+PACKED_SDPA = AttentionChoice("sdpa", "sdpa", "auto", "test: sdpa on packed sequences", packed=True)
+
+
+def test_packed_sequences_cut_at_rows_and_documents():
+    """cu_seqlens over the rows laid end to end: a sequence starts at every row start and after every EOD; masks
+    with a causality per row or blocks are not packed."""
+    x = torch.tensor([[1, 2, EOD, 3, 4, EOD], [5, 6, 7, 8, 9, 1], [EOD, EOD, 1, 2, 3, 4]])
+    params = packed_seq_params(DocumentFlags(EOD, reset_attention_mask=True).row_mask(x, causal=True))
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_q.tolist() == [0, 3, 6, 12, 13, 14, 18] and params.max_seqlen_q == 6
+    assert torch.equal(params.cu_seqlens_kv, params.cu_seqlens_q)
+    with pytest.raises(ValueError, match="one causality for every row"):
+        packed_seq_params(RowMask(torch.tensor([True, False, True]), document_ids(x, EOD)))
+
+
+@pytest.mark.parametrize("objective_flags", [["--objective", "ar"], ["--objective", "mdm"],
+                                             ["--objective", "ar", "--token-dropout-rate", "0.3",
+                                              "--token-dropout-aux-weight", "0.5"]], ids=["ar", "mdm", "mir"])
+@pytest.mark.parametrize("reset_positions", [True, False], ids=["positions-reset", "positions-run-on"])
+def test_packed_sequences_equal_the_document_mask(megatron_cpu, monkeypatch, objective_flags, reset_positions):
+    """A model forward on packed sequences (the rows one stream, a sequence per document: transformer-engine's THD
+    path) gives the per-token losses, logits and gradients of the dense document mask, with positions reset or
+    running on; the scorer (validation, tools/evaluate.py) packs the same way."""
+    from megatron_dataeff.evaluation.scoring import ModelScorer
+    from megatron_dataeff.models import builder
+
+    flags = ["--reset-attention-mask", "--eod-mask-loss"] + (["--reset-position-ids"] if reset_positions else [])
+    cfg = _cfg(*objective_flags, "--attention-backend", "sdpa", *flags)
+    torch.manual_seed(0)
+    dense_model = build_model(cfg, VOCAB, "cpu")
+    monkeypatch.setattr(builder, "attention_choice", lambda cfg, device: PACKED_SDPA)
+    packed_model = build_model(cfg, VOCAB, "cpu")
+    packed_model.load_state_dict(dense_model.state_dict())
+    objective = build_objective(cfg, MASK, vocab_ids=VOCAB, eod_token_id=EOD)
+    tokens = torch.stack([_windows(seed)[0][k] for seed in range(2) for k in range(2)])
+    batch = objective.prepare(tokens, torch.arange(4))
+    pos = batch.position_ids if batch.position_ids is not None else torch.arange(48).expand(batch.input_ids.shape)
+    dense = dense_model(batch.input_ids, pos, batch.attention_mask, labels=batch.labels)
+    packed = packed_forward(packed_model, batch.input_ids, pos, batch.row_mask, labels=batch.labels)
+    assert packed.shape == dense.shape
+    torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-5)
+    dense.sum().backward()
+    packed.sum().backward()
+    for (name, a), b in zip(dense_model.named_parameters(), packed_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=lambda m: name + m)
+    with torch.no_grad():
+        torch.testing.assert_close(packed_forward(packed_model, batch.input_ids, pos, batch.row_mask),
+                                   dense_model(batch.input_ids, pos, batch.attention_mask), rtol=1e-5, atol=1e-5)
+    scorers = [ModelScorer(m, diffusion=False, mask_token_id=MASK, max_length=48) for m in (dense_model, packed_model)]
+    got = [sc.log_probs(batch.input_ids, pos, batch.attention_mask, batch.row_mask) for sc in scorers]
+    torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="row mask"):
+        scorers[1].log_probs(batch.input_ids, pos, batch.attention_mask)
+
+
+def test_trainer_on_packed_sequences_follows_the_document_mask(megatron_cpu, monkeypatch, tmp_path):
+    """The trainer's schedule on packed sequences (2 micro-batches a step) trains and validates as with the dense
+    document mask: the same losses to fp32 rounding."""
+    from megatron_dataeff.models import builder
+    from megatron_dataeff.training.loop import Trainer
+
+    def run(name):
+        argv = ["--num-layers", "2", "--seq-length", "48", "--train-iters", "3", "--global-batch-size", "4",
+                "--micro-batch-size", "2", "--eval-iters", "1", "--run-dir", str(tmp_path / name), "--device", "cpu",
+                "--tensorboard-dir", "", "--objective", "mdm", "--attention-backend", "sdpa", *DOC_FLAGS]
+        trainer = Trainer(config_from_args(build_parser().parse_args(argv)))
+        try:
+            assert trainer.forward_backward.packed == (name == "packed")
+            return [trainer.train_step(i)[0] for i in range(3)] + [trainer.validate()]
+        finally:
+            trainer.close()
+
+    dense = run("dense")
+    monkeypatch.setattr(builder, "attention_choice", lambda cfg, device: PACKED_SDPA)
+    packed = run("packed")
+    torch.testing.assert_close(torch.tensor(packed, dtype=torch.float64), torch.tensor(dense, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_flags_parse_as_megatron_lm_names_them():

@@ -49,6 +49,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_dataeff.errors import ConfigError
+from megatron_dataeff.models.packed_sequences import packable, packed_forward
 from megatron_dataeff.objectives.row_masks import RowMask
 
 GREEDY_ORDERS = ("confidence", "l2r")
@@ -122,9 +123,19 @@ class ModelScorer:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def log_probs(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[b, s] ids -> [b, s, vocab] float32 log-probabilities (batched by `batch_size`); `position_ids` [b, s]
-        and `attention_mask` [b, 1, s, s] (True = masked out) as an ObjectiveBatch carries them, or None."""
+                  attention_mask: Optional[torch.Tensor] = None, row_mask: Optional[RowMask] = None) -> torch.Tensor:
+        """[b, s] ids -> [b, s, vocab] float32 log-probabilities (batched by `batch_size`); `position_ids` [b, s],
+        `attention_mask` [b, 1, s, s] (True = masked out) and `row_mask` (its compact form) as an ObjectiveBatch
+        carries them, or None.  A model built for packed sequences (transformer-engine's THD) takes documents as
+        the trainer hands them (models/packed_sequences.py), so it needs the row mask where there is a mask."""
+        inner = self.model  # the GPTModel inside its wrappers (bf16's Float16Module), or any callable
+        while not hasattr(inner, "attention_choice") and hasattr(inner, "module"):
+            inner = inner.module
+        choice = getattr(inner, "attention_choice", None)
+        packed = choice is not None and choice.packed and attention_mask is not None
+        if packed and not packable(row_mask):
+            raise ValueError("this model takes packed documents (transformer-engine's THD): score it with the "
+                             "batch's row mask (a document mask with one causality for all rows)")
         out = []
         for start in range(0, input_ids.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
@@ -132,8 +143,12 @@ class ModelScorer:
             b, s = x.shape
             pos = position_ids[rows].to(self.device) if position_ids is not None else \
                 torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
-            mask = attention_mask[rows].to(self.device) if attention_mask is not None else None
-            logits = self.model(x, pos, mask)
+            if packed:
+                part = RowMask(row_mask.causal, row_mask.documents[rows].to(self.device))
+                logits = packed_forward(self.model, x, pos, part)
+            else:
+                mask = attention_mask[rows].to(self.device) if attention_mask is not None else None
+                logits = self.model(x, pos, mask)
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         return torch.cat(out, 0)
 

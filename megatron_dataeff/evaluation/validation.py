@@ -137,7 +137,7 @@ def window_losses(scorer: ModelScorer, objective: Objective, tokens: torch.Tenso
     batch's position ids and attention mask as the trainer's forward step hands them (packed documents, the dual
     objective's AR rows)."""
     batch = objective.prepare_evaluation(tokens, window_index.to(torch.int64), copies)
-    lp = scorer.log_probs(batch.input_ids, batch.position_ids, batch.attention_mask)
+    lp = scorer.log_probs(batch.input_ids, batch.position_ids, batch.attention_mask, batch.row_mask)
     ce = -lp.gather(-1, batch.labels[..., None].to(lp.device))[..., 0].double()
     sums, counts = objective.row_totals(ce, batch)
     sums, counts = sums.view(tokens.shape[0], copies), counts.view(tokens.shape[0], copies)

@@ -95,10 +95,15 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
-        if packed_seq_params is not None:
-            raise NotImplementedError("the sdpa attention backend does not take packed sequences")
         if attention_bias is not None:
             raise NotImplementedError("the sdpa attention backend does not take an attention bias")
+        packed = packed_seq_params is not None
+        if packed:  # megatron's `thd` layout: [t, heads, d], one stream of sequences (models/packed_sequences.py)
+            if packed_seq_params.qkv_format != "thd" or attention_mask is not None:
+                raise NotImplementedError("the sdpa attention backend takes packed sequences in the thd format, "
+                                          "without a mask")
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            attention_mask = _sequence_mask(packed_seq_params, query.shape[0], key.shape[0])
         sq, b, heads, d = query.shape
         sk = key.shape[0]
         # [s, b, n, d] -> [b, n, s, d]: views; the kernels take these strides.
@@ -130,6 +135,17 @@ class SDPAttention(MegatronModule):
                                                      scale=self.softmax_scale, **extra)
         # [b, n, sq, d] -> [sq, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+
+def _sequence_mask(params, sq: int, sk: int) -> torch.Tensor:
+    """[1, 1, sq, sk] bool, True = masked out: keys outside the query's sequence of a packed stream (cu_seqlens).
+    The dense form of what variable-length kernels do, so that the packed path runs (and is tested) on CPUs."""
+    def sequence(cu, n):
+        return torch.searchsorted(cu[1:].to(torch.int64), torch.arange(n, device=cu.device), right=True)
+
+    q = sequence(params.cu_seqlens_q, sq)
+    k = sequence(params.cu_seqlens_kv, sk)
+    return (q[:, None] != k[None, :])[None, None]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """No parameters, nothing to checkpoint (as megatron's vanilla-softmax DotProductAttention)."""

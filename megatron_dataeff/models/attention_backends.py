@@ -14,8 +14,14 @@ the memory estimate and the command line can use it).
 | flex    | FlexAttention (compiled)         | FlexAttention (compiled)              | FlexAttention (our backward)  |
 
 Attention beyond causal or full (rows with their own masks: --reset-attention-mask's documents, the dual
-objective's per-sample masks) takes a backend that takes a mask per row: `auto` means FlexAttention on a GPU
-and sdpa on CPUs; sdpa, flex and local take it; transformer-engine's are refused by name.
+objective's per-sample masks, block diffusion's blocks) takes a backend that takes a mask per row:
+
+- documents under one causality for every row (ar, token dropout, MIR, mdm): on a GPU with transformer-engine,
+  `auto` (and flash / fused / unfused) take transformer-engine's packed sequences (THD: each document a sequence
+  of its own, models/packed_sequences.py);
+- otherwise `auto` means FlexAttention on a GPU and sdpa on CPUs; sdpa, flex and local take every mask;
+  transformer-engine's kernels are refused by name where they cannot apply (a causality per row, blocks, no
+  transformer-engine, CPUs).
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ class AttentionChoice:
     impl: str  # "te" (transformer-engine's spec) | "sdpa" (SDPAttention in the local spec) | "local"
     kernel: str  # te: auto | flash | fused | unfused; sdpa: auto | flash | fused; local: unfused
     reason: str  # why, for the start-up line
+    # the forward packs a micro-batch's documents into one stream of sequences (megatron's `thd` format,
+    # models/packed_sequences.py) instead of handing the attention a mask
+    packed: bool = False
 
     def describe(self) -> str:
         """One phrase for the start-up line."""
         name = {"te": f"transformer-engine ({self.kernel})", "local": "megatron local (unfused)", "flex": "flex",
                 "sdpa": "sdpa" + ("" if self.kernel == "auto" else f" ({self.kernel} kernel)")}[self.impl]
-        return f"attention {name}: {self.reason}"
+        return f"attention {name}{', packed sequences (THD)' if self.packed else ''}: {self.reason}"
 
 
 def resolve_attention_backend(requested: str, device: str, te_available: bool,
@@ -85,24 +94,35 @@ def resolve_attention_backend(requested: str, device: str, te_available: bool,
 
 def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoice:
     """What a RunConfig's --attention-backend / --transformer-impl mean on `device` (trainer and memory
-    estimate alike).  Rows that carry their own attention masks (the dual objective's per-sample masks,
-    --reset-attention-mask's documents) need an attention that takes a mask per row: sdpa (what `auto` means
-    then) or megatron's local attention; a transformer-engine choice is refused by name."""
+    estimate alike).  Rows that carry their own attention masks (--reset-attention-mask's documents, the dual
+    objective's per-sample masks, block diffusion's blocks) need an attention that takes them (module docstring):
+    transformer-engine's packed sequences for documents under one causality on a GPU, else FlexAttention on a
+    GPU and sdpa on CPUs (what `auto` means), sdpa, flex or local; other choices are refused by name."""
     requested = cfg.compute.attention_backend
-    if objective_class(cfg.objective).row_attention_masks:
+    per_row = objective_class(cfg.objective).row_attention_masks
+    if per_row:
         why = f"--objective {cfg.objective.name} gives each sample its own attention mask (causal or none)"
     elif cfg.data.reset_attention_mask:
         why = "--reset-attention-mask confines attention to each packed document"
     else:
         return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout,
                                          cfg.compute.transformer_impl)
+    gpu_te = device == "cuda" and te_available and cfg.compute.transformer_impl != "local"
+    if requested in ("auto", "flash", "fused", "unfused") and gpu_te and not per_row:
+        return AttentionChoice(requested, "te", requested, f"{requested}: {why} (transformer-engine's packed "
+                               f"sequences on a GPU: a sequence per document)", packed=True)
     if requested == "auto" and device == "cuda" and cfg.model.attention_dropout == 0:
         return AttentionChoice(requested, "flex", "auto", f"auto: {why} (FlexAttention's block masks on a GPU)")
     if requested in ("auto", "sdpa"):
         return AttentionChoice(requested, "sdpa", "auto", f"{requested}: {why}")
     if requested == "flex":
         return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout)
-    if requested == "local" or (requested == "unfused" and not (device == "cuda" and te_available
-                                                                 and cfg.compute.transformer_impl != "local")):
+    if requested == "local" or (requested == "unfused" and not gpu_te):
         return AttentionChoice(requested, "local", "unfused", f"--attention-backend {requested}: {why}")
-    raise ConfigError(f"{why}, which --attention-backend {requested} does not take: use auto, sdpa, flex or local")
+    if per_row:
+        raise ConfigError(f"{why}, which --attention-backend {requested} does not take (transformer-engine's "
+                          f"packed sequences are a mask type for all rows): use auto, sdpa, flex or local")
+    where = "on CPUs" if device != "cuda" else "--transformer-impl local" \
+        if cfg.compute.transformer_impl == "local" else "transformer-engine is not importable"
+    raise ConfigError(f"{why}, which --attention-backend {requested} takes as transformer-engine's packed sequences "
+                      f"(THD), and those need transformer-engine on a GPU ({where}): use auto, sdpa, flex or local")

@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_dataeff.distributed import Runtime, all_reduce_cpu
+from megatron_dataeff.models.packed_sequences import packed_forward, unpack
 
 
 def _on_device(count, device) -> torch.Tensor:
@@ -37,9 +38,11 @@ class ForwardBackward:
         self.rows_per_sample = rows_per_sample
         self.model_seq = seq_length * sequence_multiple  # the rows' length (block diffusion: [x_t | x_0])
         self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
-        # FlexAttention takes a row mask as a BlockMask (no [seq, seq] tensor); sdpa and local a dense mask
+        # FlexAttention takes a row mask as a BlockMask (no [seq, seq] tensor); sdpa and local a dense mask;
+        # transformer-engine's packed sequences a stream of documents (models/packed_sequences.py)
         choice = get_attr_wrapped_model(model[0], "attention_choice", allow_none=True)
         self.block_masks = choice is not None and choice.impl == "flex"
+        self.packed = choice is not None and choice.packed
 
     def _microbatches(self, batch_fn, step: int):
         """This rank's micro-batches of global batch `step`."""
@@ -57,6 +60,9 @@ class ForwardBackward:
         b, s = input_ids.shape
         position_ids = ob.position_ids if ob.position_ids is not None else \
             torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+        if self.packed:
+            output = packed_forward(model, input_ids, position_ids, ob.row_mask, labels=labels)
+            return output, partial(self._loss_func, objective, ob)
         if ob.row_mask is None:
             mask = None
         else:
@@ -66,6 +72,8 @@ class ForwardBackward:
 
     @staticmethod
     def _loss_func(objective, ob, per_token_loss):
+        # a packed forward's losses come from the last stage as one stream: per row again
+        per_token_loss = unpack(per_token_loss, *ob.labels.shape)
         loss_sum, num_tokens = objective.loss(per_token_loss, ob)
         n = _on_device(num_tokens, loss_sum.device).to(torch.int)
         # The schedule divides the reported value in place: report a detached copy.
@@ -79,15 +87,17 @@ class ForwardBackward:
         """Forward(/backward) global batch `step` (`batch_fn(start, size)` gives its samples); returns the global
         (loss_sum, tokens), and in training also each named loss part's (sum, tokens) after them (the
         objective's `part_names` order), as float64 on the CPU, the same on every rank."""
+        rows = self.mbs * (1 if forward_only else self.rows_per_sample)  # the rows the model sees per micro-batch
         outputs = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, forward_only, self.objective.view(view)),
             data_iterator=self._microbatches(batch_fn, step),
             model=self.model,
             num_microbatches=self.num_microbatches,
-            seq_length=self.model_seq,
-            # the rows the model sees per micro-batch (pipeline stages exchange tensors of this batch size)
-            micro_batch_size=self.mbs * (1 if forward_only else self.rows_per_sample),
-            decoder_seq_length=self.model_seq,
+            # the tensors pipeline stages exchange: [seq, rows of a micro-batch, hidden], or packed [rows * seq, 1,
+            # hidden]
+            seq_length=self.model_seq * (rows if self.packed else 1),
+            micro_batch_size=1 if self.packed else rows,
+            decoder_seq_length=self.model_seq * (rows if self.packed else 1),
             forward_only=forward_only,
         )
         keys = ["loss"] + ([] if forward_only else [f"part_{name}" for name in self.objective.part_names])
