@@ -11,7 +11,8 @@
 #   3. benchmarks/gpu_check.py: kernels bit-exact vs the references; masking vs the measured copy bandwidth;
 #   4. the kernel tests on the device (pytest -rs: a skipped CUDA case fails the step), bench_masking and
 #      bench_mlp_dropout on cuda;
-#   5. benchmarks/gpu_train_check.py: bf16 training (ar, token dropout, mdm), exact resume, device vs CPU;
+#   5. benchmarks/gpu_train_check.py: bf16 training (ar, token dropout, mdm), exact resume, device vs CPU,
+#      packed documents (auto: transformer-engine's THD or FlexAttention, against sdpa's dense mask);
 #   6. benchmarks/bench_paper_model.py: qwen3-0.6b at seq 4096, sdpa vs unfused, with/without selective
 #      recomputation: tokens/s, TFLOP/s, MFU (goal >= 45%), peak memory, largest micro-batch;
 #   7. figures without goals yet, logged: packed-document masks at qwen3-0.6b's attention shape (FlexAttention
