@@ -13,10 +13,11 @@ Each check is a real `pretrain_diffusion.py` run (tiny preset, embedded corpus),
      --use-cpu-initialization on the device, so both begin from the CPU generator's weights, and the CPU run
      with the GPU hidden (CUDA_VISIBLE_DEVICES=""); the largest relative loss difference over 10 steps must
      be <= 1e-3 (fp32 matmuls reduce in another order on the device).
-  4. Packed documents (--reset-position-ids --reset-attention-mask --eod-mask-loss, mdm, fp32, 10 steps): what
-     `auto` takes on the device (transformer-engine's packed sequences, THD, where transformer-engine imports;
+  4. Packed documents (--reset-position-ids --reset-attention-mask --eod-mask-loss, mdm, bf16 on the device, 10
+     steps): what `auto` takes there (transformer-engine's packed sequences, THD, where transformer-engine imports;
      FlexAttention's block masks otherwise) against sdpa with the dense document mask, from one start: the
-     largest relative loss difference must be <= 1e-3; the start-up choice is recorded.
+     largest relative loss difference must be <= 2e-2 (bf16: two attention kernels round apart); the start-up
+     choice is recorded.
 Every figure goes to --json as {name, value, goal, pass}.  Exits 1 when a run fails or a goal is missed, 2
 when --device cuda finds no GPU.
 """
@@ -149,14 +150,15 @@ def main() -> int:
         judge("device vs CPU: runs", False, "runs", False)
 
     docs = ["--train-iters", "10", "--lr-decay-iters", "10", "--objective", "mdm", "--reset-position-ids",
-            "--reset-attention-mask", "--eod-mask-loss"]
+            "--reset-attention-mask", "--eod-mask-loss", *bf16]
+    docs_tolerance = 2e-2 if bf16 else 1e-3
     try:
         auto = _run(docs, out / "docs_auto", args.device)
         dense = _run(docs + ["--attention-backend", "sdpa"], out / "docs_sdpa", args.device)
         record("packed documents: auto's attention", auto["run"].get("compute", {}).get("attention"))
         diff = _max_diff(auto["losses"], dense["losses"], relative=True)
-        judge("packed documents: auto vs sdpa's dense document mask, max relative loss difference over 10 fp32 "
-              "steps", diff, "<= 1e-3", diff <= 1e-3)
+        judge(f"packed documents: auto vs sdpa's dense document mask, max relative loss difference over 10 "
+              f"{'bf16' if bf16 else 'fp32'} steps", diff, f"<= {docs_tolerance:g}", diff <= docs_tolerance)
         for name, r in (("auto", auto), ("sdpa, dense mask", dense)):
             record(f"packed documents, {name}: ms per step (median)", sorted(r["ms"])[len(r["ms"]) // 2], unit="ms")
     except RuntimeError as exc:

@@ -181,28 +181,31 @@ def test_eod_positions_carry_no_loss(name):
 
 def test_flags_need_an_attention_that_takes_masks():
     """--reset-attention-mask: auto means transformer-engine's packed sequences on a GPU with transformer-engine
-    (one causality for all rows), FlexAttention on a GPU without it or with a causality per row, sdpa on a CPU,
+    in bf16 (one causality for all rows), FlexAttention on a GPU without it or with a causality per row, sdpa on a CPU,
     and says why; local takes it; transformer-engine's kernels are refused by name where they cannot apply."""
-    cfg = _cfg("--reset-attention-mask")
+    cfg = _cfg("--reset-attention-mask", "--bf16")
     choice = attention_for_config(cfg, "cuda", True)
     assert (choice.impl, choice.packed) == ("te", True) and "--reset-attention-mask" in choice.reason
     assert "packed sequences (THD)" in choice.describe()
-    assert attention_for_config(_cfg("--reset-attention-mask", "--objective", "mdm", "--attention-backend", "fused"),
-                                "cuda", True).packed
+    assert attention_for_config(_cfg("--reset-attention-mask", "--bf16", "--objective", "mdm", "--attention-backend",
+                                     "fused"), "cuda", True).packed
+    assert attention_for_config(_cfg("--reset-attention-mask"), "cuda", True).impl == "flex"  # fp32: no TE THD
+    with pytest.raises(ConfigError, match="without --bf16"):
+        attention_for_config(_cfg("--reset-attention-mask", "--attention-backend", "flash"), "cuda", True)
     choice = attention_for_config(cfg, "cuda", False)
     assert choice.impl == "flex" and not choice.packed and "--reset-attention-mask" in choice.reason
-    dual = _cfg("--reset-attention-mask", "--objective", "dual")
+    dual = _cfg("--reset-attention-mask", "--bf16", "--objective", "dual")
     assert attention_for_config(dual, "cuda", True).impl == "flex"
     assert attention_for_config(cfg, "cpu", False).impl == "sdpa"
     cfg = _cfg("--reset-attention-mask", "--attention-backend", "flash")
     with pytest.raises(ConfigError, match="--reset-attention-mask.*--attention-backend flash.*packed sequences.*"
-                                          "transformer-engine on a GPU \\(on CPUs\\)"):
+                                          "transformer-engine on a GPU in bf16 \\(on CPUs\\)"):
         attention_for_config(cfg, "cpu", False)
     with pytest.raises(ConfigError, match="transformer-engine is not importable"):
         attention_for_config(cfg, "cuda", False)
     with pytest.raises(ConfigError, match="--objective dual.*--attention-backend flash does not take"):
-        attention_for_config(_cfg("--reset-attention-mask", "--objective", "dual", "--attention-backend", "flash"),
-                             "cuda", True)
+        attention_for_config(_cfg("--reset-attention-mask", "--bf16", "--objective", "dual", "--attention-backend",
+                                  "flash"), "cuda", True)
     assert attention_for_config(_cfg("--reset-attention-mask", "--attention-backend", "local"), "cpu", False).impl \
         == "local"
 

@@ -16,8 +16,8 @@ the memory estimate and the command line can use it).
 Attention beyond causal or full (rows with their own masks: --reset-attention-mask's documents, the dual
 objective's per-sample masks, block diffusion's blocks) takes a backend that takes a mask per row:
 
-- documents under one causality for every row (ar, token dropout, MIR, mdm): on a GPU with transformer-engine,
-  `auto` (and flash / fused / unfused) take transformer-engine's packed sequences (THD: each document a sequence
+- documents under one causality for every row (ar, token dropout, MIR, mdm): on a GPU with transformer-engine and
+  --bf16, `auto` (and flash / fused / unfused) take transformer-engine's packed sequences (THD: each document a sequence
   of its own, models/packed_sequences.py);
 - otherwise `auto` means FlexAttention on a GPU and sdpa on CPUs; sdpa, flex and local take every mask;
   transformer-engine's kernels are refused by name where they cannot apply (a causality per row, blocks, no
@@ -108,7 +108,8 @@ def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoic
         return resolve_attention_backend(requested, device, te_available, cfg.model.attention_dropout,
                                          cfg.compute.transformer_impl)
     gpu_te = device == "cuda" and te_available and cfg.compute.transformer_impl != "local"
-    if requested in ("auto", "flash", "fused", "unfused") and gpu_te and not per_row:
+    # transformer-engine's variable-length kernels (flash, cuDNN) take bf16; its unfused attention has no THD
+    if requested in ("auto", "flash", "fused", "unfused") and gpu_te and not per_row and cfg.optim.bf16:
         return AttentionChoice(requested, "te", requested, f"{requested}: {why} (transformer-engine's packed "
                                f"sequences on a GPU: a sequence per document)", packed=True)
     if requested == "auto" and device == "cuda" and cfg.model.attention_dropout == 0:
@@ -123,6 +124,8 @@ def attention_for_config(cfg, device: str, te_available: bool) -> AttentionChoic
         raise ConfigError(f"{why}, which --attention-backend {requested} does not take (transformer-engine's "
                           f"packed sequences are a mask type for all rows): use auto, sdpa, flex or local")
     where = "on CPUs" if device != "cuda" else "--transformer-impl local" \
-        if cfg.compute.transformer_impl == "local" else "transformer-engine is not importable"
+        if cfg.compute.transformer_impl == "local" else "transformer-engine is not importable" if not te_available \
+        else "without --bf16"
     raise ConfigError(f"{why}, which --attention-backend {requested} takes as transformer-engine's packed sequences "
-                      f"(THD), and those need transformer-engine on a GPU ({where}): use auto, sdpa, flex or local")
+                      f"(THD), and those need transformer-engine on a GPU in bf16 ({where}): use auto, sdpa, flex "
+                      f"or local")
