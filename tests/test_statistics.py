@@ -10,6 +10,7 @@ import pytest
 
 from megatron_dataeff.experiments.report import find_runs, markdown_table, plot_runs, summarise
 from megatron_dataeff.experiments.statistics import effective_data, mean_se, paired_test
+from tests.conftest import ROOT
 
 E, A, ALPHA = 2.0, 0.6, 0.5  # plain AR's best loss at F x the budget: E + A F^-alpha
 
@@ -158,3 +159,41 @@ def test_curves_csv_stands_for_its_runs(grid, tmp_path):
     assert runs_csv_path(str(curves)).endswith("g_runs.csv")
     with pytest.raises(DataError, match=r"g_curves.csv: no g_runs.csv beside it"):
         find_runs([str(curves)])
+
+
+def test_named_places_sit_beside_a_method_and_methods_filter(grid, tmp_path, capsys):
+    """NAME=PATH reports one method's runs under another name, beside (not replacing) that method's runs, from a
+    run/grid directory or a curves.csv; tools/plot_runs.py --methods keeps the methods named and refuses an
+    unknown one by name."""
+    import runpy
+
+    from megatron_dataeff.errors import DataError
+    from megatron_dataeff.experiments.report import write_curves_csv
+
+    long_grid = tmp_path / "long"
+    long_grid.mkdir()
+    _write_run(long_grid, "mdm", 1, 2.5, objective="mdm")  # the same method and seed, trained longer
+    runs = find_runs([str(grid), f"mdm_480ep={long_grid}"])
+    by = {(r.method, r.seed): r for r in runs}
+    assert ("mdm_480ep", 1) in by and ("mdm", 1) in by and len(runs) == 19
+    assert min(v[2] for v in by[("mdm_480ep", 1)].valid) == pytest.approx(2.5)
+    assert min(v[2] for v in by[("mdm", 1)].valid) == pytest.approx(2.9 + MDM_NOISE[0])
+    assert by[("mdm_480ep", 1)].objective == "mdm"
+
+    curves = tmp_path / "l_curves.csv"
+    write_curves_csv(find_runs([str(long_grid)]), str(curves))
+    assert {(r.method, r.seed) for r in find_runs([f"mdm_long={curves}"])} == {("mdm_long", 1)}
+    with pytest.raises(DataError, match=r"holds the runs of 6 methods"):
+        find_runs([f"x={grid}"])
+    with pytest.raises(DataError, match=r"no such grid, run directory or curves.csv: .*nowhere"):
+        find_runs([f"x={tmp_path / 'nowhere'}"])
+
+    plot_runs_main = runpy.run_path(str(ROOT / "tools" / "plot_runs.py"))["main"]
+    out = tmp_path / "report"
+    assert plot_runs_main([str(grid), f"mdm_480ep={long_grid}", "--methods", "ar,mdm_480ep",
+                           "--output", str(out), "--prefix", "p_"]) == 0
+    table = (out / "p_summary.md").read_text()
+    assert "| mdm_480ep |" in table and "| ar |" in table and "| ar_td0.3 |" not in table
+    capsys.readouterr()
+    assert plot_runs_main([str(grid), "--methods", "ar,nope", "--output", str(out)]) == 2  # bad input: one line
+    assert "--methods ar,nope: no runs of nope" in capsys.readouterr().err

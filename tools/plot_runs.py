@@ -8,9 +8,13 @@ rise after the best, task accuracy, Muennighoff's R*; mean ± std over seeds), a
     python tools/plot_runs.py runs/quickstart/ar_s1234   # one run: also its train + validation loss_curve.png
     python tools/plot_runs.py docs/results/horizon_curves.csv runs/horizon_s3 --output docs/results --prefix horizon_
 
-A curves.csv written here (runs.csv beside it) stands for its runs when their directories are gone: the last line
-adds the runs under runs/horizon_s3 to the published ones (a run directory replaces an archived run of the same
-method and seed).
+    python tools/plot_runs.py docs/results/horizon_curves.csv mdm_480ep=runs/horizon_long --methods ar,mdm,mdm_480ep \
+        --output docs/results --prefix horizon_long_
+
+A curves.csv written here (runs.csv beside it) stands for its runs when their directories are gone: the fourth
+line adds the runs under runs/horizon_s3 to the published ones (a run directory replaces an archived run of the same
+method and seed). A place written NAME=PATH reports its runs under the method NAME (the last line: mdm trained for
+480 epochs in a grid of its own, beside the 120-epoch mdm runs); --methods keeps those methods only.
 
 R* is fitted per method against the fresh-data reference runs (ar_fresh, mdm_fresh) of the grid;
 see megatron_dataeff/evaluation/effective_data.py for exactly what is fitted.
@@ -27,7 +31,9 @@ from megatron_dataeff.errors import DataError
 @tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("dirs", nargs="+", help="grid directories, run directories, or a curves.csv written here")
+    p.add_argument("dirs", nargs="+", help="grid directories, run directories, or a curves.csv written here; "
+                   "NAME=PATH reports the runs at PATH (one method's) under the method NAME")
+    p.add_argument("--methods", default=None, help="comma-separated: report these methods only (default: all)")
     p.add_argument("--output", default=None, help="where to write (default: DIR/report of the first DIR)")
     p.add_argument("--prefix", default="", help="file name prefix, e.g. tiny_grid_")
     args = p.parse_args(argv)
@@ -35,12 +41,20 @@ def main(argv=None) -> int:
                                                     write_csv, write_curves_csv)
 
     for d in args.dirs:
-        if not os.path.exists(d):
+        if not os.path.exists(d) and "=" not in d:
             raise DataError(f"{d}: no such grid, run directory or curves.csv")
     runs = find_runs(args.dirs)
     if not runs:
         raise DataError(f"no runs with validation records under {' '.join(args.dirs)}")
-    first = os.path.dirname(args.dirs[0]) if os.path.isfile(args.dirs[0]) else args.dirs[0]
+    if args.methods:
+        keep = [m for m in args.methods.split(",") if m]
+        missing = sorted(set(keep) - {r.method for r in runs})
+        if missing:
+            raise DataError(f"--methods {args.methods}: no runs of {', '.join(missing)} under "
+                            f"{' '.join(args.dirs)} (there: {', '.join(sorted({r.method for r in runs}))})")
+        runs = [r for r in runs if r.method in keep]
+    first = args.dirs[0].partition("=")[2] if "=" in args.dirs[0] and not os.path.exists(args.dirs[0]) else args.dirs[0]
+    first = os.path.dirname(first) if os.path.isfile(first) else first
     out = args.output or os.path.join(first, "report")
     os.makedirs(out, exist_ok=True)
     rows = summarise(runs)

@@ -93,9 +93,25 @@ def load_run(path: str) -> Optional[Run]:
 def find_runs(dirs) -> list[Run]:
     """Every run under the given places: a run directory, a grid directory of runs, or a `curves.csv` that
     write_curves_csv wrote (with its `runs.csv` beside it: the archived runs of an earlier report, whose run
-    directories may be gone).  A run directory replaces an archived run of the same method and seed (a re-run)."""
+    directories may be gone).  A run directory replaces an archived run of the same method and seed (a re-run).
+    A place written `NAME=PATH` reports its runs under the method NAME: runs of one method trained otherwise (say
+    for more epochs, in a grid of their own) sit beside that method's runs instead of replacing or joining them."""
     runs, archived = [], []
     for d in dirs:
+        name, _, path = d.partition("=") if "=" in d and not os.path.exists(d) else ("", "", d)
+        if name:
+            if not re.fullmatch(r"[\w.+-]+", name):
+                raise DataError(f"{d}: {name!r} is not a method name (letters, digits, _ . + -)")
+            if not os.path.exists(path):
+                raise DataError(f"{d}: no such grid, run directory or curves.csv: {path}")
+            found = find_runs([path])
+            if len({r.method for r in found}) > 1:
+                raise DataError(f"{d}: holds the runs of {len({r.method for r in found})} methods "
+                                f"({', '.join(sorted({r.method for r in found}))}); NAME=PATH names one method's")
+            for r in found:
+                r.method = name
+            (archived if os.path.isfile(path) else runs).extend(found)
+            continue
         if os.path.isfile(d):
             if not d.endswith("curves.csv"):
                 raise DataError(f"{d}: not a grid or run directory, nor a curves.csv written by tools/plot_runs.py")
