@@ -197,3 +197,11 @@ def test_named_places_sit_beside_a_method_and_methods_filter(grid, tmp_path, cap
     capsys.readouterr()
     assert plot_runs_main([str(grid), "--methods", "ar,nope", "--output", str(out)]) == 2  # bad input: one line
     assert "--methods ar,nope: no runs of nope" in capsys.readouterr().err
+
+
+def test_a_longer_run_keeps_its_family_colour_in_another_line():
+    from megatron_dataeff.experiments.report import _style
+
+    assert _style("mdm_480ep")["color"] == _style("mdm")["color"]
+    assert _style("mdm_480ep")["linestyle"] not in (_style("mdm")["linestyle"], _style("mdm_fresh")["linestyle"])
+    assert _style("ar_td1.0_240ep")["alpha"] == _style("ar_td1.0")["alpha"]

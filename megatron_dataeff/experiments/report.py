@@ -356,9 +356,13 @@ def read_curves_csv(path: str) -> list[Run]:
 
 def _style(method: str):
     """One colour per kind of method (a family's strength as its opacity); plain AR at other data budgets
-    dotted grey, fresh-data references dashed, packed-document variants (`_doc`) dash-dotted."""
+    dotted grey, fresh-data references dashed, packed-document variants (`_doc`) dash-dotted, a method trained
+    for another number of epochs (`_480ep`, named so with tools/plot_runs.py's NAME=PATH) dash-dot-dotted."""
     if method.endswith("_doc"):
         return {**_style(method[:-len("_doc")]), "linestyle": "-."}
+    longer = re.fullmatch(r"(.+)_\d+ep", method)
+    if longer:
+        return {**_style(longer.group(1)), "linestyle": (0, (4, 1.5, 1, 1.5, 1, 1.5))}
     families = [("ar_u", "dimgray"), ("ar_td0.3_random", "tab:cyan"), ("ar_td0.3_mixed", "tab:olive"),
                 ("ar_td0.3_span", "tab:pink"), ("ar_td0.5_anneal", "tab:brown"), ("ar_mir", "goldenrod"),
                 ("dual", "tab:gray"), ("ar_td", "tab:blue"), ("ar_attn", "tab:orange"), ("ar_mlp", "tab:green"),
