@@ -37,12 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="where to write (default: DIR/report of the first DIR)")
     p.add_argument("--prefix", default="", help="file name prefix, e.g. tiny_grid_")
     args = p.parse_args(argv)
-    from megatron_dataeff.experiments.report import (find_runs, markdown_table, plot_loss_curve, plot_runs, summarise,
-                                                    write_csv, write_curves_csv)
+    from megatron_dataeff.experiments.report import (find_runs, markdown_table, place_path, plot_loss_curve, plot_runs,
+                                                    summarise, write_csv, write_curves_csv)
 
-    for d in args.dirs:
-        if not os.path.exists(d) and "=" not in d:
-            raise DataError(f"{d}: no such grid, run directory or curves.csv")
     runs = find_runs(args.dirs)
     if not runs:
         raise DataError(f"no runs with validation records under {' '.join(args.dirs)}")
@@ -53,7 +50,7 @@ def main(argv=None) -> int:
             raise DataError(f"--methods {args.methods}: no runs of {', '.join(missing)} under "
                             f"{' '.join(args.dirs)} (there: {', '.join(sorted({r.method for r in runs}))})")
         runs = [r for r in runs if r.method in keep]
-    first = args.dirs[0].partition("=")[2] if "=" in args.dirs[0] and not os.path.exists(args.dirs[0]) else args.dirs[0]
+    first = place_path(args.dirs[0])[1]
     first = os.path.dirname(first) if os.path.isfile(first) else first
     out = args.output or os.path.join(first, "report")
     os.makedirs(out, exist_ok=True)

@@ -90,6 +90,15 @@ def load_run(path: str) -> Optional[Run]:
                clipped_schedule=(cfg.objective.t_min, cfg.objective.mdm_t_max) != (cfg.objective.mdm_eps, 1.0))
 
 
+def place_path(place: str) -> tuple[str, str]:
+    """(NAME, PATH) of a place find_runs takes written `NAME=PATH`; ("", place) of any other (a path that exists,
+    `=` in its name or not, is a path)."""
+    if "=" in place and not os.path.exists(place):
+        name, _, path = place.partition("=")
+        return name, path
+    return "", place
+
+
 def find_runs(dirs) -> list[Run]:
     """Every run under the given places: a run directory, a grid directory of runs, or a `curves.csv` that
     write_curves_csv wrote (with its `runs.csv` beside it: the archived runs of an earlier report, whose run
@@ -98,12 +107,12 @@ def find_runs(dirs) -> list[Run]:
     for more epochs, in a grid of their own) sit beside that method's runs instead of replacing or joining them."""
     runs, archived = [], []
     for d in dirs:
-        name, _, path = d.partition("=") if "=" in d and not os.path.exists(d) else ("", "", d)
+        name, path = place_path(d)
+        if not os.path.exists(path):
+            raise DataError(f"{d}: no such grid, run directory or curves.csv" + (f": {path}" if name else ""))
         if name:
             if not re.fullmatch(r"[\w.+-]+", name):
                 raise DataError(f"{d}: {name!r} is not a method name (letters, digits, _ . + -)")
-            if not os.path.exists(path):
-                raise DataError(f"{d}: no such grid, run directory or curves.csv: {path}")
             found = find_runs([path])
             if len({r.method for r in found}) > 1:
                 raise DataError(f"{d}: holds the runs of {len({r.method for r in found})} methods "

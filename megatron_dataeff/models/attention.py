@@ -97,8 +97,7 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None, **kwargs):
         if attention_bias is not None:
             raise NotImplementedError("the sdpa attention backend does not take an attention bias")
-        packed = packed_seq_params is not None
-        if packed:  # megatron's `thd` layout: [t, heads, d], one stream of sequences (models/packed_sequences.py)
+        if packed_seq_params is not None:  # megatron's `thd` layout: [t, heads, d], one stream of sequences (models/packed_sequences.py)
             if packed_seq_params.qkv_format != "thd" or attention_mask is not None:
                 raise NotImplementedError("the sdpa attention backend takes packed sequences in the thd format, "
                                           "without a mask")
@@ -136,6 +135,10 @@ class SDPAttention(MegatronModule):
         # [b, n, sq, d] -> [sq, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """No parameters, nothing to checkpoint (as megatron's vanilla-softmax DotProductAttention)."""
+        return {}
+
 
 def _sequence_mask(params, sq: int, sk: int) -> torch.Tensor:
     """[1, 1, sq, sk] bool, True = masked out: keys outside the query's sequence of a packed stream (cu_seqlens).
@@ -146,7 +149,3 @@ def _sequence_mask(params, sq: int, sk: int) -> torch.Tensor:
     q = sequence(params.cu_seqlens_q, sq)
     k = sequence(params.cu_seqlens_kv, sk)
     return (q[:, None] != k[None, :])[None, None]
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """No parameters, nothing to checkpoint (as megatron's vanilla-softmax DotProductAttention)."""
-        return {}

@@ -42,7 +42,7 @@ def packed_seq_params(row_mask):
     starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
     first = torch.nonzero(starts.reshape(-1)).reshape(-1)
     cu_seqlens = torch.cat([first, first.new_full((1,), documents.numel())]).to(torch.int32)
-    rows, seq = documents.shape
+    seq = documents.shape[1]
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=seq, max_seqlen_kv=seq)
 
