@@ -5,6 +5,8 @@ Tolerance: relative 1e-5 per step and for the final validation loss (on CPU the 
 printed digit; reductions in another order may move the last float bits: PP=2 measured 5.5e-8).
 """
 
+import json
+
 import pytest
 
 from tests.conftest import ROOT, losses, run_pretrain
@@ -118,10 +120,16 @@ def test_pipeline_parallel_reproduces_tp1(baselines, tmp_path, objective):
 PACKED = ROOT / "tests" / "packed_sdpa_pretrain.py"
 
 
+def _attention_of(run_dir) -> str:
+    """The attention a run took, as its run.json records the start-up line's phrase."""
+    return json.loads((run_dir / "run.json").read_text())["compute"]["attention"]
+
+
 def test_packed_sequences_reproduce_tp1_at_tp2_sp(baselines, tmp_path):
     """Packed documents as one stream of sequences (the THD path) at TP=2 with sequence parallelism (the stream
     split over the ranks) give the dense document mask's TP=1 losses (masked diffusion)."""
     recs = run_pretrain(COMMON + OBJECTIVES["mdm+docs"] + SP2, tmp_path, nproc=2, script=PACKED)
+    assert "packed sequences (THD)" in _attention_of(tmp_path)
     _assert_same_losses(baselines["mdm+docs"], recs)
 
 
@@ -129,6 +137,7 @@ def test_packed_sequences_reproduce_tp1_at_pp2(baselines, tmp_path):
     """Packed documents at PP=2: the stages exchange the packed stream ([rows * seq, 1, hidden]; MIR's clean and
     corrupted rows both in it) and reproduce the dense document mask's TP=1 losses."""
     recs = _pp2_from_baseline_weights(baselines, tmp_path, "ar+docs", script=PACKED)
+    assert "packed sequences (THD)" in _attention_of(tmp_path / "pp2")
     _assert_same_losses(baselines["ar+docs"], recs)
 
 

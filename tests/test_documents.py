@@ -6,13 +6,14 @@ import torch
 
 from megatron_dataeff.arguments import build_parser, config_from_args
 from megatron_dataeff.config import ConfigError
-from megatron_dataeff.models.attention_backends import AttentionChoice, attention_for_config
+from megatron_dataeff.models.attention_backends import attention_for_config
 from megatron_dataeff.models.builder import build_model
 from megatron_dataeff.models.packed_sequences import packed_forward, packed_seq_params
 from megatron_dataeff.objectives import build_objective
 from megatron_dataeff.objectives.documents import DocumentFlags, document_ids
 from megatron_dataeff.objectives.row_masks import RowMask
 from tests.conftest import losses, run_pretrain
+from tests.packed_sdpa_pretrain import PACKED_SDPA
 
 VOCAB, EOD, MASK = 258, 256, 257  # the byte tokenizer's ids
 DOC_FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
@@ -212,8 +213,7 @@ def test_flags_need_an_attention_that_takes_masks():
 
 # What transformer-engine's packed sequences do, on a CPU: our sdpa attention takes the `thd` layout (a mask built
 # from cu_seqlens), so everything around the kernel (packing the rows, cu_seqlens, rotary positions per sequence,
-# the losses per row again, the trainer's schedule) runs here as on a GPU.
-PACKED_SDPA = AttentionChoice("sdpa", "sdpa", "auto", "test: sdpa on packed sequences", packed=True)
+# the losses per row again, the trainer's schedule) runs here as on a GPU (PACKED_SDPA, tests/packed_sdpa_pretrain.py).
 
 
 def test_packed_sequences_cut_at_rows_and_documents():
